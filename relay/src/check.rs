@@ -1,0 +1,229 @@
+//! `outbox-relay check`: verifies the environment and prints each check as PASS or FAIL with the fix.
+//!
+//! Checks: Postgres reachable, `wal_level=logical`, the REPLICATION privilege, free replication
+//! slots and WAL senders, the outbox table with its columns, the state table, the publication, a
+//! replication connection (pg_hba), the slot if it exists, and that the broker answers.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::producer::{BaseProducer, Producer};
+
+use crate::config::{Config, redact_url};
+use crate::replication::ReplicationClient;
+use crate::{db, slot};
+
+/// One line of the report.
+#[derive(Debug, Clone)]
+pub struct CheckResult {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+fn pass(name: &'static str, detail: impl Into<String>) -> CheckResult {
+    CheckResult {
+        name,
+        ok: true,
+        detail: detail.into(),
+    }
+}
+
+fn fail(name: &'static str, detail: impl Into<String>) -> CheckResult {
+    CheckResult {
+        name,
+        ok: false,
+        detail: detail.into(),
+    }
+}
+
+/// Runs every check; never stops at the first failure unless later checks cannot run.
+pub async fn run_checks(config: &Config) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    let pg = config.pg_config();
+    let url = redact_url(&config.postgres.url);
+    let client = match db::connect(&pg).await {
+        Ok(c) => {
+            out.push(pass("postgres connection", format!("connected to {url}")));
+            Some(c)
+        }
+        Err(e) => {
+            out.push(fail(
+                "postgres connection",
+                format!(
+                    "{url}: {}; check postgres.url (RELAY_POSTGRES__URL) and that the server is up",
+                    db::describe(&e)
+                ),
+            ));
+            None
+        }
+    };
+    if let Some(c) = &client {
+        out.extend(postgres_checks(c, config).await);
+    }
+    out.push(match ReplicationClient::connect(&pg).await {
+        Ok(mut r) => match r.identify_system().await {
+            Ok(id) => {
+                r.close().await;
+                pass(
+                    "replication connection",
+                    format!("IDENTIFY_SYSTEM ok (system {}, WAL at {})", id.system_id, id.xlog_pos),
+                )
+            }
+            Err(e) => fail("replication connection", e.to_string()),
+        },
+        Err(e) => fail(
+            "replication connection",
+            format!(
+                "{e}; pg_hba.conf needs a line like 'host replication <user> <address> scram-sha-256'"
+            ),
+        ),
+    });
+    out.push(broker_check(config).await);
+    out
+}
+
+async fn postgres_checks(c: &tokio_postgres::Client, config: &Config) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    match c.query_one("SHOW wal_level", &[]).await {
+        Ok(r) => {
+            let level: String = r.get(0);
+            out.push(if level == "logical" {
+                pass("wal_level", "logical")
+            } else {
+                fail(
+                    "wal_level",
+                    format!("wal_level is '{level}'; set wal_level=logical in postgresql.conf and restart Postgres"),
+                )
+            });
+        }
+        Err(e) => out.push(fail("wal_level", db::describe(&e))),
+    }
+    match c
+        .query_one(
+            "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+    {
+        Ok(r) => {
+            let user: String = r.get(0);
+            out.push(if r.get::<_, bool>(1) {
+                pass("replication privilege", format!("role {user} may replicate"))
+            } else {
+                fail(
+                    "replication privilege",
+                    format!("role {user} lacks REPLICATION; run: ALTER ROLE \"{user}\" REPLICATION;"),
+                )
+            });
+        }
+        Err(e) => out.push(fail("replication privilege", db::describe(&e))),
+    }
+    match c
+        .query_one(
+            "SELECT current_setting('max_replication_slots')::int - \
+                 (SELECT count(*) FROM pg_replication_slots)::int, \
+             current_setting('max_wal_senders')::int",
+            &[],
+        )
+        .await
+    {
+        Ok(r) => {
+            let free_slots: i32 = r.get(0);
+            let senders: i32 = r.get(1);
+            let slot_exists = slot::slot_info(c, &config.postgres.slot)
+                .await
+                .ok()
+                .flatten()
+                .is_some();
+            out.push(if (free_slots > 0 || slot_exists) && senders > 0 {
+                pass("slots and senders", format!("{free_slots} free slots, max_wal_senders={senders}"))
+            } else {
+                fail(
+                    "slots and senders",
+                    format!("{free_slots} free replication slots, max_wal_senders={senders}; raise max_replication_slots / max_wal_senders in postgresql.conf and restart"),
+                )
+            });
+        }
+        Err(e) => out.push(fail("slots and senders", db::describe(&e))),
+    }
+    out.push(match slot::preflight(c, config).await {
+        Ok(()) => pass(
+            "outbox table and publication",
+            format!(
+                "{} is published by '{}' (inserts)",
+                config.outbox_table_sql(),
+                config.postgres.publication
+            ),
+        ),
+        Err(e) => fail("outbox table and publication", e.to_string()),
+    });
+    out.push(match slot::slot_info(c, &config.postgres.slot).await {
+        Ok(None) => pass(
+            "replication slot",
+            format!("'{}' does not exist yet; the relay creates it on first start", config.postgres.slot),
+        ),
+        Ok(Some(i)) if i.plugin.as_deref() != Some("pgoutput") => fail(
+            "replication slot",
+            format!("'{}' uses plugin {:?}; drop it or choose another postgres.slot", config.postgres.slot, i.plugin),
+        ),
+        Ok(Some(i)) => pass(
+            "replication slot",
+            format!(
+                "'{}' exists (confirmed flush {}, {})",
+                config.postgres.slot,
+                i.confirmed_flush.map(|l| l.to_string()).unwrap_or_else(|| "none".into()),
+                match i.active_pid {
+                    Some(pid) => format!("in use by process {pid}"),
+                    None => "not in use".into(),
+                }
+            ),
+        ),
+        Err(e) => fail("replication slot", e.to_string()),
+    });
+    out
+}
+
+async fn broker_check(config: &Config) -> CheckResult {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &config.kafka.brokers);
+    for (k, v) in &config.kafka.properties {
+        cc.set(k, v);
+    }
+    let brokers = config.kafka.brokers.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let producer: BaseProducer = cc.create()?;
+        producer
+            .client()
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map(|m| m.brokers().len())
+    })
+    .await;
+    match result {
+        Ok(Ok(n)) => pass("broker", format!("{brokers} answered ({n} brokers)")),
+        Ok(Err(e)) => fail(
+            "broker",
+            format!("{brokers}: {e}; check kafka.brokers (RELAY_KAFKA__BROKERS) and that the broker is up"),
+        ),
+        Err(e) => fail("broker", e.to_string()),
+    }
+}
+
+/// Prints the report; returns whether every check passed.
+pub fn print_report(results: &[CheckResult]) -> bool {
+    for r in results {
+        println!(
+            "{} {:<30} {}",
+            if r.ok { "PASS" } else { "FAIL" },
+            r.name,
+            r.detail
+        );
+    }
+    let failed = results.iter().filter(|r| !r.ok).count();
+    if failed == 0 {
+        println!("all {} checks passed", results.len());
+    } else {
+        println!("{failed} of {} checks failed", results.len());
+    }
+    failed == 0
+}

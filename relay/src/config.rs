@@ -1,0 +1,548 @@
+//! Configuration: defaults in code < a TOML file < `RELAY_...` environment variables.
+//!
+//! Nesting in environment names uses `__`: `RELAY_POSTGRES__URL` sets `postgres.url`. Every key has
+//! a default here, a commented line in `config/relay.toml`, and a validation that says how to fix a
+//! bad value. This module is a leaf: it uses nothing else of the relay.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub postgres: PostgresConfig,
+    pub outbox: OutboxConfig,
+    pub kafka: KafkaConfig,
+    pub pipeline: PipelineConfig,
+    pub retry: RetryConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// libpq-style URL or key=value string; the relay opens one replication connection and one
+    /// ordinary connection with it.
+    pub url: String,
+    /// Logical replication slot (pgoutput). Created on first start if missing.
+    pub slot: String,
+    /// Publication of the outbox table (`publish = 'insert'`).
+    pub publication: String,
+    /// Interval of standby status updates sent to Postgres, in milliseconds.
+    pub status_interval_ms: u64,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: "postgres://postgres@localhost:5432/postgres".into(),
+            slot: "outbox_relay".into(),
+            publication: "outbox_pub".into(),
+            status_interval_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// Schema of the outbox table and the relay's state table.
+    pub schema: String,
+    /// The outbox table.
+    pub table: String,
+    /// Table where the relay records whether its first-start snapshot completed.
+    pub state_table: String,
+    pub columns: ColumnNames,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            schema: "public".into(),
+            table: "outbox".into(),
+            state_table: "outbox_relay_state".into(),
+            columns: ColumnNames::default(),
+        }
+    }
+}
+
+/// Column names of the outbox table. Defaults match Debezium's outbox event router.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ColumnNames {
+    pub id: String,
+    pub aggregatetype: String,
+    pub aggregateid: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub payload: String,
+    pub headers: String,
+    pub topic: String,
+    pub delivered_at: String,
+}
+
+impl Default for ColumnNames {
+    fn default() -> Self {
+        ColumnNames {
+            id: "id".into(),
+            aggregatetype: "aggregatetype".into(),
+            aggregateid: "aggregateid".into(),
+            event_type: "type".into(),
+            payload: "payload".into(),
+            headers: "headers".into(),
+            topic: "topic".into(),
+            delivered_at: "delivered_at".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated `host:port`.
+    pub brokers: String,
+    /// Topic for rows whose `topic` column is empty. Placeholders: `{aggregatetype}`,
+    /// `{aggregateid}`, `{type}`.
+    pub topic_template: String,
+    /// Create a missing topic through the admin API before its first message.
+    pub create_topics: bool,
+    /// Partitions of topics the relay creates.
+    pub topic_partitions: i32,
+    /// Replication factor of topics the relay creates.
+    pub topic_replication_factor: i32,
+    /// librdkafka `linger.ms`.
+    pub linger_ms: u64,
+    /// librdkafka `batch.size` (bytes).
+    pub batch_size: u64,
+    /// librdkafka `compression.type`: none, gzip, snappy, lz4, zstd.
+    pub compression: String,
+    /// librdkafka `message.timeout.ms`; 0 retries forever inside librdkafka (keeps order).
+    pub message_timeout_ms: u64,
+    /// librdkafka `client.id`.
+    pub client_id: String,
+    /// Any other librdkafka property, passed through unchanged (`acks` and
+    /// `enable.idempotence` cannot be weakened here).
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "localhost:9092".into(),
+            topic_template: "outbox.event.{aggregatetype}".into(),
+            create_topics: true,
+            topic_partitions: 1,
+            topic_replication_factor: 1,
+            linger_ms: 5,
+            batch_size: 1_000_000,
+            compression: "none".into(),
+            message_timeout_ms: 0,
+            client_id: "outbox-relay".into(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Messages handed to the broker but not yet confirmed (and marked). At this bound the relay
+    /// stops reading WAL until acknowledgements catch up.
+    pub max_in_flight: usize,
+    /// Set `delivered_at` on each row after the broker confirmed it.
+    pub mark_delivered: bool,
+    /// Most ids per `UPDATE ... WHERE id = ANY($1)`.
+    pub mark_batch_size: usize,
+    /// Longest wait before a partial batch of marks is written, in milliseconds.
+    pub mark_interval_ms: u64,
+    /// On SIGTERM/SIGINT, how long to wait for in-flight acknowledgements, in milliseconds.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            max_in_flight: 10_000,
+            mark_delivered: true,
+            mark_batch_size: 1_000,
+            mark_interval_ms: 20,
+            shutdown_timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// First delay of the exponential backoff (with jitter), in milliseconds.
+    pub initial_delay_ms: u64,
+    /// Cap of the backoff delay, in milliseconds.
+    pub max_delay_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial_delay_ms: 100,
+            max_delay_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` (human-readable) or `json`.
+    pub format: String,
+    /// Filter in `tracing` syntax, e.g. `info` or `outbox_relay=debug`. `RUST_LOG` overrides.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// The configuration could not be loaded or is invalid; the message names the key and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path} does not exist; pass an existing file to --config")]
+    MissingFile { path: String },
+    #[error("configuration: {0}")]
+    Load(String),
+    #[error("configuration key {key} (env {env}) = {value:?} is invalid: {fix}")]
+    Invalid {
+        key: &'static str,
+        env: String,
+        value: String,
+        fix: String,
+    },
+}
+
+/// The environment variable that sets `key`, e.g. `kafka.brokers` → `RELAY_KAFKA__BROKERS`.
+pub fn env_name(key: &str) -> String {
+    format!("RELAY_{}", key.to_uppercase().replace('.', "__"))
+}
+
+impl Config {
+    /// Loads defaults, then `path` (or `config/relay.toml` if present), then `RELAY_*`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match path {
+            Some(p) if !p.exists() => {
+                return Err(ConfigError::MissingFile {
+                    path: p.display().to_string(),
+                });
+            }
+            Some(p) => figment = figment.merge(Toml::file(p)),
+            None => {
+                let default = Path::new("config/relay.toml");
+                if default.exists() {
+                    figment = figment.merge(Toml::file(default));
+                }
+            }
+        }
+        figment = figment.merge(Env::prefixed("RELAY_").split("__").ignore(&["config"]));
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Load(describe_figment_error(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value a user can get wrong, naming the key and the fix.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, value: impl ToString, fix: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                env: env_name(key),
+                value: value.to_string(),
+                fix: fix.into(),
+            }
+        }
+        let p = &self.postgres;
+        if let Err(e) = p.url.parse::<tokio_postgres::Config>() {
+            return Err(invalid(
+                "postgres.url",
+                redact_url(&p.url),
+                format!(
+                    "{e}; use a URL like postgres://user:password@host:5432/dbname \
+                     (special characters in the password percent-encoded)"
+                ),
+            ));
+        }
+        let slot_ok = !p.slot.is_empty()
+            && p.slot.len() <= 63
+            && p.slot
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !slot_ok {
+            return Err(invalid(
+                "postgres.slot",
+                &p.slot,
+                "slot names may contain only lower-case letters, digits and '_' (at most 63)",
+            ));
+        }
+        if p.publication.is_empty() {
+            return Err(invalid("postgres.publication", "", "name the publication of the outbox table"));
+        }
+        if p.status_interval_ms == 0 {
+            return Err(invalid(
+                "postgres.status_interval_ms",
+                0,
+                "must be at least 1; 10000 is usual, and it must stay below the server's wal_sender_timeout",
+            ));
+        }
+        for (key, v) in [
+            ("outbox.schema", &self.outbox.schema),
+            ("outbox.table", &self.outbox.table),
+            ("outbox.state_table", &self.outbox.state_table),
+            ("outbox.columns.id", &self.outbox.columns.id),
+            ("outbox.columns.aggregatetype", &self.outbox.columns.aggregatetype),
+            ("outbox.columns.aggregateid", &self.outbox.columns.aggregateid),
+            ("outbox.columns.type", &self.outbox.columns.event_type),
+            ("outbox.columns.payload", &self.outbox.columns.payload),
+            ("outbox.columns.headers", &self.outbox.columns.headers),
+            ("outbox.columns.topic", &self.outbox.columns.topic),
+            ("outbox.columns.delivered_at", &self.outbox.columns.delivered_at),
+        ] {
+            if v.is_empty() {
+                return Err(invalid(key, "", "must not be empty"));
+            }
+        }
+        let k = &self.kafka;
+        if k.brokers.trim().is_empty() {
+            return Err(invalid(
+                "kafka.brokers",
+                "",
+                "list the bootstrap servers as host:port[,host:port]",
+            ));
+        }
+        if let Err(fix) = crate::pipeline::routing::TopicTemplate::parse(&k.topic_template) {
+            return Err(invalid("kafka.topic_template", &k.topic_template, fix));
+        }
+        if k.topic_partitions < 1 {
+            return Err(invalid("kafka.topic_partitions", k.topic_partitions, "must be at least 1"));
+        }
+        if k.topic_replication_factor < 1 && k.topic_replication_factor != -1 {
+            return Err(invalid(
+                "kafka.topic_replication_factor",
+                k.topic_replication_factor,
+                "must be at least 1 (or -1 for the broker's default)",
+            ));
+        }
+        if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&k.compression.as_str()) {
+            return Err(invalid(
+                "kafka.compression",
+                &k.compression,
+                "expected one of none, gzip, snappy, lz4, zstd",
+            ));
+        }
+        for (key, value) in &k.properties {
+            let weakens = match key.as_str() {
+                "acks" | "request.required.acks" => !matches!(value.as_str(), "all" | "-1"),
+                "enable.idempotence" => value != "true",
+                "transactional.id" => true,
+                _ => false,
+            };
+            if weakens {
+                return Err(ConfigError::Invalid {
+                    key: "kafka.properties",
+                    env: env_name("kafka.properties"),
+                    value: format!("{key}={value}"),
+                    fix: format!(
+                        "the relay needs acks=all and enable.idempotence=true for confirmed \
+                         sends and does not manage transactions in at-least-once mode; remove '{key}'"
+                    ),
+                });
+            }
+        }
+        let pl = &self.pipeline;
+        if pl.max_in_flight == 0 {
+            return Err(invalid("pipeline.max_in_flight", 0, "must be at least 1 (10000 is usual)"));
+        }
+        if pl.mark_batch_size == 0 {
+            return Err(invalid("pipeline.mark_batch_size", 0, "must be at least 1 (1000 is usual)"));
+        }
+        let r = &self.retry;
+        if r.initial_delay_ms == 0 || r.max_delay_ms < r.initial_delay_ms {
+            return Err(invalid(
+                "retry.max_delay_ms",
+                r.max_delay_ms,
+                format!(
+                    "retry.initial_delay_ms ({}) must be at least 1 and at most retry.max_delay_ms",
+                    r.initial_delay_ms
+                ),
+            ));
+        }
+        if !["text", "json"].contains(&self.log.format.as_str()) {
+            return Err(invalid("log.format", &self.log.format, "expected text or json"));
+        }
+        Ok(())
+    }
+
+    /// The parsed `postgres.url` (validated at load).
+    pub fn pg_config(&self) -> tokio_postgres::Config {
+        self.postgres
+            .url
+            .parse()
+            .unwrap_or_else(|_| tokio_postgres::Config::new())
+    }
+
+    /// `schema.table`, quoted for SQL.
+    pub fn outbox_table_sql(&self) -> String {
+        format!(
+            "{}.{}",
+            crate::replication::client::quote_ident(&self.outbox.schema),
+            crate::replication::client::quote_ident(&self.outbox.table)
+        )
+    }
+
+    /// `schema.state_table`, quoted for SQL.
+    pub fn state_table_sql(&self) -> String {
+        format!(
+            "{}.{}",
+            crate::replication::client::quote_ident(&self.outbox.schema),
+            crate::replication::client::quote_ident(&self.outbox.state_table)
+        )
+    }
+}
+
+/// One line per problem, each naming the key, its environment variable and where it was set.
+fn describe_figment_error(err: figment::Error) -> String {
+    err.into_iter()
+        .map(|e| {
+            let key = e.path.join(".").to_lowercase();
+            let source = e
+                .metadata
+                .as_ref()
+                .map(|m| format!(" (set in {})", m.name))
+                .unwrap_or_default();
+            let problem = e.kind.to_string();
+            if key.is_empty() {
+                format!("{problem}{source}")
+            } else {
+                format!(
+                    "key {key} (env {}){source}: {problem}",
+                    env_name(&key)
+                )
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Hides the password of a Postgres URL or key=value string, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((auth, host)) = rest.split_once('@') {
+            if let Some((user, _)) = auth.split_once(':') {
+                return format!("{scheme}://{user}:***@{host}");
+            }
+        }
+        return url.to_owned();
+    }
+    url.split_whitespace()
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***".to_owned()
+            } else {
+                kv.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn env_names_use_double_underscore() {
+        assert_eq!(env_name("postgres.url"), "RELAY_POSTGRES__URL");
+        assert_eq!(env_name("kafka.brokers"), "RELAY_KAFKA__BROKERS");
+    }
+
+    #[test]
+    fn errors_name_key_env_and_fix() {
+        let mut c = Config::default();
+        c.kafka.compression = "brotli".into();
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("kafka.compression"), "{msg}");
+        assert!(msg.contains("RELAY_KAFKA__COMPRESSION"), "{msg}");
+        assert!(msg.contains("zstd"), "{msg}");
+
+        let mut c = Config::default();
+        c.postgres.slot = "Bad-Slot".into();
+        assert!(c.validate().unwrap_err().to_string().contains("postgres.slot"));
+
+        let mut c = Config::default();
+        c.kafka.properties.insert("acks".into(), "1".into());
+        assert!(c.validate().unwrap_err().to_string().contains("acks=all"));
+
+        let mut c = Config::default();
+        c.kafka.topic_template = "events.{nope}".into();
+        assert!(c.validate().unwrap_err().to_string().contains("{nope}"));
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(redact_url("postgres://app@db/x"), "postgres://app@db/x");
+        assert_eq!(
+            redact_url("host=db password=s3cret user=app"),
+            "host=db password=*** user=app"
+        );
+    }
+
+    #[test]
+    fn environment_overrides_file_and_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "relay.toml",
+                "[kafka]\nbrokers = \"file:9092\"\nlinger_ms = 7\n",
+            )?;
+            jail.set_env("RELAY_KAFKA__BROKERS", "env:9092");
+            jail.set_env("RELAY_POSTGRES__URL", "postgres://u:p@h:1/d");
+            let c = Config::load(Some(Path::new("relay.toml"))).unwrap();
+            assert_eq!(c.kafka.brokers, "env:9092");
+            assert_eq!(c.kafka.linger_ms, 7);
+            assert_eq!(c.postgres.url, "postgres://u:p@h:1/d");
+            assert_eq!(c.postgres.slot, "outbox_relay");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_are_rejected() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("RELAY_PIPELINE__MAX_IN_FLIGHT", "lots");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("max_in_flight"), "{err}");
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("RELAY_KAFKA__BROKRES", "x:1");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("brokres"), "{err}");
+            Ok(())
+        });
+    }
+}

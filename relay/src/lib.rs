@@ -1,0 +1,16 @@
+//! outbox-relay: a transactional-outbox relay from Postgres logical replication to Kafka.
+//!
+//! ```text
+//! WAL ─► replication ─► pipeline ─► sink ─► acks ─► progress ─► watermark ─► slot
+//! ```
+//! See `README.md` for the guarantees and `config/relay.toml` for every setting.
+
+pub mod check;
+pub mod config;
+pub mod db;
+pub mod pipeline;
+pub mod progress;
+pub mod replication;
+pub mod runtime;
+pub mod sink;
+pub mod slot;

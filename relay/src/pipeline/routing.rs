@@ -1,0 +1,369 @@
+//! Turns an outbox row into a broker message: topic, key, headers, payload.
+//!
+//! Routing follows Debezium's outbox event router: the row's `topic` column wins when set, else
+//! the topic template (default `outbox.event.{aggregatetype}`); the key is `aggregateid`; the value
+//! is the `payload` JSON; headers are `id`, `type`, `aggregatetype` and every entry of the
+//! `headers` column (a JSON object of strings). Rows reach this module from the WAL stream and from
+//! the first-start snapshot in one shape, [`RawRow`], so both take the same path.
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use crate::config::ColumnNames;
+use crate::replication::pgoutput::{Relation, Tuple, TupleValue};
+
+/// One outbox row as text values, wherever it came from.
+#[derive(Debug, Clone, Default)]
+pub struct RawRow {
+    pub id: Option<Bytes>,
+    pub aggregatetype: Option<Bytes>,
+    pub aggregateid: Option<Bytes>,
+    pub event_type: Option<Bytes>,
+    pub payload: Option<Bytes>,
+    pub headers: Option<Bytes>,
+    pub topic: Option<Bytes>,
+}
+
+/// A message ready for a sink.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxMessage {
+    /// The row's id: globally unique, the consumer's deduplication key.
+    pub id: Uuid,
+    pub topic: String,
+    pub key: Bytes,
+    /// `None` for a NULL payload (a tombstone).
+    pub payload: Option<Bytes>,
+    pub headers: Vec<(String, Bytes)>,
+}
+
+/// A row that cannot become a message; the text says which row and why.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("outbox row {id}: {problem}")]
+pub struct RowError {
+    pub id: String,
+    pub problem: String,
+}
+
+/// The topic template, parsed once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicTemplate(Vec<Segment>);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Field {
+    AggregateType,
+    AggregateId,
+    EventType,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Segment {
+    Literal(String),
+    Field(Field),
+}
+
+impl TopicTemplate {
+    /// Parses `outbox.event.{aggregatetype}`-style templates; the error says what to fix.
+    pub fn parse(template: &str) -> Result<TopicTemplate, String> {
+        let mut segments = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                segments.push(Segment::Literal(rest[..open].to_owned()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("unclosed '{{' in {template:?}"))?
+                + open;
+            let field = match &rest[open + 1..close] {
+                "aggregatetype" => Field::AggregateType,
+                "aggregateid" => Field::AggregateId,
+                "type" => Field::EventType,
+                other => {
+                    return Err(format!(
+                        "unknown placeholder {{{other}}}; use {{aggregatetype}}, {{aggregateid}} or {{type}}"
+                    ));
+                }
+            };
+            segments.push(Segment::Field(field));
+            rest = &rest[close + 1..];
+        }
+        if !rest.is_empty() {
+            segments.push(Segment::Literal(rest.to_owned()));
+        }
+        if segments.is_empty() {
+            return Err("the topic template is empty".into());
+        }
+        Ok(TopicTemplate(segments))
+    }
+
+    fn render(&self, aggregatetype: &str, aggregateid: &str, event_type: &str) -> String {
+        let mut out = String::with_capacity(32);
+        for s in &self.0 {
+            match s {
+                Segment::Literal(l) => out.push_str(l),
+                Segment::Field(Field::AggregateType) => out.push_str(aggregatetype),
+                Segment::Field(Field::AggregateId) => out.push_str(aggregateid),
+                Segment::Field(Field::EventType) => out.push_str(event_type),
+            }
+        }
+        out
+    }
+}
+
+/// Builds messages from rows.
+#[derive(Debug, Clone)]
+pub struct Router {
+    template: TopicTemplate,
+}
+
+fn text(v: &Bytes) -> Result<&str, String> {
+    std::str::from_utf8(v).map_err(|_| "value is not UTF-8".to_owned())
+}
+
+impl Router {
+    pub fn new(template: TopicTemplate) -> Self {
+        Router { template }
+    }
+
+    pub fn route(&self, row: RawRow) -> Result<OutboxMessage, RowError> {
+        let shown_id = row
+            .id
+            .as_ref()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_else(|| "(id NULL)".into());
+        let fail = |problem: String| RowError {
+            id: shown_id.clone(),
+            problem,
+        };
+        let required = |v: Option<Bytes>, name: &str| {
+            v.ok_or_else(|| fail(format!("column '{name}' is NULL; it is required")))
+        };
+        let id_text = required(row.id, "id")?;
+        let id = text(&id_text)
+            .ok()
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .ok_or_else(|| fail("column 'id' is not a UUID".into()))?;
+        let aggregatetype = required(row.aggregatetype, "aggregatetype")?;
+        let aggregateid = required(row.aggregateid, "aggregateid")?;
+        let event_type = required(row.event_type, "type")?;
+
+        let topic = match row.topic.filter(|t| !t.is_empty()) {
+            Some(t) => text(&t).map_err(|e| fail(format!("column 'topic': {e}")))?.to_owned(),
+            None => self.template.render(
+                text(&aggregatetype).map_err(|e| fail(format!("column 'aggregatetype': {e}")))?,
+                text(&aggregateid).map_err(|e| fail(format!("column 'aggregateid': {e}")))?,
+                text(&event_type).map_err(|e| fail(format!("column 'type': {e}")))?,
+            ),
+        };
+
+        let mut headers = vec![
+            ("id".to_owned(), id_text),
+            ("type".to_owned(), event_type),
+            ("aggregatetype".to_owned(), aggregatetype),
+        ];
+        if let Some(h) = row.headers {
+            let parsed: serde_json::Value = serde_json::from_slice(&h)
+                .map_err(|e| fail(format!("column 'headers' is not JSON: {e}")))?;
+            match parsed {
+                serde_json::Value::Null => {}
+                serde_json::Value::Object(map) => {
+                    for (k, v) in map {
+                        match v {
+                            serde_json::Value::String(s) => headers.push((k, Bytes::from(s))),
+                            other => {
+                                return Err(fail(format!(
+                                    "column 'headers' must be a JSON object of strings; \
+                                     key {k:?} holds {other}"
+                                )));
+                            }
+                        }
+                    }
+                }
+                other => {
+                    return Err(fail(format!(
+                        "column 'headers' must be a JSON object of strings, got {other}"
+                    )));
+                }
+            }
+        }
+        Ok(OutboxMessage {
+            id,
+            topic,
+            key: aggregateid,
+            payload: row.payload,
+            headers,
+        })
+    }
+}
+
+/// Where each configured column sits in a relation's tuples.
+#[derive(Debug, Clone)]
+pub struct ColumnMap {
+    id: usize,
+    aggregatetype: usize,
+    aggregateid: usize,
+    event_type: usize,
+    payload: Option<usize>,
+    headers: Option<usize>,
+    topic: Option<usize>,
+}
+
+impl ColumnMap {
+    /// Maps the outbox columns of `relation`; a required column that is missing is an error
+    /// naming the config key to fix.
+    pub fn new(relation: &Relation, names: &ColumnNames) -> Result<ColumnMap, String> {
+        let find = |name: &str| relation.columns.iter().position(|c| c.name == name);
+        let need = |name: &str, key: &str| {
+            find(name).ok_or_else(|| {
+                format!(
+                    "table {}.{} has no column '{name}'; add it (see sql/) or set {key} ({}) to \
+                     the column's name",
+                    relation.namespace,
+                    relation.name,
+                    crate::config::env_name(key)
+                )
+            })
+        };
+        Ok(ColumnMap {
+            id: need(&names.id, "outbox.columns.id")?,
+            aggregatetype: need(&names.aggregatetype, "outbox.columns.aggregatetype")?,
+            aggregateid: need(&names.aggregateid, "outbox.columns.aggregateid")?,
+            event_type: need(&names.event_type, "outbox.columns.type")?,
+            payload: find(&names.payload),
+            headers: find(&names.headers),
+            topic: find(&names.topic),
+        })
+    }
+
+    /// Picks the outbox values out of an inserted tuple.
+    pub fn raw_row(&self, tuple: Tuple) -> RawRow {
+        let mut values = tuple.0;
+        let mut take = |i: Option<usize>| match i.and_then(|i| values.get_mut(i)) {
+            Some(v) => match std::mem::replace(v, TupleValue::Null) {
+                TupleValue::Text(b) => Some(b),
+                TupleValue::Null | TupleValue::UnchangedToast => None,
+            },
+            None => None,
+        };
+        RawRow {
+            id: take(Some(self.id)),
+            aggregatetype: take(Some(self.aggregatetype)),
+            aggregateid: take(Some(self.aggregateid)),
+            event_type: take(Some(self.event_type)),
+            payload: take(self.payload),
+            headers: take(self.headers),
+            topic: take(self.topic),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::pgoutput::{PgOutput, encode};
+
+    fn row(id: &str, at: &str, aid: &str) -> RawRow {
+        RawRow {
+            id: Some(Bytes::from(id.to_owned())),
+            aggregatetype: Some(Bytes::from(at.to_owned())),
+            aggregateid: Some(Bytes::from(aid.to_owned())),
+            event_type: Some(Bytes::from_static(b"OrderCreated")),
+            payload: Some(Bytes::from_static(b"{\"total\": 5}")),
+            headers: None,
+            topic: None,
+        }
+    }
+
+    const ID: &str = "5b3c8f5e-3f1a-4c1e-9a8e-0d6a1f2b3c4d";
+
+    fn router() -> Router {
+        Router::new(TopicTemplate::parse("outbox.event.{aggregatetype}").unwrap())
+    }
+
+    #[test]
+    fn routes_by_template_with_key_headers_and_payload() {
+        let m = router().route(row(ID, "order", "o-1")).unwrap();
+        assert_eq!(m.topic, "outbox.event.order");
+        assert_eq!(&m.key[..], b"o-1");
+        assert_eq!(m.payload.as_deref(), Some(&b"{\"total\": 5}"[..]));
+        assert_eq!(m.id, Uuid::parse_str(ID).unwrap());
+        let names: Vec<_> = m.headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["id", "type", "aggregatetype"]);
+        assert_eq!(&m.headers[0].1[..], ID.as_bytes());
+    }
+
+    #[test]
+    fn topic_column_overrides_template_and_headers_column_is_merged() {
+        let mut r = row(ID, "order", "o-1");
+        r.topic = Some(Bytes::from_static(b"custom.topic"));
+        r.headers = Some(Bytes::from_static(b"{\"trace\": \"abc\", \"tenant\": \"t1\"}"));
+        let m = router().route(r).unwrap();
+        assert_eq!(m.topic, "custom.topic");
+        assert!(m.headers.contains(&("trace".into(), Bytes::from_static(b"abc"))));
+        assert!(m.headers.contains(&("tenant".into(), Bytes::from_static(b"t1"))));
+
+        let mut r = row(ID, "order", "o-1");
+        r.topic = Some(Bytes::new());
+        assert_eq!(router().route(r).unwrap().topic, "outbox.event.order");
+    }
+
+    #[test]
+    fn bad_rows_are_errors_naming_the_row() {
+        let mut r = row(ID, "order", "o-1");
+        r.headers = Some(Bytes::from_static(b"{\"n\": 1}"));
+        let e = router().route(r).unwrap_err();
+        assert!(e.to_string().contains(ID) && e.problem.contains("object of strings"), "{e}");
+
+        let mut r = row(ID, "order", "o-1");
+        r.headers = Some(Bytes::from_static(b"[1]"));
+        assert!(router().route(r).is_err());
+
+        let mut r = row(ID, "order", "o-1");
+        r.aggregateid = None;
+        assert!(router().route(r).unwrap_err().problem.contains("aggregateid"));
+
+        assert!(router().route(row("not-a-uuid", "order", "o")).is_err());
+    }
+
+    #[test]
+    fn templates() {
+        let t = TopicTemplate::parse("{aggregatetype}-{type}.v1").unwrap();
+        assert_eq!(t.render("order", "1", "Created"), "order-Created.v1");
+        assert_eq!(TopicTemplate::parse("fixed").unwrap().render("a", "b", "c"), "fixed");
+        assert!(TopicTemplate::parse("x.{bad}").unwrap_err().contains("{bad}"));
+        assert!(TopicTemplate::parse("x.{aggregatetype").is_err());
+        assert!(TopicTemplate::parse("").is_err());
+    }
+
+    #[test]
+    fn column_map_follows_relation_and_reports_missing_columns() {
+        let PgOutput::Relation(rel) = PgOutput::decode(encode::relation(
+            1,
+            "public",
+            "outbox",
+            &["id", "extra", "aggregatetype", "aggregateid", "type", "payload"],
+        ))
+        .unwrap() else {
+            panic!()
+        };
+        let map = ColumnMap::new(&rel, &ColumnNames::default()).unwrap();
+        let PgOutput::Insert { new, .. } = PgOutput::decode(encode::insert(
+            1,
+            &[Some(ID), Some("x"), Some("order"), Some("o-9"), Some("T"), None],
+        ))
+        .unwrap() else {
+            panic!()
+        };
+        let raw = map.raw_row(new);
+        assert_eq!(raw.aggregateid.as_deref(), Some(&b"o-9"[..]));
+        assert!(raw.payload.is_none() && raw.topic.is_none() && raw.headers.is_none());
+
+        let PgOutput::Relation(rel) =
+            PgOutput::decode(encode::relation(1, "public", "outbox", &["id"])).unwrap()
+        else {
+            panic!()
+        };
+        let err = ColumnMap::new(&rel, &ColumnNames::default()).unwrap_err();
+        assert!(err.contains("aggregatetype") && err.contains("RELAY_OUTBOX__COLUMNS__AGGREGATETYPE"));
+    }
+}

@@ -1,0 +1,696 @@
+//! A Postgres streaming-replication connection, written on `postgres-protocol`.
+//!
+//! Upstream tokio-postgres cannot enter CopyBoth mode, so this module speaks the frontend/backend
+//! protocol itself: startup with `replication=database`, authentication (trust, cleartext, md5,
+//! SCRAM-SHA-256), optional TLS, simple queries for the replication commands (IDENTIFY_SYSTEM,
+//! CREATE_REPLICATION_SLOT, START_REPLICATION), then the CopyBoth stream of [`ServerMessage`]s and
+//! our standby status updates. It knows nothing about outboxes or brokers.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::sasl::{self, ScramSha256};
+use postgres_protocol::message::backend::{ErrorResponseBody, Message};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_postgres::config::{Host, SslMode};
+
+use super::lsn::Lsn;
+use super::protocol::{ServerMessage, StandbyStatusUpdate};
+use super::wire::DecodeError;
+
+/// Anything that went wrong on the replication connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("cannot reach Postgres at {target}: {source}; check postgres.url and that the server is up")]
+    Connect { target: String, source: io::Error },
+    #[error("replication connection lost: {0}")]
+    Io(#[from] io::Error),
+    #[error("Postgres said: {0}")]
+    Server(#[from] ServerError),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("unexpected reply from Postgres: {0}")]
+    Protocol(String),
+}
+
+impl ReplicationError {
+    /// The SQLSTATE of a server error, if this is one.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            ReplicationError::Server(e) => Some(&e.code),
+            _ => None,
+        }
+    }
+
+    /// Errors that retrying cannot fix (bad password, missing privilege, bad names).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            ReplicationError::Auth(_) | ReplicationError::Tls(_) => true,
+            ReplicationError::Server(e) => {
+                // 28: invalid authorization; 42: syntax/undefined object/privilege;
+                // 0A: feature not supported; 3D000: database does not exist.
+                e.code.starts_with("28")
+                    || e.code.starts_with("42")
+                    || e.code.starts_with("0A")
+                    || e.code == "3D000"
+            }
+            _ => false,
+        }
+    }
+}
+
+/// An ErrorResponse from the server, with the fields a user needs.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{severity} {code}: {message}{}{}", detail.as_deref().map(|d| format!(" (detail: {d})")).unwrap_or_default(), hint.as_deref().map(|h| format!(" (hint: {h})")).unwrap_or_default())]
+pub struct ServerError {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl ServerError {
+    fn parse(body: &ErrorResponseBody) -> ServerError {
+        let mut e = ServerError {
+            severity: "ERROR".into(),
+            code: "XX000".into(),
+            message: String::new(),
+            detail: None,
+            hint: None,
+        };
+        let mut fields = body.fields();
+        while let Ok(Some(f)) = fields.next() {
+            let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
+            match f.type_() {
+                b'S' => e.severity = v,
+                b'C' => e.code = v,
+                b'M' => e.message = v,
+                b'D' => e.detail = Some(v),
+                b'H' => e.hint = Some(v),
+                _ => {}
+            }
+        }
+        e
+    }
+}
+
+/// The socket: plain TCP, a Unix socket, or TLS over TCP.
+enum PgStream {
+    Tcp(TcpStream),
+    #[cfg(unix)]
+    Unix(tokio::net::UnixStream),
+    Tls(Box<tokio_native_tls::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for PgStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            PgStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            #[cfg(unix)]
+            PgStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            PgStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for PgStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            PgStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            #[cfg(unix)]
+            PgStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            PgStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            PgStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            #[cfg(unix)]
+            PgStream::Unix(s) => Pin::new(s).poll_flush(cx),
+            PgStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            PgStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            #[cfg(unix)]
+            PgStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            PgStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// What `IDENTIFY_SYSTEM` reports.
+#[derive(Debug, Clone)]
+pub struct SystemIdentity {
+    pub system_id: String,
+    pub timeline: u32,
+    pub xlog_pos: Lsn,
+    pub dbname: Option<String>,
+}
+
+/// What `CREATE_REPLICATION_SLOT` reports.
+#[derive(Debug, Clone)]
+pub struct CreatedSlot {
+    pub slot_name: String,
+    /// Changes committed after this point are streamed; earlier ones are in the snapshot.
+    pub consistent_point: Lsn,
+    /// Name of the exported snapshot, importable with `SET TRANSACTION SNAPSHOT` until this
+    /// connection runs its next command.
+    pub snapshot_name: Option<String>,
+}
+
+/// Rows of a simple query, every value in text format.
+pub type TextRows = Vec<Vec<Option<String>>>;
+
+/// A replication connection in command mode.
+pub struct ReplicationClient {
+    stream: PgStream,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+}
+
+const READ_CHUNK: usize = 64 * 1024;
+
+impl ReplicationClient {
+    /// Connects with `replication=database` and authenticates, using the host, port, user,
+    /// password, database and sslmode of `config` (the parsed `postgres.url`).
+    pub async fn connect(config: &tokio_postgres::Config) -> Result<Self, ReplicationError> {
+        let host = config
+            .get_hosts()
+            .first()
+            .cloned()
+            .unwrap_or(Host::Tcp("localhost".into()));
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let user = config
+            .get_user()
+            .map(str::to_owned)
+            .unwrap_or_else(|| std::env::var("USER").unwrap_or_else(|_| "postgres".into()));
+        let dbname = config.get_dbname().unwrap_or(&user).to_owned();
+
+        let (stream, target) = match &host {
+            Host::Tcp(h) => {
+                let target = format!("{h}:{port}");
+                let tcp = TcpStream::connect((h.as_str(), port))
+                    .await
+                    .map_err(|source| ReplicationError::Connect {
+                        target: target.clone(),
+                        source,
+                    })?;
+                tcp.set_nodelay(true).ok();
+                let stream = negotiate_tls(tcp, h, config.get_ssl_mode()).await?;
+                (stream, target)
+            }
+            #[cfg(unix)]
+            Host::Unix(dir) => {
+                let path = dir.join(format!(".s.PGSQL.{port}"));
+                let target = path.display().to_string();
+                let unix = tokio::net::UnixStream::connect(&path).await.map_err(|source| {
+                    ReplicationError::Connect {
+                        target: target.clone(),
+                        source,
+                    }
+                })?;
+                (PgStream::Unix(unix), target)
+            }
+        };
+        tracing::debug!(%target, %user, %dbname, "opening replication connection");
+
+        let mut client = ReplicationClient {
+            stream,
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            wbuf: BytesMut::with_capacity(1024),
+        };
+        let params = [
+            ("user", user.as_str()),
+            ("database", dbname.as_str()),
+            ("replication", "database"),
+            ("application_name", "outbox-relay"),
+            ("client_encoding", "UTF8"),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut client.wbuf)?;
+        client.flush_writes().await?;
+        client.authenticate(&user, config.get_password()).await?;
+        Ok(client)
+    }
+
+    async fn authenticate(
+        &mut self,
+        user: &str,
+        password: Option<&[u8]>,
+    ) -> Result<(), ReplicationError> {
+        let need_password = || {
+            ReplicationError::Auth(format!(
+                "Postgres asks for a password for user '{user}' but postgres.url has none; \
+                 put it in the URL (postgres://{user}:PASSWORD@host/db) or RELAY_POSTGRES__URL"
+            ))
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            match self.read_message().await? {
+                Message::AuthenticationOk => break,
+                Message::AuthenticationCleartextPassword => {
+                    let pw = password.ok_or_else(need_password)?;
+                    frontend::password_message(pw, &mut self.wbuf)?;
+                    self.flush_writes().await?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let pw = password.ok_or_else(need_password)?;
+                    let hash =
+                        postgres_protocol::authentication::md5_hash(user.as_bytes(), pw, body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut self.wbuf)?;
+                    self.flush_writes().await?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut has_scram = false;
+                    while let Some(m) = mechanisms.next()? {
+                        has_scram |= m == sasl::SCRAM_SHA_256;
+                    }
+                    if !has_scram {
+                        return Err(ReplicationError::Auth(
+                            "the server offers no SASL mechanism the relay supports (SCRAM-SHA-256)"
+                                .into(),
+                        ));
+                    }
+                    let pw = password.ok_or_else(need_password)?;
+                    let s = ScramSha256::new(pw, sasl::ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut self.wbuf)?;
+                    self.flush_writes().await?;
+                    scram = Some(s);
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplicationError::Protocol("SASL continue before SASL start".into())
+                    })?;
+                    s.update(body.data())
+                        .map_err(|e| ReplicationError::Auth(format!("SCRAM exchange failed: {e}")))?;
+                    frontend::sasl_response(s.message(), &mut self.wbuf)?;
+                    self.flush_writes().await?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplicationError::Protocol("SASL final before SASL start".into())
+                    })?;
+                    s.finish(body.data()).map_err(|e| {
+                        ReplicationError::Auth(format!("server's SCRAM signature is wrong: {e}"))
+                    })?;
+                }
+                Message::ErrorResponse(body) => {
+                    let err = ServerError::parse(&body);
+                    return Err(match err.code.as_str() {
+                        "28P01" | "28000" => ReplicationError::Auth(format!(
+                            "{} — check the user and password in postgres.url, and that \
+                             pg_hba.conf has a 'host replication' line for this user \
+                             (replication connections need their own entry)",
+                            err.message
+                        )),
+                        _ => ReplicationError::Server(err),
+                    });
+                }
+                other => {
+                    return Err(ReplicationError::Protocol(format!(
+                        "unsupported authentication request ({}); use trust, md5 or scram-sha-256",
+                        message_name(&other)
+                    )));
+                }
+            }
+        }
+        // After AuthenticationOk: parameter status and key data until ReadyForQuery.
+        loop {
+            match self.read_message().await? {
+                Message::ReadyForQuery(_) => return Ok(()),
+                Message::ErrorResponse(body) => {
+                    return Err(ServerError::parse(&body).into());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs one command with the simple query protocol and returns its rows as text.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<TextRows, ReplicationError> {
+        frontend::query(sql, &mut self.wbuf)?;
+        self.flush_writes().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.read_message().await? {
+                Message::DataRow(body) => {
+                    let buf = body.buffer();
+                    let mut ranges = body.ranges();
+                    let mut row = Vec::new();
+                    while let Some(range) = ranges.next()? {
+                        row.push(range.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
+                    }
+                    rows.push(row);
+                }
+                Message::ErrorResponse(body) => error = Some(ServerError::parse(&body)),
+                Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(e.into()),
+            None => Ok(rows),
+        }
+    }
+
+    pub async fn identify_system(&mut self) -> Result<SystemIdentity, ReplicationError> {
+        let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| ReplicationError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
+        let col = |i: usize| row.get(i).cloned().flatten();
+        Ok(SystemIdentity {
+            system_id: col(0).unwrap_or_default(),
+            timeline: col(1).and_then(|t| t.parse().ok()).unwrap_or(0),
+            xlog_pos: col(2)
+                .ok_or_else(|| ReplicationError::Protocol("IDENTIFY_SYSTEM without xlogpos".into()))?
+                .parse()
+                .map_err(|e| ReplicationError::Protocol(format!("IDENTIFY_SYSTEM: {e}")))?,
+            dbname: col(3),
+        })
+    }
+
+    /// Creates a permanent pgoutput slot. With `export_snapshot`, the reply names a snapshot that
+    /// shows exactly the data committed before the slot's consistent point.
+    pub async fn create_slot(
+        &mut self,
+        slot: &str,
+        export_snapshot: bool,
+    ) -> Result<CreatedSlot, ReplicationError> {
+        let snapshot = if export_snapshot {
+            "EXPORT_SNAPSHOT"
+        } else {
+            "NOEXPORT_SNAPSHOT"
+        };
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snapshot}",
+            quote_ident(slot)
+        );
+        let rows = self.simple_query(&sql).await?;
+        let row = rows.first().ok_or_else(|| {
+            ReplicationError::Protocol("CREATE_REPLICATION_SLOT returned no row".into())
+        })?;
+        let col = |i: usize| row.get(i).cloned().flatten();
+        Ok(CreatedSlot {
+            slot_name: col(0).unwrap_or_else(|| slot.to_owned()),
+            consistent_point: col(1)
+                .ok_or_else(|| ReplicationError::Protocol("slot without consistent point".into()))?
+                .parse()
+                .map_err(|e| ReplicationError::Protocol(format!("CREATE_REPLICATION_SLOT: {e}")))?,
+            snapshot_name: col(2),
+        })
+    }
+
+    /// Starts streaming pgoutput (protocol version 1) for `publication` from `start` (0/0: from
+    /// the slot's confirmed position). Consumes the client: the connection is now a stream.
+    pub async fn start_replication(
+        mut self,
+        slot: &str,
+        start: Lsn,
+        publication: &str,
+    ) -> Result<ReplicationStream, ReplicationError> {
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {})",
+            quote_ident(slot),
+            quote_literal(&quote_ident(publication)),
+        );
+        frontend::query(&sql, &mut self.wbuf)?;
+        self.flush_writes().await?;
+        loop {
+            // CopyBothResponse ('W') is not known to postgres-protocol's parser: check the tag.
+            if let Some(tag) = self.peek_tag().await? {
+                if tag == b'W' {
+                    let frame = self.next_frame().await?;
+                    debug_assert_eq!(frame.0, b'W');
+                    return Ok(ReplicationStream {
+                        client: self,
+                        finished: false,
+                    });
+                }
+            }
+            match self.read_message().await? {
+                Message::ErrorResponse(body) => {
+                    let err = ServerError::parse(&body);
+                    // Drain to ReadyForQuery so the connection stays usable for the caller's log.
+                    return Err(err.into());
+                }
+                Message::NoticeResponse(_) | Message::ParameterStatus(_) => {}
+                other => {
+                    return Err(ReplicationError::Protocol(format!(
+                        "START_REPLICATION answered with {}",
+                        message_name(&other)
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(mut self) {
+        frontend::terminate(&mut self.wbuf);
+        let _ = self.flush_writes().await;
+    }
+
+    async fn flush_writes(&mut self) -> Result<(), ReplicationError> {
+        self.stream.write_all(&self.wbuf).await?;
+        self.stream.flush().await?;
+        self.wbuf.clear();
+        Ok(())
+    }
+
+    /// Fills the read buffer until it holds one whole frame; returns its tag. Cancel-safe.
+    async fn peek_tag(&mut self) -> Result<Option<u8>, ReplicationError> {
+        loop {
+            if let Some(len) = frame_len(&self.rbuf)? {
+                if self.rbuf.len() >= len {
+                    return Ok(Some(self.rbuf[0]));
+                }
+                self.rbuf.reserve(len - self.rbuf.len());
+            } else {
+                self.rbuf.reserve(READ_CHUNK);
+            }
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "Postgres closed the replication connection",
+                )
+                .into());
+            }
+        }
+    }
+
+    /// Next whole frame as (tag, body). Cancel-safe: a partial frame stays in the buffer.
+    async fn next_frame(&mut self) -> Result<(u8, Bytes), ReplicationError> {
+        self.peek_tag().await?;
+        let len = frame_len(&self.rbuf)?.expect("peek_tag ensured a header");
+        let mut frame = self.rbuf.split_to(len);
+        let tag = frame[0];
+        frame.advance(5);
+        Ok((tag, frame.freeze()))
+    }
+
+    async fn read_message(&mut self) -> Result<Message, ReplicationError> {
+        self.peek_tag().await?;
+        match Message::parse(&mut self.rbuf)? {
+            Some(Message::NoticeResponse(body)) => {
+                let mut fields = body.fields();
+                let mut text = String::new();
+                while let Ok(Some(f)) = fields.next() {
+                    if f.type_() == b'M' {
+                        text = String::from_utf8_lossy(f.value_bytes()).into_owned();
+                    }
+                }
+                tracing::info!(notice = %text, "Postgres notice");
+                Ok(Message::NoticeResponse(body))
+            }
+            Some(m) => Ok(m),
+            None => Err(ReplicationError::Protocol("incomplete message".into())),
+        }
+    }
+}
+
+/// Length of the first frame in `buf` (tag + length field + body), once its header is there.
+fn frame_len(buf: &[u8]) -> Result<Option<usize>, ReplicationError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    if len < 4 {
+        return Err(ReplicationError::Protocol(format!(
+            "frame with invalid length {len}"
+        )));
+    }
+    Ok(Some(len as usize + 1))
+}
+
+async fn negotiate_tls(
+    tcp: TcpStream,
+    host: &str,
+    mode: SslMode,
+) -> Result<PgStream, ReplicationError> {
+    if mode == SslMode::Disable {
+        return Ok(PgStream::Tcp(tcp));
+    }
+    let mut tcp = tcp;
+    let mut req = BytesMut::new();
+    frontend::ssl_request(&mut req);
+    tcp.write_all(&req).await?;
+    let answer = tcp.read_u8().await?;
+    if answer != b'S' {
+        if mode == SslMode::Require {
+            return Err(ReplicationError::Tls(
+                "sslmode=require but the server does not accept TLS; enable ssl in \
+                 postgresql.conf or use sslmode=prefer/disable"
+                    .into(),
+            ));
+        }
+        return Ok(PgStream::Tcp(tcp));
+    }
+    // libpq semantics: sslmode=require/prefer encrypt without verifying the certificate.
+    let connector = native_tls::TlsConnector::builder()
+        .danger_accept_invalid_certs(true)
+        .danger_accept_invalid_hostnames(true)
+        .build()
+        .map_err(|e| ReplicationError::Tls(e.to_string()))?;
+    let connector = tokio_native_tls::TlsConnector::from(connector);
+    let tls = connector
+        .connect(host, tcp)
+        .await
+        .map_err(|e| ReplicationError::Tls(format!("handshake with {host} failed: {e}")))?;
+    Ok(PgStream::Tls(Box::new(tls)))
+}
+
+/// A replication connection in CopyBoth mode.
+pub struct ReplicationStream {
+    client: ReplicationClient,
+    finished: bool,
+}
+
+impl ReplicationStream {
+    /// Next message from the server, or `None` once the server has ended the stream.
+    /// Cancel-safe: use it in `select!`.
+    pub async fn next(&mut self) -> Result<Option<ServerMessage>, ReplicationError> {
+        loop {
+            if self.finished {
+                return Ok(None);
+            }
+            let (tag, body) = self.client.next_frame().await?;
+            match tag {
+                b'd' => return Ok(Some(ServerMessage::decode(body)?)),
+                b'c' => self.finished = true,
+                b'E' => {
+                    let mut buf = BytesMut::with_capacity(body.len() + 5);
+                    buf.put_u8(b'E');
+                    buf.put_i32(body.len() as i32 + 4);
+                    buf.put_slice(&body);
+                    if let Some(Message::ErrorResponse(e)) = Message::parse(&mut buf)? {
+                        return Err(ServerError::parse(&e).into());
+                    }
+                    return Err(ReplicationError::Protocol("garbled ErrorResponse".into()));
+                }
+                b'N' | b'S' => {}
+                other => {
+                    return Err(ReplicationError::Protocol(format!(
+                        "unexpected message {:?} while streaming",
+                        other as char
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Sends a standby status update.
+    pub async fn send_status(&mut self, status: StandbyStatusUpdate) -> Result<(), ReplicationError> {
+        let mut payload = BytesMut::with_capacity(34);
+        status.encode(&mut payload);
+        frontend::CopyData::new(&payload[..])?.write(&mut self.client.wbuf);
+        self.client.flush_writes().await
+    }
+
+    /// Ends streaming: CopyDone, wait (bounded) for the server to finish, then terminate.
+    pub async fn finish(mut self, wait: std::time::Duration) {
+        frontend::copy_done(&mut self.client.wbuf);
+        if self.client.flush_writes().await.is_err() {
+            return;
+        }
+        let drain = async {
+            loop {
+                match self.client.next_frame().await {
+                    Ok((b'Z', _)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(wait, drain).await;
+        self.client.close().await;
+    }
+}
+
+fn message_name(m: &Message) -> &'static str {
+    match m {
+        Message::AuthenticationKerberosV5 => "Kerberos V5 authentication",
+        Message::AuthenticationScmCredential => "SCM credential authentication",
+        Message::AuthenticationGss => "GSSAPI authentication",
+        Message::AuthenticationSspi => "SSPI authentication",
+        Message::CopyInResponse(_) => "CopyInResponse",
+        Message::CopyOutResponse(_) => "CopyOutResponse",
+        Message::RowDescription(_) => "RowDescription",
+        Message::DataRow(_) => "DataRow",
+        Message::CommandComplete(_) => "CommandComplete",
+        Message::ReadyForQuery(_) => "ReadyForQuery",
+        _ => "another message",
+    }
+}
+
+/// Quotes an SQL identifier: `my"slot` → `"my""slot"`.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes an SQL string literal: `it's` → `'it''s'`.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_length_needs_a_header_and_rejects_nonsense() {
+        assert_eq!(frame_len(b"d\0\0").unwrap(), None);
+        assert_eq!(frame_len(b"d\0\0\0\x08abcd").unwrap(), Some(9));
+        assert!(frame_len(b"d\0\0\0\x02").is_err());
+        assert!(frame_len(b"d\xff\xff\xff\xff").is_err());
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("outbox"), "\"outbox\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}

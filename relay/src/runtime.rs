@@ -1,0 +1,306 @@
+//! `outbox-relay run`: wires the rooms together and keeps them running.
+//!
+//! WAL → replication → pipeline → sink → acks → progress (mark delivered) → watermark → standby
+//! status update. This task owns the replication stream and the pipeline; the sink's delivery
+//! reports and the progress stage run beside it and talk through channels. A lost connection to
+//! Postgres is retried with backoff and streaming resumes from the slot; errors that retrying
+//! cannot fix stop the relay with a message that names the fix. SIGTERM/SIGINT stop reading,
+//! wait (bounded) for in-flight acknowledgements, confirm the final position and exit cleanly.
+
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, redact_url};
+use crate::pipeline::{Pipeline, PipelineError};
+use crate::replication::pgoutput::PgOutput;
+use crate::replication::protocol::{ServerMessage, StandbyStatusUpdate};
+use crate::replication::{ReplicationClient, ReplicationError, ReplicationStream};
+use crate::sink::Sink;
+use crate::sink::kafka::{KafkaSink, backoff};
+use crate::slot::{self, SlotError};
+use crate::{db, progress};
+
+/// Why the relay stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot connect to Postgres ({url}): {message}")]
+    Connect { url: String, message: String },
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error("replication: {0}")]
+    Replication(#[from] ReplicationError),
+    #[error("cannot create the Kafka producer: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+impl RunError {
+    /// Whether reconnecting may help.
+    fn is_transient(&self) -> bool {
+        match self {
+            RunError::Replication(e) => is_transient_replication(e),
+            RunError::Slot(SlotError::Replication(e)) => is_transient_replication(e),
+            RunError::Slot(SlotError::Query { message, .. }) => {
+                // Connection-level failures; SQL errors are permanent.
+                !message.starts_with("ERROR") && !message.starts_with("FATAL 28")
+            }
+            _ => false,
+        }
+    }
+}
+
+fn is_transient_replication(e: &ReplicationError) -> bool {
+    match e {
+        ReplicationError::Io(_) | ReplicationError::Connect { .. } => true,
+        // 55006: slot active in another process; 57P0x: shutdown / cannot connect now; 08: connection.
+        ReplicationError::Server(s) => {
+            s.code == "55006" || s.code.starts_with("57P") || s.code.starts_with("08")
+        }
+        _ => false,
+    }
+}
+
+/// Minimum spacing of status updates sent because the watermark moved.
+const FEEDBACK_COALESCE: Duration = Duration::from_millis(100);
+
+/// Runs the relay until `shutdown` is cancelled or an unrecoverable error occurs.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    let pg = config.pg_config();
+    let url = redact_url(&config.postgres.url);
+    tracing::info!(
+        postgres = %url,
+        slot = %config.postgres.slot,
+        publication = %config.postgres.publication,
+        brokers = %config.kafka.brokers,
+        "starting outbox-relay"
+    );
+    let db = connect_db(&config, &shutdown).await?;
+    let Some(db) = db else { return Ok(()) };
+    slot::preflight(&db, &config).await?;
+
+    let (deliveries_tx, deliveries_rx) = mpsc::unbounded_channel();
+    let (progress_tx, progress_rx) = mpsc::unbounded_channel();
+    let sink = KafkaSink::new(
+        &config.kafka,
+        &config.retry,
+        config.pipeline.max_in_flight,
+        deliveries_tx,
+    )?;
+    let progress_task = tokio::spawn(progress::run(config.clone(), deliveries_rx, progress_tx));
+    let mut pipeline = Pipeline::new(&config, sink, progress_rx);
+
+    let mut delays = backoff(&config.retry).build();
+    let mut db = db;
+    let result = loop {
+        if db.is_closed() {
+            match db::connect(&pg).await {
+                Ok(c) => db = c,
+                Err(e) => {
+                    let wait = delays.next().unwrap_or(Duration::from_secs(30));
+                    tracing::warn!(error = %db::describe(&e), retry_in = ?wait, "Postgres unreachable; retrying");
+                    if sleep_or_shutdown(wait, &shutdown).await {
+                        break Ok(());
+                    }
+                    continue;
+                }
+            }
+        }
+        let attempt = async {
+            let mut repl = ReplicationClient::connect(&pg).await?;
+            let id = repl.identify_system().await?;
+            tracing::info!(system_id = %id.system_id, timeline = id.timeline, wal_position = %id.xlog_pos, "replication connection ready");
+            let start = slot::prepare(&db, &mut repl, &config, &mut pipeline).await?;
+            let stream = repl
+                .start_replication(&config.postgres.slot, start, &config.postgres.publication)
+                .await?;
+            tracing::info!(slot = %config.postgres.slot, from = %pipeline.flushable(), "streaming");
+            Ok::<_, RunError>(stream)
+        };
+        let outcome = match tokio::select! {
+            r = attempt => Some(r),
+            _ = shutdown.cancelled() => None,
+        } {
+            None => Ok(()),
+            Some(Err(e)) => Err(e),
+            Some(Ok(stream)) => {
+                delays = backoff(&config.retry).build();
+                stream_until_stopped(stream, &mut pipeline, &config, &shutdown).await
+            }
+        };
+        match outcome {
+            Ok(()) => break Ok(()),
+            Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                pipeline.abandon_open_transaction();
+                let wait = delays.next().unwrap_or(Duration::from_secs(30));
+                let slot_busy = matches!(&e, RunError::Replication(r) if r.sqlstate() == Some("55006"))
+                    || matches!(&e, RunError::Slot(SlotError::Replication(r)) if r.sqlstate() == Some("55006"));
+                if slot_busy {
+                    tracing::warn!(slot = %config.postgres.slot, retry_in = ?wait, "the slot is active in another process (another relay?); waiting for it to be released");
+                } else {
+                    tracing::warn!(error = %e, retry_in = ?wait, "lost the replication stream; reconnecting (position kept by the slot)");
+                }
+                if sleep_or_shutdown(wait, &shutdown).await {
+                    break Ok(());
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    let c = pipeline.counters;
+    tracing::info!(
+        transactions = c.transactions,
+        rows = c.rows,
+        confirmed = c.completed,
+        "outbox-relay stopped"
+    );
+    drop(pipeline);
+    progress_task.abort();
+    result
+}
+
+/// Connects the ordinary connection, retrying while the server is unreachable; fails fast on
+/// errors retrying cannot fix. `None` if shut down while waiting.
+async fn connect_db(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<Option<tokio_postgres::Client>, RunError> {
+    let pg = config.pg_config();
+    let url = redact_url(&config.postgres.url);
+    let mut delays = backoff(&config.retry).build();
+    loop {
+        match db::connect(&pg).await {
+            Ok(c) => return Ok(Some(c)),
+            Err(e) if db::is_permanent(&e) => {
+                return Err(RunError::Connect {
+                    url,
+                    message: format!(
+                        "{}; check the user, password and database in postgres.url (RELAY_POSTGRES__URL)",
+                        db::describe(&e)
+                    ),
+                });
+            }
+            Err(e) => {
+                let wait = delays.next().unwrap_or(Duration::from_secs(30));
+                tracing::warn!(postgres = %url, error = %db::describe(&e), retry_in = ?wait, "Postgres is not reachable yet; retrying");
+                if sleep_or_shutdown(wait, shutdown).await {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps; true if shutdown was requested meanwhile.
+async fn sleep_or_shutdown(wait: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => false,
+        _ = shutdown.cancelled() => true,
+    }
+}
+
+async fn send_status(
+    stream: &mut ReplicationStream,
+    flushed: crate::replication::Lsn,
+) -> Result<(), ReplicationError> {
+    tracing::trace!(%flushed, "standby status update");
+    stream.send_status(StandbyStatusUpdate::now(flushed)).await
+}
+
+/// The streaming loop: read WAL while there is room, apply completions, report progress.
+async fn stream_until_stopped<S: Sink>(
+    mut stream: ReplicationStream,
+    pipeline: &mut Pipeline<S>,
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<(), RunError> {
+    let mut status_tick =
+        tokio::time::interval(Duration::from_millis(config.postgres.status_interval_ms));
+    status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut reported = pipeline.flushable();
+    let mut reported_at = Instant::now();
+    let mut paused_logged = false;
+    let mut last_log = Instant::now();
+    loop {
+        let moved = pipeline.flushable() > reported;
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            p = pipeline.next_progress() => pipeline.on_progress(p)?,
+            _ = status_tick.tick() => {
+                send_status(&mut stream, pipeline.flushable()).await?;
+                reported = pipeline.flushable();
+                reported_at = Instant::now();
+            }
+            _ = tokio::time::sleep_until(reported_at + FEEDBACK_COALESCE), if moved => {
+                send_status(&mut stream, pipeline.flushable()).await?;
+                reported = pipeline.flushable();
+                reported_at = Instant::now();
+            }
+            msg = stream.next(), if pipeline.has_capacity() => {
+                paused_logged = false;
+                match msg? {
+                    None => {
+                        return Err(RunError::Replication(ReplicationError::Io(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the server ended the replication stream",
+                        ))));
+                    }
+                    Some(ServerMessage::XLogData { data, .. }) => {
+                        let event = PgOutput::decode(data).map_err(ReplicationError::from)?;
+                        pipeline.handle(event).await?;
+                    }
+                    Some(ServerMessage::Keepalive { wal_end, reply_requested, .. }) => {
+                        pipeline.observe_idle(wal_end);
+                        if reply_requested {
+                            send_status(&mut stream, pipeline.flushable()).await?;
+                            reported = pipeline.flushable();
+                            reported_at = Instant::now();
+                        }
+                    }
+                }
+            }
+        }
+        if !pipeline.has_capacity() && !paused_logged {
+            paused_logged = true;
+            tracing::debug!(
+                in_flight = pipeline.in_flight(),
+                "in-flight limit reached; pausing WAL reading until the broker confirms"
+            );
+        }
+        if last_log.elapsed() >= Duration::from_secs(30) {
+            last_log = Instant::now();
+            let c = pipeline.counters;
+            tracing::info!(
+                transactions = c.transactions,
+                rows = c.rows,
+                confirmed = c.completed,
+                in_flight = pipeline.in_flight(),
+                flushed = %pipeline.flushable(),
+                "progress"
+            );
+        }
+    }
+
+    // Graceful stop: no more reading; wait for what is in flight, then confirm it.
+    let in_flight = pipeline.in_flight();
+    tracing::info!(in_flight, "stopping: waiting for in-flight messages to be confirmed");
+    let left = pipeline
+        .drain(Duration::from_millis(config.pipeline.shutdown_timeout_ms))
+        .await?;
+    if left > 0 {
+        tracing::warn!(
+            left,
+            "shutdown timeout reached; unconfirmed messages will be sent again on the next start"
+        );
+    }
+    let flushed = pipeline.flushable();
+    send_status(&mut stream, flushed).await?;
+    stream.finish(Duration::from_secs(5)).await;
+    tracing::info!(%flushed, "final position confirmed to Postgres");
+    Ok(())
+}

@@ -1,0 +1,467 @@
+//! Kafka sink on rdkafka: idempotent producer with `acks=all`, confirmed sends, topic creation.
+//!
+//! Guarantees (see the trait's contract in `sink/mod.rs`): a message is reported `Acked` only from
+//! librdkafka's delivery report, i.e. after every in-sync replica has it. librdkafka retries
+//! transient errors itself, in order (idempotence keeps ordering and drops broker-side
+//! duplicates); when it gives up on a transient error (`kafka.message_timeout_ms` > 0) this sink
+//! sends the message again after an exponential backoff with jitter. Errors the broker will never
+//! get over (message too large, invalid topic, authorization) are reported `Failed`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use tokio::sync::mpsc;
+
+use super::{AckToken, Delivery, Sink, SinkError};
+use crate::config::{KafkaConfig, RetryConfig};
+use crate::pipeline::routing::OutboxMessage;
+
+/// librdkafka properties the relay derives from its config.
+pub fn producer_config(cfg: &KafkaConfig, max_in_flight: usize) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", &cfg.client_id)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", cfg.linger_ms.to_string())
+        .set("batch.size", cfg.batch_size.to_string())
+        .set("compression.type", &cfg.compression)
+        .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
+        // Room for everything the pipeline may have in flight, plus retries.
+        .set(
+            "queue.buffering.max.messages",
+            (max_in_flight.saturating_mul(2)).max(100_000).to_string(),
+        );
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c.set_log_level(RDKafkaLogLevel::Warning);
+    c
+}
+
+/// The exponential backoff with jitter used for every retry in the relay.
+pub fn backoff(cfg: &RetryConfig) -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(cfg.initial_delay_ms))
+        .with_max_delay(Duration::from_millis(cfg.max_delay_ms))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+}
+
+/// A message that failed transiently after librdkafka's own retries, waiting to be sent again.
+struct RetryItem {
+    topic: String,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    headers: Option<OwnedHeaders>,
+    token: AckToken,
+    error: String,
+}
+
+/// Receives librdkafka's callbacks: delivery reports, logs, global errors.
+pub struct RelayContext {
+    deliveries: mpsc::UnboundedSender<Delivery>,
+    retries: mpsc::UnboundedSender<RetryItem>,
+    retry_pending: Arc<AtomicUsize>,
+}
+
+impl ClientContext for RelayContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => tracing::error!(target: "librdkafka", "{fac}: {message}"),
+            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", "{fac}: {message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", "{fac}: {message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", "{fac}: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // librdkafka keeps retrying on its own; the relay keeps its position meanwhile.
+        tracing::warn!(target: "librdkafka", %error, "broker problem (retrying): {reason}");
+    }
+}
+
+/// Errors after which sending the same message again cannot succeed.
+fn is_permanent(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        code,
+        MessageSizeTooLarge
+            | InvalidMessageSize
+            | InvalidMessage
+            | InvalidRecord
+            | InvalidTopic
+            | MessageBatchTooLarge
+            | TopicAuthorizationFailed
+            | ClusterAuthorizationFailed
+            | UnknownTopic
+            | InvalidArgument
+            | Fatal
+    )
+}
+
+fn error_code(e: &KafkaError) -> Option<RDKafkaErrorCode> {
+    e.rdkafka_error_code()
+}
+
+impl ProducerContext for RelayContext {
+    type DeliveryOpaque = Box<AckToken>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, token: Box<AckToken>) {
+        let token = *token;
+        let report = match result {
+            Ok(_) => Delivery::Acked(token),
+            Err((err, msg)) => {
+                let permanent = error_code(err).is_some_and(is_permanent);
+                if !permanent {
+                    self.retry_pending.fetch_add(1, Ordering::SeqCst);
+                    let item = RetryItem {
+                        topic: msg.topic().to_owned(),
+                        key: msg.key().map(<[u8]>::to_vec),
+                        payload: msg.payload().map(<[u8]>::to_vec),
+                        headers: msg.headers().map(|h| h.detach()),
+                        token,
+                        error: err.to_string(),
+                    };
+                    if self.retries.send(item).is_ok() {
+                        return;
+                    }
+                    self.retry_pending.fetch_sub(1, Ordering::SeqCst);
+                }
+                Delivery::Failed {
+                    token,
+                    error: err.to_string(),
+                }
+            }
+        };
+        // The receiver is gone only while the relay shuts down; nothing to report to then.
+        let _ = self.deliveries.send(report);
+    }
+}
+
+type RelayProducer = ThreadedProducer<RelayContext>;
+
+/// The Kafka implementation of [`Sink`].
+pub struct KafkaSink {
+    producer: Arc<RelayProducer>,
+    admin: AdminClient<DefaultClientContext>,
+    cfg: KafkaConfig,
+    retry_cfg: RetryConfig,
+    known_topics: HashSet<String>,
+    retry_pending: Arc<AtomicUsize>,
+}
+
+impl KafkaSink {
+    /// Builds the producer; every message's outcome is sent to `deliveries`.
+    pub fn new(
+        cfg: &KafkaConfig,
+        retry_cfg: &RetryConfig,
+        max_in_flight: usize,
+        deliveries: mpsc::UnboundedSender<Delivery>,
+    ) -> Result<KafkaSink, KafkaError> {
+        let (retry_tx, retry_rx) = mpsc::unbounded_channel();
+        let retry_pending = Arc::new(AtomicUsize::new(0));
+        let ctx = RelayContext {
+            deliveries: deliveries.clone(),
+            retries: retry_tx,
+            retry_pending: retry_pending.clone(),
+        };
+        let client_config = producer_config(cfg, max_in_flight);
+        let producer: RelayProducer = client_config.create_with_context(ctx)?;
+        let producer = Arc::new(producer);
+        let mut admin_config = ClientConfig::new();
+        admin_config.set("bootstrap.servers", &cfg.brokers);
+        for (k, v) in &cfg.properties {
+            if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
+                admin_config.set(k, v);
+            }
+        }
+        let admin = admin_config.create()?;
+        tokio::spawn(retry_loop(
+            producer.clone(),
+            retry_rx,
+            backoff(retry_cfg),
+            retry_pending.clone(),
+            deliveries,
+        ));
+        Ok(KafkaSink {
+            producer,
+            admin,
+            cfg: cfg.clone(),
+            retry_cfg: retry_cfg.clone(),
+            known_topics: HashSet::new(),
+            retry_pending,
+        })
+    }
+
+    /// Makes sure `topic` exists: looks it up, and creates it when missing and allowed.
+    async fn ensure_topic(&mut self, topic: &str) -> Result<(), SinkError> {
+        if self.known_topics.contains(topic) {
+            return Ok(());
+        }
+        let exists = {
+            let producer = self.producer.clone();
+            let name = topic.to_owned();
+            let lookup = move || {
+                let producer = producer.clone();
+                let name = name.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        let md = producer
+                            .client()
+                            .fetch_metadata(Some(&name), Duration::from_secs(10))?;
+                        Ok::<bool, KafkaError>(md.topics().iter().any(|t| {
+                            t.name() == name && t.error().is_none() && !t.partitions().is_empty()
+                        }))
+                    })
+                    .await
+                    .map_err(|e| KafkaError::Canceled.to_string() + &e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                }
+            };
+            lookup
+                .retry(backoff(&self.retry_cfg))
+                .notify(|e, d| {
+                    tracing::warn!(topic, error = %e, retry_in = ?d, "cannot read broker metadata; retrying")
+                })
+                .await
+                .map_err(|e| SinkError::Closed(e.to_string()))?
+        };
+        if !exists {
+            if !self.cfg.create_topics {
+                return Err(SinkError::MissingTopic {
+                    topic: topic.to_owned(),
+                });
+            }
+            self.create_topic(topic).await?;
+        }
+        self.known_topics.insert(topic.to_owned());
+        Ok(())
+    }
+
+    async fn create_topic(&self, topic: &str) -> Result<(), SinkError> {
+        let new = NewTopic::new(
+            topic,
+            self.cfg.topic_partitions,
+            TopicReplication::Fixed(self.cfg.topic_replication_factor),
+        );
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let create = || async {
+            let results = self
+                .admin
+                .create_topics([&new], &opts)
+                .await
+                .map_err(|e| (true, e.to_string()))?;
+            for r in results {
+                match r {
+                    Ok(_) => {}
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((_, code)) => {
+                        let transient = matches!(
+                            code,
+                            RDKafkaErrorCode::RequestTimedOut
+                                | RDKafkaErrorCode::NotController
+                                | RDKafkaErrorCode::BrokerNotAvailable
+                                | RDKafkaErrorCode::LeaderNotAvailable
+                                | RDKafkaErrorCode::OperationTimedOut
+                        );
+                        return Err((transient, code.to_string()));
+                    }
+                }
+            }
+            Ok(())
+        };
+        create
+            .retry(backoff(&self.retry_cfg).with_max_times(8))
+            .when(|(transient, _)| *transient)
+            .notify(|(_, e), d| {
+                tracing::warn!(topic, error = %e, retry_in = ?d, "topic creation failed; retrying")
+            })
+            .await
+            .map_err(|(_, reason)| SinkError::CreateTopic {
+                topic: topic.to_owned(),
+                reason: format!(
+                    "{reason}; create it yourself (partitions {}, replication {}) or check the \
+                     broker's permissions",
+                    self.cfg.topic_partitions, self.cfg.topic_replication_factor
+                ),
+            })?;
+        tracing::info!(
+            topic,
+            partitions = self.cfg.topic_partitions,
+            replication = self.cfg.topic_replication_factor,
+            "created topic"
+        );
+        Ok(())
+    }
+}
+
+fn build_headers(headers: &[(String, bytes::Bytes)]) -> OwnedHeaders {
+    headers.iter().fold(
+        OwnedHeaders::new_with_capacity(headers.len()),
+        |h, (k, v)| {
+            h.insert(Header {
+                key: k,
+                value: Some(&v[..]),
+            })
+        },
+    )
+}
+
+/// Enqueues one record, waiting while librdkafka's local queue is full.
+async fn enqueue(
+    producer: &RelayProducer,
+    topic: &str,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    headers: &OwnedHeaders,
+    token: AckToken,
+) -> Result<(), (KafkaError, AckToken)> {
+    loop {
+        let mut record = BaseRecord::with_opaque_to(topic, Box::new(token)).headers(headers.clone());
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(p) = payload {
+            record = record.payload(p);
+        }
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err((e, record)) => return Err((e, *record.delivery_opaque)),
+        }
+    }
+}
+
+/// Sends messages that failed transiently again, in the order they failed, after a backoff.
+async fn retry_loop(
+    producer: Arc<RelayProducer>,
+    mut items: mpsc::UnboundedReceiver<RetryItem>,
+    backoff: ExponentialBuilder,
+    pending: Arc<AtomicUsize>,
+    deliveries: mpsc::UnboundedSender<Delivery>,
+) {
+    while let Some(item) = items.recv().await {
+        let received = tokio::time::Instant::now();
+        let delay = backoff
+            .build()
+            .nth(item.token.attempt.saturating_sub(1) as usize)
+            .unwrap_or(Duration::from_secs(1));
+        tracing::warn!(
+            id = %item.token.id,
+            topic = %item.topic,
+            attempt = item.token.attempt,
+            error = %item.error,
+            retry_in = ?delay,
+            "delivery failed; sending again"
+        );
+        tokio::time::sleep_until(received + delay).await;
+        let mut token = item.token;
+        token.attempt += 1;
+        let headers = item.headers.unwrap_or_default();
+        let result = enqueue(
+            &producer,
+            &item.topic,
+            item.key.as_deref(),
+            item.payload.as_deref(),
+            &headers,
+            token,
+        )
+        .await;
+        pending.fetch_sub(1, Ordering::SeqCst);
+        if let Err((e, token)) = result {
+            let _ = deliveries.send(Delivery::Failed {
+                token,
+                error: e.to_string(),
+            });
+        }
+    }
+}
+
+impl Sink for KafkaSink {
+    async fn publish(&mut self, msg: OutboxMessage, token: AckToken) -> Result<(), SinkError> {
+        self.ensure_topic(&msg.topic).await?;
+        let headers = build_headers(&msg.headers);
+        enqueue(
+            &self.producer,
+            &msg.topic,
+            Some(&msg.key[..]),
+            msg.payload.as_deref(),
+            &headers,
+            token,
+        )
+        .await
+        .map_err(|(e, _)| SinkError::Rejected {
+            id: msg.id,
+            topic: msg.topic.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    async fn flush(&mut self, timeout: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let outstanding = self.producer.in_flight_count().max(0) as usize
+                + self.retry_pending.load(Ordering::SeqCst);
+            if outstanding == 0 || tokio::time::Instant::now() >= deadline {
+                return outstanding;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn producer_is_confirmed_and_idempotent_whatever_the_passthrough() {
+        let mut cfg = KafkaConfig::default();
+        cfg.properties
+            .insert("socket.keepalive.enable".into(), "true".into());
+        let c = producer_config(&cfg, 10_000);
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        assert_eq!(c.get("socket.keepalive.enable"), Some("true"));
+        assert_eq!(c.get("message.timeout.ms"), Some("0"));
+    }
+
+    #[test]
+    fn permanent_errors_are_not_retried() {
+        assert!(is_permanent(RDKafkaErrorCode::MessageSizeTooLarge));
+        assert!(!is_permanent(RDKafkaErrorCode::NotEnoughReplicas));
+        assert!(!is_permanent(RDKafkaErrorCode::RequestTimedOut));
+        assert!(!is_permanent(RDKafkaErrorCode::MessageTimedOut));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let cfg = RetryConfig {
+            initial_delay_ms: 100,
+            max_delay_ms: 1_000,
+        };
+        let delays: Vec<_> = backoff(&cfg).build().take(10).collect();
+        assert_eq!(delays.len(), 10);
+        // Jitter adds up to one base delay; the cap bounds the base.
+        assert!(delays.iter().all(|d| *d <= Duration::from_millis(2_000)));
+        assert!(delays[9] >= Duration::from_millis(1_000));
+    }
+}

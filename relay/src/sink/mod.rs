@@ -1,0 +1,73 @@
+//! Destinations for outbox messages: one small trait, one module per broker.
+//!
+//! ## The contract of a [`Sink`]
+//! - **At-least-once.** Once [`Sink::publish`] returns `Ok`, the sink owns the message: it reports
+//!   exactly one [`Delivery`] for it on the channel it was built with — `Acked` only after the
+//!   broker confirmed it durably (for Kafka: `acks=all`, idempotent producer), or `Failed` when
+//!   the broker will never accept it. Transient failures are the sink's to retry (with backoff);
+//!   they never surface as `Failed`.
+//! - **Duplicates are tolerated.** After a crash the relay hands a sink messages it may already
+//!   have delivered; every message carries its row id (header `id`) so consumers can deduplicate.
+//! - **Order.** Messages with the same key are handed over in commit order; a sink must not
+//!   reorder them while nothing fails.
+//! - Completions may arrive in any order; the pipeline's watermark restores commit order.
+
+pub mod kafka;
+
+use std::future::Future;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::pipeline::routing::OutboxMessage;
+use crate::pipeline::watermark::TxSeq;
+
+/// Travels with a message through the sink and comes back in its [`Delivery`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckToken {
+    /// The Postgres transaction (watermark sequence) the message belongs to.
+    pub tx_seq: TxSeq,
+    /// The outbox row id, for marking the row delivered.
+    pub id: Uuid,
+    /// Send attempts so far (1 on the first send).
+    pub attempt: u32,
+}
+
+/// The outcome of one published message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    Acked(AckToken),
+    Failed { token: AckToken, error: String },
+}
+
+/// A sink could not take a message; retrying the same call will not help.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("topic '{topic}' does not exist and kafka.create_topics is off; create it on the broker or set RELAY_KAFKA__CREATE_TOPICS=true")]
+    MissingTopic { topic: String },
+    #[error("cannot create topic '{topic}': {reason}")]
+    CreateTopic { topic: String, reason: String },
+    #[error("broker refused message {id} for topic '{topic}': {reason}")]
+    Rejected {
+        id: Uuid,
+        topic: String,
+        reason: String,
+    },
+    #[error("the sink has stopped: {0}")]
+    Closed(String),
+}
+
+/// A broker the relay publishes to. See the module documentation for the contract.
+pub trait Sink: Send {
+    /// Hands one message over. Waits only for room in the sink's queue and for one-time setup
+    /// (such as creating the topic), never for the broker's acknowledgement.
+    fn publish(
+        &mut self,
+        msg: OutboxMessage,
+        token: AckToken,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// Waits up to `timeout` for every handed-over message to be reported; returns how many
+    /// are still outstanding.
+    fn flush(&mut self, timeout: Duration) -> impl Future<Output = usize> + Send;
+}

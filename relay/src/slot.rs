@@ -1,0 +1,363 @@
+//! The replication slot's lifecycle and the first-start snapshot.
+//!
+//! First start (no slot): record in the state table that a snapshot is under way, create the slot
+//! with an exported snapshot, publish every undelivered row that snapshot shows, wait until all
+//! are confirmed, then record the snapshot as done. Streaming starts at the slot's consistent
+//! point, so a row is either in the snapshot or in the stream, never both, never neither.
+//! If the relay dies mid-snapshot, the next start finds the state row unfinished, drops the slot
+//! and does it again (rows already marked delivered are skipped; the rest may be sent twice,
+//! which consumers deduplicate by id).
+
+use bytes::Bytes;
+use tokio_postgres::Client;
+
+use crate::config::Config;
+use crate::pipeline::routing::RawRow;
+use crate::pipeline::{Pipeline, PipelineError};
+use crate::replication::client::{CreatedSlot, quote_ident, quote_literal};
+use crate::replication::{Lsn, ReplicationClient, ReplicationError};
+use crate::sink::Sink;
+
+/// Something about the slot or the schema stops the relay; the text says how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    #[error("Postgres query failed ({context}): {message}")]
+    Query { context: String, message: String },
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl SlotError {
+    fn query(context: &str, e: tokio_postgres::Error) -> SlotError {
+        SlotError::Query {
+            context: context.to_owned(),
+            message: crate::db::describe(&e),
+        }
+    }
+}
+
+/// What the slot looks like now.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    pub active_pid: Option<i32>,
+    pub confirmed_flush: Option<Lsn>,
+}
+
+pub async fn slot_info(db: &Client, slot: &str) -> Result<Option<SlotInfo>, SlotError> {
+    let row = db
+        .query_opt(
+            "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| SlotError::query("reading pg_replication_slots", e))?;
+    Ok(row.map(|r| SlotInfo {
+        plugin: r.get(0),
+        database: r.get(1),
+        active_pid: r.get(2),
+        confirmed_flush: r.get::<_, Option<String>>(3).and_then(|s| s.parse().ok()),
+    }))
+}
+
+/// Checks the database is set up for the relay; each failure names its fix.
+pub async fn preflight(db: &Client, config: &Config) -> Result<(), SlotError> {
+    let wal_level: String = db
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(|e| SlotError::query("SHOW wal_level", e))?
+        .get(0);
+    if wal_level != "logical" {
+        return Err(SlotError::Setup(format!(
+            "wal_level is '{wal_level}'; set wal_level=logical in postgresql.conf and restart Postgres"
+        )));
+    }
+    let table = config.outbox_table_sql();
+    let exists: bool = db
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await
+        .map_err(|e| SlotError::query("looking up the outbox table", e))?
+        .get(0);
+    if !exists {
+        return Err(SlotError::Setup(format!(
+            "outbox table {table} does not exist; apply sql/*.sql (psql -f) or set outbox.schema/outbox.table"
+        )));
+    }
+    let state = config.state_table_sql();
+    let exists: bool = db
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&state])
+        .await
+        .map_err(|e| SlotError::query("looking up the state table", e))?
+        .get(0);
+    if !exists {
+        return Err(SlotError::Setup(format!(
+            "relay state table {state} does not exist; apply sql/*.sql (psql -f) or set outbox.state_table"
+        )));
+    }
+    let publication = &config.postgres.publication;
+    let row = db
+        .query_opt(
+            "SELECT p.pubinsert, EXISTS (SELECT 1 FROM pg_publication_tables t \
+                 WHERE t.pubname = p.pubname AND t.schemaname = $2 AND t.tablename = $3) \
+             FROM pg_publication p WHERE p.pubname = $1",
+            &[publication, &config.outbox.schema, &config.outbox.table],
+        )
+        .await
+        .map_err(|e| SlotError::query("looking up the publication", e))?;
+    match row {
+        None => Err(SlotError::Setup(format!(
+            "publication '{publication}' does not exist; run: CREATE PUBLICATION {} FOR TABLE {table} WITH (publish = 'insert');",
+            quote_ident(publication)
+        ))),
+        Some(r) if !r.get::<_, bool>(0) => Err(SlotError::Setup(format!(
+            "publication '{publication}' does not publish inserts; run: ALTER PUBLICATION {} SET (publish = 'insert');",
+            quote_ident(publication)
+        ))),
+        Some(r) if !r.get::<_, bool>(1) => Err(SlotError::Setup(format!(
+            "publication '{publication}' does not include {table}; run: ALTER PUBLICATION {} ADD TABLE {table};",
+            quote_ident(publication)
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Whether a finished first-start snapshot is recorded for `slot`: `None` if no record exists.
+async fn snapshot_done(db: &Client, config: &Config) -> Result<Option<bool>, SlotError> {
+    let row = db
+        .query_opt(
+            &format!(
+                "SELECT snapshot_done_at IS NOT NULL FROM {} WHERE slot_name = $1",
+                config.state_table_sql()
+            ),
+            &[&config.postgres.slot],
+        )
+        .await
+        .map_err(|e| SlotError::query("reading the relay state table", e))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Prepares the slot for streaming and returns the position to start from (`0/0`: the slot's own).
+/// On first start this publishes the snapshot through `pipeline` and waits for it to complete.
+pub async fn prepare<S: Sink>(
+    db: &Client,
+    repl: &mut ReplicationClient,
+    config: &Config,
+    pipeline: &mut Pipeline<S>,
+) -> Result<Lsn, SlotError> {
+    let slot = &config.postgres.slot;
+    let mut info = slot_info(db, slot).await?;
+    if let Some(i) = &info {
+        if i.plugin.as_deref() != Some("pgoutput") {
+            return Err(SlotError::Setup(format!(
+                "slot '{slot}' exists with plugin {:?}, not pgoutput; drop it (SELECT pg_drop_replication_slot('{slot}')) or set postgres.slot to another name",
+                i.plugin
+            )));
+        }
+        let current_db: String = db
+            .query_one("SELECT current_database()", &[])
+            .await
+            .map_err(|e| SlotError::query("current_database()", e))?
+            .get(0);
+        if i.database.as_deref() != Some(current_db.as_str()) {
+            return Err(SlotError::Setup(format!(
+                "slot '{slot}' belongs to database {:?}, but postgres.url names '{current_db}'; use another slot name",
+                i.database
+            )));
+        }
+        if snapshot_done(db, config).await? == Some(false) {
+            tracing::warn!(
+                slot,
+                "the first-start snapshot of this slot did not finish; dropping the slot and starting over"
+            );
+            if let Some(pid) = i.active_pid {
+                return Err(SlotError::Setup(format!(
+                    "slot '{slot}' is in use by process {pid}; stop the other relay first"
+                )));
+            }
+            db.execute("SELECT pg_drop_replication_slot($1)", &[slot])
+                .await
+                .map_err(|e| SlotError::query("dropping the unfinished slot", e))?;
+            info = None;
+        }
+    }
+    if let Some(i) = info {
+        let start = i.confirmed_flush.unwrap_or(Lsn::ZERO);
+        tracing::info!(slot, confirmed_flush = %start, "resuming from the existing slot");
+        pipeline.start_at(start);
+        return Ok(Lsn::ZERO);
+    }
+    first_start(db, repl, config, pipeline).await
+}
+
+async fn first_start<S: Sink>(
+    db: &Client,
+    repl: &mut ReplicationClient,
+    config: &Config,
+    pipeline: &mut Pipeline<S>,
+) -> Result<Lsn, SlotError> {
+    let slot = &config.postgres.slot;
+    let state = config.state_table_sql();
+    db.execute(
+        &format!(
+            "INSERT INTO {state} (slot_name, snapshot_started_at) VALUES ($1, now()) \
+             ON CONFLICT (slot_name) DO UPDATE SET snapshot_started_at = now(), \
+                 snapshot_done_at = NULL, snapshot_lsn = NULL, snapshot_rows = NULL"
+        ),
+        &[slot],
+    )
+    .await
+    .map_err(|e| SlotError::query("recording the snapshot start", e))?;
+
+    let created: CreatedSlot = repl.create_slot(slot, true).await?;
+    let snapshot = created.snapshot_name.clone().ok_or_else(|| {
+        SlotError::Setup("CREATE_REPLICATION_SLOT exported no snapshot".into())
+    })?;
+    tracing::info!(
+        slot,
+        consistent_point = %created.consistent_point,
+        snapshot = %snapshot,
+        "created replication slot; publishing rows that were already undelivered"
+    );
+
+    let rows = publish_snapshot(config, &snapshot, created.consistent_point, pipeline).await?;
+
+    db.execute(
+        &format!(
+            "UPDATE {state} SET snapshot_done_at = now(), snapshot_lsn = $2::text::pg_lsn, \
+                 snapshot_rows = $3 WHERE slot_name = $1"
+        ),
+        &[slot, &created.consistent_point.to_string(), &(rows as i64)],
+    )
+    .await
+    .map_err(|e| SlotError::query("recording the snapshot as done", e))?;
+    pipeline.start_at(created.consistent_point);
+    Ok(created.consistent_point)
+}
+
+/// Reads the undelivered rows the exported snapshot shows and publishes them as one batch that
+/// completes at `consistent_point`. Returns how many rows it published.
+async fn publish_snapshot<S: Sink>(
+    config: &Config,
+    snapshot: &str,
+    consistent_point: Lsn,
+    pipeline: &mut Pipeline<S>,
+) -> Result<u64, SlotError> {
+    let mut db = crate::db::connect(&config.pg_config())
+        .await
+        .map_err(|e| SlotError::query("opening the snapshot connection", e))?;
+    let tx = db
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(|e| SlotError::query("starting the snapshot transaction", e))?;
+    tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(snapshot)))
+        .await
+        .map_err(|e| SlotError::query("importing the slot's snapshot", e))?;
+
+    // Optional columns the table lacks are read as NULL.
+    let c = &config.outbox.columns;
+    let present: Vec<String> = tx
+        .query(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass \
+             AND attnum > 0 AND NOT attisdropped",
+            &[&config.outbox_table_sql()],
+        )
+        .await
+        .map_err(|e| SlotError::query("reading the outbox columns", e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let col = |name: &str| {
+        if present.iter().any(|p| p == name) {
+            format!("{}::text", quote_ident(name))
+        } else {
+            "NULL::text".to_owned()
+        }
+    };
+    let created_order = if present.iter().any(|p| p == "created_at") {
+        "created_at, "
+    } else {
+        ""
+    };
+    let sql = format!(
+        "DECLARE outbox_snapshot NO SCROLL CURSOR FOR \
+         SELECT {id}, {at}, {aid}, {ty}, {payload}, {headers}, {topic} FROM {table} \
+         WHERE {delivered} IS NULL ORDER BY {created_order}{id_order}",
+        id = col(&c.id),
+        at = col(&c.aggregatetype),
+        aid = col(&c.aggregateid),
+        ty = col(&c.event_type),
+        payload = col(&c.payload),
+        headers = col(&c.headers),
+        topic = col(&c.topic),
+        table = config.outbox_table_sql(),
+        delivered = quote_ident(&c.delivered_at),
+        id_order = quote_ident(&c.id),
+    );
+    tx.batch_execute(&sql)
+        .await
+        .map_err(|e| SlotError::query("declaring the snapshot cursor", e))?;
+
+    let seq = pipeline.begin_batch();
+    let mut published = 0u64;
+    let started = std::time::Instant::now();
+    loop {
+        let rows = tx
+            .query("FETCH 1000 FROM outbox_snapshot", &[])
+            .await
+            .map_err(|e| SlotError::query("reading the snapshot", e))?;
+        if rows.is_empty() {
+            break;
+        }
+        for r in &rows {
+            let text = |i: usize| r.get::<_, Option<String>>(i).map(Bytes::from);
+            let raw = RawRow {
+                id: text(0),
+                aggregatetype: text(1),
+                aggregateid: text(2),
+                event_type: text(3),
+                payload: text(4),
+                headers: text(5),
+                topic: text(6),
+            };
+            pipeline.wait_for_capacity().await?;
+            pipeline.publish_row(seq, raw).await?;
+            published += 1;
+        }
+        if published.is_multiple_of(100_000) {
+            tracing::info!(
+                published,
+                rate = published as f64 / started.elapsed().as_secs_f64().max(0.001),
+                "snapshot progress (rows, rows/s)"
+            );
+        }
+    }
+    tx.commit()
+        .await
+        .map_err(|e| SlotError::query("closing the snapshot transaction", e))?;
+    pipeline.commit_batch(seq, consistent_point);
+    // The snapshot counts as done only when every row is confirmed (and marked).
+    loop {
+        let left = pipeline
+            .drain(std::time::Duration::from_secs(30))
+            .await?;
+        if left == 0 {
+            break;
+        }
+        tracing::info!(left, "waiting for the broker to confirm snapshot rows");
+    }
+    tracing::info!(
+        rows = published,
+        seconds = started.elapsed().as_secs_f64(),
+        "snapshot published and confirmed"
+    );
+    Ok(published)
+}

@@ -1,0 +1,31 @@
+-- outbox-relay schema, part 1: the outbox table and its publication.
+-- Apply with: psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -f sql/001_outbox.sql
+-- Safe to re-run. Column names match Debezium's outbox event router defaults.
+
+CREATE TABLE IF NOT EXISTS outbox (
+    id            uuid        PRIMARY KEY DEFAULT gen_random_uuid(), -- message id; consumers dedupe on it
+    aggregatetype text        NOT NULL,  -- routes to topic outbox.event.<aggregatetype> by default
+    aggregateid   text        NOT NULL,  -- message key: per-aggregate order is kept
+    type          text        NOT NULL,  -- event type, sent as header "type"
+    payload       jsonb,                 -- message value (NULL: tombstone)
+    headers       jsonb,                 -- extra headers: a JSON object of string values
+    topic         text,                  -- optional per-row topic override
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    delivered_at  timestamptz,           -- set by the relay after the broker confirmed the message
+    attempts      int         NOT NULL DEFAULT 0,
+    last_error    text
+);
+
+-- Undelivered rows: what the relay reads on first start and what monitoring watches.
+CREATE INDEX IF NOT EXISTS outbox_undelivered_idx
+    ON outbox (created_at)
+    WHERE delivered_at IS NULL;
+
+-- Inserts only: the relay's own UPDATEs (delivered_at) never come back to it.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'outbox_pub') THEN
+        CREATE PUBLICATION outbox_pub FOR TABLE outbox WITH (publish = 'insert');
+    END IF;
+END
+$$;
