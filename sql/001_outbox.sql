@@ -13,12 +13,14 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at    timestamptz NOT NULL DEFAULT now(),
     delivered_at  timestamptz,           -- set by the relay after the broker confirmed the message
     attempts      int         NOT NULL DEFAULT 0,
-    last_error    text
+    last_error    text,
+    seq           bigint      GENERATED ALWAYS AS IDENTITY -- insertion order; orders the first-start snapshot
 );
 
--- Undelivered rows: what the relay reads on first start and what monitoring watches.
+-- Undelivered rows, in insertion order: what the relay reads on first start (and after losing
+-- its slot) and what monitoring watches. Small, because delivered rows leave it.
 CREATE INDEX IF NOT EXISTS outbox_undelivered_idx
-    ON outbox (created_at)
+    ON outbox (seq)
     WHERE delivered_at IS NULL;
 
 -- Inserts only: the relay's own UPDATEs (delivered_at) never come back to it.

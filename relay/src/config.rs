@@ -83,6 +83,9 @@ pub struct ColumnNames {
     pub headers: String,
     pub topic: String,
     pub delivered_at: String,
+    /// Optional insertion-order column (`bigint generated always as identity`); orders the
+    /// first-start snapshot. Without it the snapshot is ordered by `created_at` then physical order.
+    pub seq: String,
 }
 
 impl Default for ColumnNames {
@@ -96,6 +99,7 @@ impl Default for ColumnNames {
             headers: "headers".into(),
             topic: "topic".into(),
             delivered_at: "delivered_at".into(),
+            seq: "seq".into(),
         }
     }
 }
@@ -313,6 +317,7 @@ impl Config {
             ("outbox.columns.headers", &self.outbox.columns.headers),
             ("outbox.columns.topic", &self.outbox.columns.topic),
             ("outbox.columns.delivered_at", &self.outbox.columns.delivered_at),
+            ("outbox.columns.seq", &self.outbox.columns.seq),
         ] {
             if v.is_empty() {
                 return Err(invalid(key, "", "must not be empty"));

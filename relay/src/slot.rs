@@ -282,15 +282,19 @@ async fn publish_snapshot<S: Sink>(
             "NULL::text".to_owned()
         }
     };
-    let created_order = if present.iter().any(|p| p == "created_at") {
-        "created_at, "
+    // Commit order is what consumers need per aggregate. The optional sequence column gives
+    // insertion order; without it, transaction start time and then physical order approximate it.
+    let order = if present.iter().any(|p| p == &c.seq) {
+        quote_ident(&c.seq)
+    } else if present.iter().any(|p| p == "created_at") {
+        "created_at, ctid".to_owned()
     } else {
-        ""
+        "ctid".to_owned()
     };
     let sql = format!(
         "DECLARE outbox_snapshot NO SCROLL CURSOR FOR \
          SELECT {id}, {at}, {aid}, {ty}, {payload}, {headers}, {topic} FROM {table} \
-         WHERE {delivered} IS NULL ORDER BY {created_order}{id_order}",
+         WHERE {delivered} IS NULL ORDER BY {order}",
         id = col(&c.id),
         at = col(&c.aggregatetype),
         aid = col(&c.aggregateid),
@@ -300,7 +304,6 @@ async fn publish_snapshot<S: Sink>(
         topic = col(&c.topic),
         table = config.outbox_table_sql(),
         delivered = quote_ident(&c.delivered_at),
-        id_order = quote_ident(&c.id),
     );
     tx.batch_execute(&sql)
         .await

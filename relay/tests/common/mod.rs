@@ -1,0 +1,627 @@
+//! The one test harness: a private Postgres cluster, a Tansu broker, the relay binary, a consumer.
+//!
+//! Every part is real. Postgres is a throwaway cluster (initdb in a temp dir, `wal_level=logical`,
+//! random port; run as the `postgres` OS user when the tests run as root). The broker is Tansu
+//! (a Kafka-protocol broker) on a random port. The relay is the built `outbox-relay` binary in its
+//! own process, configured only through `RELAY_*` variables. The consumer is an independent
+//! rdkafka client. Everything is torn down on drop.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn pg_bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    versions.sort();
+    versions
+        .pop()
+        .expect("PostgreSQL server binaries not found: install postgresql or set PG_BIN")
+}
+
+/// Runs a Postgres tool, as the `postgres` OS user when we are root.
+fn pg_command(tool: &str, as_postgres: bool) -> Command {
+    let path = pg_bin_dir().join(tool);
+    if as_postgres {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(path);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+fn run_ok(mut c: Command, what: &str) {
+    let out = c.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A private Postgres cluster.
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    as_postgres: bool,
+}
+
+pub const MD5_USER: &str = "md5_user";
+pub const SCRAM_USER: &str = "scram_user";
+pub const PASSWORD: &str = "s3cret pass";
+
+impl PgCluster {
+    /// Starts a cluster with `wal_level=logical`.
+    pub fn start() -> PgCluster {
+        Self::start_with(&[("wal_level", "logical")])
+    }
+
+    /// Starts a cluster with these postgresql.conf settings (on top of the harness's own).
+    pub fn start_with(settings: &[(&str, &str)]) -> PgCluster {
+        let as_postgres = is_root();
+        let dir = tempfile::Builder::new()
+            .prefix("relay-pg-")
+            .tempdir()
+            .expect("temp dir");
+        if as_postgres {
+            run_ok(
+                {
+                    let mut c = Command::new("chown");
+                    c.arg("-R").arg("postgres:postgres").arg(dir.path());
+                    c
+                },
+                "chown",
+            );
+        }
+        let data = dir.path().join("data");
+        let mut initdb = pg_command("initdb", as_postgres);
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]);
+        run_ok(initdb, "initdb");
+        let port = free_port();
+        let mut conf = format!(
+            "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+             max_replication_slots = 10\nmax_wal_senders = 10\nfsync = off\nsynchronous_commit = off\n\
+             full_page_writes = off\nshared_buffers = '64MB'\nlogging_collector = off\n\
+             wal_sender_timeout = '60s'\n",
+            dir.path().display()
+        );
+        for (k, v) in settings {
+            conf.push_str(&format!("{k} = '{v}'\n"));
+        }
+        append(&data.join("postgresql.conf"), &conf);
+        // Password users for the authentication tests; everyone else is trusted.
+        let hba = std::fs::read_to_string(data.join("pg_hba.conf")).expect("pg_hba.conf");
+        let mut new_hba = String::new();
+        for (user, method) in [(MD5_USER, "md5"), (SCRAM_USER, "scram-sha-256")] {
+            for db in ["all", "replication"] {
+                new_hba.push_str(&format!("host {db} {user} 127.0.0.1/32 {method}\n"));
+            }
+        }
+        new_hba.push_str(&hba);
+        std::fs::write(data.join("pg_hba.conf"), new_hba).expect("write pg_hba.conf");
+        let cluster = PgCluster {
+            dir,
+            port,
+            as_postgres,
+        };
+        cluster.pg_ctl_start();
+        cluster
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn pg_ctl_start(&self) {
+        let mut c = pg_command("pg_ctl", self.as_postgres);
+        c.arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.dir.path().join("postgres.log"))
+            .args(["-w", "-t", "60", "start"]);
+        run_ok(c, "pg_ctl start");
+    }
+
+    /// Stops the cluster: `fast` or `immediate`.
+    pub fn stop(&self, mode: &str) {
+        let mut c = pg_command("pg_ctl", self.as_postgres);
+        c.arg("-D")
+            .arg(self.data())
+            .args(["-w", "-t", "60", "-m", mode, "stop"]);
+        run_ok(c, "pg_ctl stop");
+    }
+
+    pub fn restart(&self, mode: &str) {
+        self.stop(mode);
+        self.pg_ctl_start();
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn url_for(&self, user: &str, password: &str) -> String {
+        format!(
+            "postgres://{user}:{}@127.0.0.1:{}/postgres",
+            password.replace(' ', "%20"),
+            self.port
+        )
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect to test cluster");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
+    /// Applies `sql/*.sql` in file-name order with psql, as an application would.
+    pub fn apply_schema(&self) {
+        let sql_dir = repo_root().join("sql");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&sql_dir)
+            .expect("sql/")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+            .collect();
+        files.sort();
+        for f in files {
+            self.psql_file(&f);
+        }
+    }
+
+    pub fn psql_file(&self, file: &Path) {
+        let mut c = Command::new("psql");
+        c.arg(self.url())
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
+            .arg(file);
+        run_ok(c, &format!("psql -f {}", file.display()));
+    }
+
+    pub fn psql(&self, sql: &str) -> String {
+        let out = Command::new("psql")
+            .arg(self.url())
+            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let mut c = pg_command("pg_ctl", self.as_postgres);
+        c.arg("-D")
+            .arg(self.data())
+            .args(["-w", "-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let _ = c.status();
+    }
+}
+
+fn append(path: &Path, text: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .expect("open for append");
+    f.write_all(text.as_bytes()).expect("append");
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    if let Ok(out) = Command::new("sh").args(["-c", "command -v tansu"]).output() {
+        let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if !p.is_empty() {
+            return PathBuf::from(p);
+        }
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let p = PathBuf::from(home).join(".cargo/bin/tansu");
+    assert!(
+        p.exists(),
+        "tansu not found: cargo install tansu --version 0.6.0 --locked --features dynostore, or set TANSU_BIN"
+    );
+    p
+}
+
+/// A Tansu broker with in-memory storage.
+pub struct Tansu {
+    child: Child,
+    pub port: u16,
+}
+
+impl Tansu {
+    pub fn start() -> Tansu {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(tansu_bin())
+            .args(["broker", "--storage-engine", "memory://tansu/"])
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Tansu { child, port }
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: u32) {
+        let mut c = Command::new(tansu_bin());
+        c.args(["topic", "create", "--broker"])
+            .arg(format!("tcp://127.0.0.1:{}", self.port))
+            .args(["--partitions", &partitions.to_string(), name]);
+        run_ok(c, "tansu topic create");
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The relay binary in its own process.
+pub struct Relay {
+    child: Option<Child>,
+    log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub fn relay_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_outbox-relay")
+}
+
+/// The environment a relay needs to reach `pg` and `broker`, plus `extra`.
+pub fn relay_env(pg: &PgCluster, brokers: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("RELAY_POSTGRES__URL".to_owned(), pg.url()),
+        ("RELAY_KAFKA__BROKERS".to_owned(), brokers.to_owned()),
+        ("RELAY_POSTGRES__STATUS_INTERVAL_MS".to_owned(), "1000".to_owned()),
+    ];
+    for (k, v) in extra {
+        env.retain(|(ek, _)| ek != k);
+        env.push(((*k).to_owned(), (*v).to_owned()));
+    }
+    env
+}
+
+impl Relay {
+    pub fn start(env: &[(String, String)]) -> Relay {
+        Self::spawn(env, &["run"])
+    }
+
+    pub fn spawn(env: &[(String, String)], args: &[&str]) -> Relay {
+        let dir = tempfile::Builder::new()
+            .prefix("relay-run-")
+            .tempdir()
+            .expect("temp dir");
+        let log_path = dir.path().join("relay.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut cmd = Command::new(relay_bin());
+        cmd.args(args)
+            .current_dir(dir.path())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("RELAY_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("RUST_LOG", "info,outbox_relay=debug,librdkafka=warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn outbox-relay");
+        Relay {
+            child: Some(child),
+            log_path,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits (up to a minute) for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("relay running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("relay ignored SIGTERM for a minute; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Peak resident memory (VmHWM) in KiB, read from /proc.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- relay log ----\n{}", self.log());
+        }
+    }
+}
+
+/// One message as a consumer saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: HashMap<String, String>,
+}
+
+impl Received {
+    pub fn id(&self) -> &str {
+        self.headers.get("id").map(String::as_str).unwrap_or("")
+    }
+}
+
+/// Reads `topics` from the beginning with an independent consumer until `expected` messages
+/// arrived (or `wait` passed), then keeps reading for `linger` to catch any duplicates.
+pub fn consume(
+    brokers: &str,
+    topics: &[&str],
+    expected: usize,
+    wait: Duration,
+    linger: Duration,
+) -> Vec<Received> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("test-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for topic in topics {
+        let deadline = Instant::now() + wait;
+        let partitions = loop {
+            let md = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(5))
+                .expect("metadata");
+            let n = md
+                .topics()
+                .iter()
+                .find(|t| t.name() == *topic && t.error().is_none())
+                .map(|t| t.partitions().len())
+                .unwrap_or(0);
+            if n > 0 || Instant::now() > deadline {
+                break n;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p as i32, Offset::Beginning)
+                .expect("partition");
+        }
+    }
+    if tpl.count() == 0 {
+        return Vec::new();
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + wait;
+    let mut linger_until: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if out.len() >= expected && linger_until.is_none() {
+            linger_until = Some(now + linger);
+        }
+        if linger_until.is_some_and(|t| now > t) || now > deadline {
+            break;
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let mut headers = HashMap::new();
+                if let Some(h) = m.headers() {
+                    for hdr in h.iter() {
+                        headers.insert(
+                            hdr.key.to_owned(),
+                            String::from_utf8_lossy(hdr.value.unwrap_or_default()).into_owned(),
+                        );
+                    }
+                }
+                out.push(Received {
+                    topic: m.topic().to_owned(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                    headers,
+                });
+            }
+            Some(Err(e)) => eprintln!("consumer error: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// Polls `f` until it returns true or `timeout` passes; returns the last answer.
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Inserts `n` outbox rows in one transaction; returns their ids in insertion order.
+pub async fn insert_rows(
+    client: &mut tokio_postgres::Client,
+    aggregatetype: &str,
+    aggregates: usize,
+    n: usize,
+    commit: bool,
+) -> Vec<String> {
+    let tx = client.transaction().await.expect("begin");
+    let rows = tx
+        .query(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+             SELECT $1, 'agg-' || (g % $2::int), 'Created', jsonb_build_object('seq', g) \
+             FROM generate_series(1, $3::int) g ORDER BY g RETURNING id::text",
+            &[&aggregatetype, &(aggregates as i32), &(n as i32)],
+        )
+        .await
+        .expect("insert");
+    let ids = rows.iter().map(|r| r.get(0)).collect();
+    if commit {
+        tx.commit().await.expect("commit");
+    } else {
+        tx.rollback().await.expect("rollback");
+    }
+    ids
+}
+
+/// Waits until every outbox row is marked delivered.
+pub async fn all_delivered(client: &tokio_postgres::Client, timeout: Duration) -> bool {
+    eventually(timeout, || async {
+        client
+            .query_one("SELECT count(*) FROM outbox WHERE delivered_at IS NULL", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0) == 0)
+            .unwrap_or(false)
+    })
+    .await
+}
+
+/// The slot's confirmed flush position.
+pub async fn confirmed_flush(client: &tokio_postgres::Client, slot: &str) -> Option<u64> {
+    let row = client
+        .query_opt(
+            "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .ok()??;
+    row.get::<_, Option<i64>>(0).map(|v| v as u64)
+}
+
+/// The current WAL insert position.
+pub async fn current_wal(client: &tokio_postgres::Client) -> u64 {
+    client
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint", &[])
+        .await
+        .map(|r| r.get::<_, i64>(0) as u64)
+        .expect("pg_current_wal_lsn")
+}
