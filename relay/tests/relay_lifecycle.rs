@@ -1,0 +1,276 @@
+//! Starting, stopping and restarting the relay; memory bounds; idle WAL; setup diagnostics.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(180);
+const LINGER: Duration = Duration::from_secs(3);
+
+fn count_by_id(msgs: &[Received]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for m in msgs {
+        *counts.entry(m.id().to_owned()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// A graceful restart mid-stream loses nothing and republishes nothing that was acknowledged.
+#[tokio::test(flavor = "multi_thread")]
+async fn graceful_restart_mid_stream_loses_nothing_and_repeats_nothing() {
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    let broker = Tansu::start();
+    let env = relay_env(&pg, &broker.brokers(), &[]);
+    let mut relay = Relay::start(&env);
+    let mut db = pg.client().await;
+
+    // A writer commits continuously while the relay is stopped and started three times.
+    let writer_pg_url = pg.url();
+    let writer = tokio::spawn(async move {
+        let (mut w, conn) = tokio_postgres::connect(&writer_pg_url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut ids = Vec::new();
+        for i in 0..300 {
+            ids.extend(insert_rows(&mut w, "restart", 11, 1 + i % 20, true).await);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        ids
+    });
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let status = relay.terminate();
+        assert!(status.success(), "SIGTERM exits 0, got {status}; log:\n{}", relay.log());
+        let log = relay.log();
+        assert!(log.contains("final position confirmed"), "{log}");
+        relay = Relay::start(&env);
+    }
+    let ids = writer.await.unwrap();
+    let got = consume(&broker.brokers(), &["outbox.event.restart"], ids.len(), WAIT, LINGER);
+    let counts = count_by_id(&got);
+    let lost: Vec<_> = ids.iter().filter(|id| !counts.contains_key(*id)).collect();
+    let dups: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(lost.is_empty(), "lost {} rows, e.g. {:?}", lost.len(), lost.first());
+    assert!(dups.is_empty(), "{} rows published twice across graceful restarts", dups.len());
+    assert_eq!(got.len(), ids.len());
+    assert!(all_delivered(&db, WAIT).await);
+    let _ = &mut db;
+    assert!(relay.terminate().success());
+}
+
+/// Rows present before the very first start are published exactly once (from the slot's
+/// snapshot), and rows written while that snapshot is published come through the stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_present_before_first_start_are_published_exactly_once() {
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    let broker = Tansu::start();
+    let mut db = pg.client().await;
+    let mut ids = insert_rows(&mut db, "early", 7, 3_000, true).await;
+    // Already delivered rows (e.g. by an earlier relay) are not sent again.
+    let delivered = insert_rows(&mut db, "early", 7, 10, true).await;
+    db.execute(
+        "UPDATE outbox SET delivered_at = now() WHERE id = ANY($1::text[]::uuid[])",
+        &[&delivered],
+    )
+    .await
+    .unwrap();
+    let mut relay = Relay::start(&relay_env(
+        &pg,
+        &broker.brokers(),
+        &[("RELAY_PIPELINE__MAX_IN_FLIGHT", "500")],
+    ));
+    ids.extend(insert_rows(&mut db, "early", 7, 500, true).await);
+
+    let got = consume(&broker.brokers(), &["outbox.event.early"], ids.len(), WAIT, LINGER);
+    let counts = count_by_id(&got);
+    for id in &ids {
+        assert_eq!(counts.get(id), Some(&1), "row {id} must arrive exactly once");
+    }
+    for id in &delivered {
+        assert!(!counts.contains_key(id), "already-delivered row {id} was sent");
+    }
+    assert_eq!(got.len(), ids.len());
+    assert!(all_delivered(&db, WAIT).await);
+    let state = pg.psql("SELECT snapshot_done_at IS NOT NULL FROM outbox_relay_state WHERE slot_name = 'outbox_relay'");
+    assert_eq!(state, "t");
+
+    // A restart with the existing slot resumes from it: nothing is sent again.
+    assert!(relay.terminate().success());
+    let _relay = Relay::start(&relay_env(&pg, &broker.brokers(), &[]));
+    let one_more = insert_rows(&mut db, "early", 7, 1, true).await;
+    let got = consume(&broker.brokers(), &["outbox.event.early"], ids.len() + 1, WAIT, LINGER);
+    assert_eq!(got.len(), ids.len() + 1);
+    assert!(got.iter().any(|m| m.id() == one_more[0]));
+}
+
+/// A 100k-row transaction goes through, and the relay's memory does not grow with its size:
+/// with 1 KB payloads the transaction is ~100 MB, the relay's peak RSS stays far below.
+#[tokio::test(flavor = "multi_thread")]
+async fn hundred_thousand_row_transaction_streams_in_bounded_memory() {
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    let broker = Tansu::start();
+    let relay = Relay::start(&relay_env(
+        &pg,
+        &broker.brokers(),
+        &[("RELAY_PIPELINE__MAX_IN_FLIGHT", "5000")],
+    ));
+    let db = pg.client().await;
+    // Wait for the relay to be streaming (slot created) so the rows come through WAL.
+    assert!(
+        eventually(WAIT, || async { confirmed_flush(&db, "outbox_relay").await.is_some() }).await
+    );
+    let n = 100_000;
+    db.execute(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         SELECT 'bulk', 'agg-' || (g % 50), 'Loaded', \
+                jsonb_build_object('seq', g, 'pad', repeat('x', 1000)) \
+         FROM generate_series(1, $1::int) g",
+        &[&n],
+    )
+    .await
+    .unwrap();
+    let last = current_wal(&db).await;
+    assert!(all_delivered(&db, WAIT).await, "all 100k rows marked delivered");
+    assert!(
+        eventually(WAIT, || async {
+            confirmed_flush(&db, "outbox_relay").await.unwrap_or(0) >= last
+        })
+        .await
+    );
+    let peak_kib = relay.peak_rss_kib().expect("relay still running");
+    // The transaction's payloads alone are ~100 MB; in-flight is bounded to 5000 messages.
+    assert!(
+        peak_kib < 80 * 1024,
+        "peak RSS {peak_kib} KiB grows with the transaction"
+    );
+    let got = consume(&broker.brokers(), &["outbox.event.bulk"], n as usize, WAIT, LINGER);
+    let ids: HashSet<&str> = got.iter().map(Received::id).collect();
+    assert_eq!(ids.len(), n as usize);
+    eprintln!("100k-row transaction: relay peak RSS {peak_kib} KiB");
+}
+
+/// With writes to other tables only, the slot's confirmed_flush_lsn keeps moving.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_outbox_does_not_pin_wal() {
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    let broker = Tansu::start();
+    let _relay = Relay::start(&relay_env(&pg, &broker.brokers(), &[]));
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE other (id serial primary key, v text)")
+        .await
+        .unwrap();
+    assert!(
+        eventually(WAIT, || async { confirmed_flush(&db, "outbox_relay").await.is_some() }).await
+    );
+    let start = confirmed_flush(&db, "outbox_relay").await.unwrap();
+    for _ in 0..20 {
+        db.execute(
+            "INSERT INTO other (v) SELECT repeat('y', 100) FROM generate_series(1, 1000)",
+            &[],
+        )
+        .await
+        .unwrap();
+    }
+    db.batch_execute("SELECT pg_switch_wal()").await.ok();
+    let written = current_wal(&db).await;
+    assert!(written > start + 1_000_000, "the test wrote WAL");
+    let moved = eventually(WAIT, || async {
+        confirmed_flush(&db, "outbox_relay").await.unwrap_or(0) >= written
+    })
+    .await;
+    let now = confirmed_flush(&db, "outbox_relay").await.unwrap();
+    assert!(moved, "confirmed_flush_lsn stuck at {now} (WAL at {written})");
+}
+
+/// `check` against a cluster with wal_level=replica fails and prints the fix.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_wal_level_replica_with_the_fix() {
+    let pg = PgCluster::start_with(&[("wal_level", "replica")]);
+    pg.apply_schema();
+    let broker = Tansu::start();
+    let mut check = Relay::spawn(&relay_env(&pg, &broker.brokers(), &[]), &["check"]);
+    let status = check.wait_exit(Duration::from_secs(60)).expect("check finishes");
+    let out = check.log();
+    assert!(!status.success(), "check must fail:\n{out}");
+    assert!(
+        out.contains("FAIL wal_level")
+            && out.contains("set wal_level=logical in postgresql.conf and restart"),
+        "{out}"
+    );
+    assert!(out.contains("PASS broker"), "{out}");
+
+    // And `run` refuses to start with the same advice.
+    let mut run = Relay::start(&relay_env(&pg, &broker.brokers(), &[]));
+    let status = run.wait_exit(Duration::from_secs(60)).expect("run exits");
+    assert!(!status.success());
+    assert!(run.log().contains("set wal_level=logical"), "{}", run.log());
+}
+
+/// `check` on a correct setup passes every line.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_passes_on_a_correct_setup() {
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    let broker = Tansu::start();
+    let mut check = Relay::spawn(&relay_env(&pg, &broker.brokers(), &[]), &["check"]);
+    let status = check.wait_exit(Duration::from_secs(60)).expect("check finishes");
+    assert!(status.success(), "{}", check.log());
+    assert!(check.log().contains("all 8 checks passed"), "{}", check.log());
+}
+
+/// With kafka.create_topics off, a missing topic stops the relay with an error a user can act on
+/// and nothing is confirmed past the row.
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_topic_with_auto_create_off_is_a_readable_error() {
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    let broker = Tansu::start();
+    let mut db = pg.client().await;
+    let mut relay = Relay::start(&relay_env(
+        &pg,
+        &broker.brokers(),
+        &[("RELAY_KAFKA__CREATE_TOPICS", "false")],
+    ));
+    insert_rows(&mut db, "nowhere", 1, 1, true).await;
+    let status = relay.wait_exit(Duration::from_secs(60)).expect("relay stops");
+    assert!(!status.success());
+    let log = relay.log();
+    assert!(
+        log.contains("topic 'outbox.event.nowhere' does not exist")
+            && log.contains("RELAY_KAFKA__CREATE_TOPICS=true"),
+        "{log}"
+    );
+    let undelivered = pg.psql("SELECT count(*) FROM outbox WHERE delivered_at IS NULL");
+    assert_eq!(undelivered, "1");
+}
+
+/// Wrong password: the relay fails fast with a message naming the fix.
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_password_fails_fast_with_a_clear_message() {
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    pg.psql(&format!(
+        "SET password_encryption = 'scram-sha-256'; CREATE ROLE {SCRAM_USER} LOGIN REPLICATION PASSWORD '{PASSWORD}'"
+    ));
+    let broker = Tansu::start();
+    let url = pg.url_for(SCRAM_USER, "wrong");
+    let mut relay = Relay::start(&relay_env(
+        &pg,
+        &broker.brokers(),
+        &[("RELAY_POSTGRES__URL", &url)],
+    ));
+    let status = relay.wait_exit(Duration::from_secs(60)).expect("fails fast");
+    assert!(!status.success());
+    let log = relay.log();
+    assert!(log.contains("password authentication failed"), "{log}");
+    assert!(log.contains("RELAY_POSTGRES__URL"), "{log}");
+    assert!(!log.contains("wrong@"), "password leaked into the log: {log}");
+}
