@@ -1,0 +1,49 @@
+# Shell helpers shared by scripts/demo and scripts/bench: a private Postgres and a Tansu broker.
+# shellcheck shell=bash
+
+export PATH="$HOME/.cargo/bin:$PATH"
+PG_BIN="${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)}"
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# as_pg CMD...: runs a Postgres server tool, as the postgres OS user when we are root.
+as_pg() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+# start_pg DIR PORT: a throwaway cluster with wal_level=logical, trust auth on loopback.
+start_pg() {
+  local dir=$1 port=$2
+  mkdir -p "$dir"
+  [ "$(id -u)" = 0 ] && chown postgres:postgres "$dir"
+  as_pg "$PG_BIN/initdb" -D "$dir/data" -A trust -U postgres --no-sync -E UTF8 >/dev/null
+  cat >>"$dir/data/postgresql.conf" <<CONF
+port = $port
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$dir'
+wal_level = logical
+max_replication_slots = 10
+max_wal_senders = 10
+CONF
+  as_pg "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w start >/dev/null
+}
+
+stop_pg() {
+  as_pg "$PG_BIN/pg_ctl" -D "$1/data" -m fast -w stop >/dev/null 2>&1 || true
+}
+
+# start_tansu PORT LOGFILE: prints the broker's pid.
+start_tansu() {
+  local port=$1 log=$2
+  tansu broker --storage-engine memory://tansu/ \
+    --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+    >"$log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 1 100); do
+    (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.1
+  done
+  echo "$pid"
+}
