@@ -161,18 +161,26 @@ async fn postgres_checks(c: &tokio_postgres::Client, config: &Config) -> Vec<Che
     out.push(match slot::slot_info(c, &config.postgres.slot).await {
         Ok(None) => pass(
             "replication slot",
-            format!("'{}' does not exist yet; the relay creates it on first start", config.postgres.slot),
+            format!(
+                "'{}' does not exist yet; the relay creates it on first start",
+                config.postgres.slot
+            ),
         ),
         Ok(Some(i)) if i.plugin.as_deref() != Some("pgoutput") => fail(
             "replication slot",
-            format!("'{}' uses plugin {:?}; drop it or choose another postgres.slot", config.postgres.slot, i.plugin),
+            format!(
+                "'{}' uses plugin {:?}; drop it or choose another postgres.slot",
+                config.postgres.slot, i.plugin
+            ),
         ),
         Ok(Some(i)) => pass(
             "replication slot",
             format!(
                 "'{}' exists (confirmed flush {}, {})",
                 config.postgres.slot,
-                i.confirmed_flush.map(|l| l.to_string()).unwrap_or_else(|| "none".into()),
+                i.confirmed_flush
+                    .map(|l| l.to_string())
+                    .unwrap_or_else(|| "none".into()),
                 match i.active_pid {
                     Some(pid) => format!("in use by process {pid}"),
                     None => "not in use".into(),
@@ -203,7 +211,9 @@ async fn broker_check(config: &Config) -> CheckResult {
         Ok(Ok(n)) => pass("broker", format!("{brokers} answered ({n} brokers)")),
         Ok(Err(e)) => fail(
             "broker",
-            format!("{brokers}: {e}; check kafka.brokers (RELAY_KAFKA__BROKERS) and that the broker is up"),
+            format!(
+                "{brokers}: {e}; check kafka.brokers (RELAY_KAFKA__BROKERS) and that the broker is up"
+            ),
         ),
         Err(e) => fail("broker", e.to_string()),
     }

@@ -296,7 +296,11 @@ impl Config {
             ));
         }
         if p.publication.is_empty() {
-            return Err(invalid("postgres.publication", "", "name the publication of the outbox table"));
+            return Err(invalid(
+                "postgres.publication",
+                "",
+                "name the publication of the outbox table",
+            ));
         }
         if p.status_interval_ms == 0 {
             return Err(invalid(
@@ -310,13 +314,22 @@ impl Config {
             ("outbox.table", &self.outbox.table),
             ("outbox.state_table", &self.outbox.state_table),
             ("outbox.columns.id", &self.outbox.columns.id),
-            ("outbox.columns.aggregatetype", &self.outbox.columns.aggregatetype),
-            ("outbox.columns.aggregateid", &self.outbox.columns.aggregateid),
+            (
+                "outbox.columns.aggregatetype",
+                &self.outbox.columns.aggregatetype,
+            ),
+            (
+                "outbox.columns.aggregateid",
+                &self.outbox.columns.aggregateid,
+            ),
             ("outbox.columns.type", &self.outbox.columns.event_type),
             ("outbox.columns.payload", &self.outbox.columns.payload),
             ("outbox.columns.headers", &self.outbox.columns.headers),
             ("outbox.columns.topic", &self.outbox.columns.topic),
-            ("outbox.columns.delivered_at", &self.outbox.columns.delivered_at),
+            (
+                "outbox.columns.delivered_at",
+                &self.outbox.columns.delivered_at,
+            ),
             ("outbox.columns.seq", &self.outbox.columns.seq),
         ] {
             if v.is_empty() {
@@ -335,7 +348,11 @@ impl Config {
             return Err(invalid("kafka.topic_template", &k.topic_template, fix));
         }
         if k.topic_partitions < 1 {
-            return Err(invalid("kafka.topic_partitions", k.topic_partitions, "must be at least 1"));
+            return Err(invalid(
+                "kafka.topic_partitions",
+                k.topic_partitions,
+                "must be at least 1",
+            ));
         }
         if k.topic_replication_factor < 1 && k.topic_replication_factor != -1 {
             return Err(invalid(
@@ -372,10 +389,18 @@ impl Config {
         }
         let pl = &self.pipeline;
         if pl.max_in_flight == 0 {
-            return Err(invalid("pipeline.max_in_flight", 0, "must be at least 1 (10000 is usual)"));
+            return Err(invalid(
+                "pipeline.max_in_flight",
+                0,
+                "must be at least 1 (10000 is usual)",
+            ));
         }
         if pl.mark_batch_size == 0 {
-            return Err(invalid("pipeline.mark_batch_size", 0, "must be at least 1 (1000 is usual)"));
+            return Err(invalid(
+                "pipeline.mark_batch_size",
+                0,
+                "must be at least 1 (1000 is usual)",
+            ));
         }
         let r = &self.retry;
         if r.initial_delay_ms == 0 || r.max_delay_ms < r.initial_delay_ms {
@@ -389,7 +414,11 @@ impl Config {
             ));
         }
         if !["text", "json"].contains(&self.log.format.as_str()) {
-            return Err(invalid("log.format", &self.log.format, "expected text or json"));
+            return Err(invalid(
+                "log.format",
+                &self.log.format,
+                "expected text or json",
+            ));
         }
         Ok(())
     }
@@ -435,10 +464,7 @@ fn describe_figment_error(err: figment::Error) -> String {
             if key.is_empty() {
                 format!("{problem}{source}")
             } else {
-                format!(
-                    "key {key} (env {}){source}: {problem}",
-                    env_name(&key)
-                )
+                format!("key {key} (env {}){source}: {problem}", env_name(&key))
             }
         })
         .collect::<Vec<_>>()
@@ -448,10 +474,10 @@ fn describe_figment_error(err: figment::Error) -> String {
 /// Hides the password of a Postgres URL or key=value string, for logs and errors.
 pub fn redact_url(url: &str) -> String {
     if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((auth, host)) = rest.split_once('@') {
-            if let Some((user, _)) = auth.split_once(':') {
-                return format!("{scheme}://{user}:***@{host}");
-            }
+        if let Some((auth, host)) = rest.split_once('@')
+            && let Some((user, _)) = auth.split_once(':')
+        {
+            return format!("{scheme}://{user}:***@{host}");
         }
         return url.to_owned();
     }
@@ -468,6 +494,7 @@ pub fn redact_url(url: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
 mod tests {
     use super::*;
 
@@ -493,7 +520,12 @@ mod tests {
 
         let mut c = Config::default();
         c.postgres.slot = "Bad-Slot".into();
-        assert!(c.validate().unwrap_err().to_string().contains("postgres.slot"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("postgres.slot")
+        );
 
         let mut c = Config::default();
         c.kafka.properties.insert("acks".into(), "1".into());
@@ -502,6 +534,34 @@ mod tests {
         let mut c = Config::default();
         c.kafka.topic_template = "events.{nope}".into();
         assert!(c.validate().unwrap_err().to_string().contains("{nope}"));
+    }
+
+    /// `config/relay.toml` documents every key, and its values are the defaults in code.
+    #[test]
+    fn example_file_lists_every_key_with_its_default() {
+        fn leaves(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(map) if !prefix.ends_with("properties") => {
+                    for (k, v) in map {
+                        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                        leaves(v, &key, out);
+                    }
+                }
+                _ => out.push(prefix.to_owned()),
+            }
+        }
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/relay.toml");
+        let file = Figment::from(Toml::file(&path));
+        let mut keys = Vec::new();
+        leaves(&serde_json::to_value(Config::default()).unwrap(), "", &mut keys);
+        for key in keys.iter().filter(|k| !k.ends_with("properties")) {
+            assert!(file.find_value(key).is_ok(), "config/relay.toml lacks {key}");
+        }
+        let from_file: Config = file.extract().unwrap();
+        assert_eq!(
+            serde_json::to_value(from_file).unwrap(),
+            serde_json::to_value(Config::default()).unwrap()
+        );
     }
 
     #[test]

@@ -9,7 +9,11 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "outbox-relay", version, about = "Transactional-outbox relay: Postgres logical replication to Kafka")]
+#[command(
+    name = "outbox-relay",
+    version,
+    about = "Transactional-outbox relay: Postgres logical replication to Kafka"
+)]
 struct Cli {
     /// Configuration file (TOML). Default: config/relay.toml if it exists. RELAY_* variables override it.
     #[arg(long, global = true, env = "RELAY_CONFIG")]
@@ -50,7 +54,10 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("outbox-relay: cannot start the async runtime: {e}");
@@ -85,7 +92,10 @@ fn main() -> ExitCode {
 
 async fn wait_for_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::warn!("cannot install signal handlers; stop the relay with SIGKILL");
         return;
     };

@@ -131,7 +131,11 @@ pub async fn run(
             }
         }
         ids.clear();
-        if !done.is_empty() && completions.send(Progress::Completed(std::mem::take(&mut done))).is_err() {
+        if !done.is_empty()
+            && completions
+                .send(Progress::Completed(std::mem::take(&mut done)))
+                .is_err()
+        {
             return;
         }
         for f in failures.drain(..) {

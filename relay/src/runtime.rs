@@ -288,7 +288,10 @@ async fn stream_until_stopped<S: Sink>(
 
     // Graceful stop: no more reading; wait for what is in flight, then confirm it.
     let in_flight = pipeline.in_flight();
-    tracing::info!(in_flight, "stopping: waiting for in-flight messages to be confirmed");
+    tracing::info!(
+        in_flight,
+        "stopping: waiting for in-flight messages to be confirmed"
+    );
     let left = pipeline
         .drain(Duration::from_millis(config.pipeline.shutdown_timeout_ms))
         .await?;

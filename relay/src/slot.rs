@@ -215,9 +215,10 @@ async fn first_start<S: Sink>(
     .map_err(|e| SlotError::query("recording the snapshot start", e))?;
 
     let created: CreatedSlot = repl.create_slot(slot, true).await?;
-    let snapshot = created.snapshot_name.clone().ok_or_else(|| {
-        SlotError::Setup("CREATE_REPLICATION_SLOT exported no snapshot".into())
-    })?;
+    let snapshot = created
+        .snapshot_name
+        .clone()
+        .ok_or_else(|| SlotError::Setup("CREATE_REPLICATION_SLOT exported no snapshot".into()))?;
     tracing::info!(
         slot,
         consistent_point = %created.consistent_point,
@@ -258,9 +259,12 @@ async fn publish_snapshot<S: Sink>(
         .start()
         .await
         .map_err(|e| SlotError::query("starting the snapshot transaction", e))?;
-    tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(snapshot)))
-        .await
-        .map_err(|e| SlotError::query("importing the slot's snapshot", e))?;
+    tx.batch_execute(&format!(
+        "SET TRANSACTION SNAPSHOT {}",
+        quote_literal(snapshot)
+    ))
+    .await
+    .map_err(|e| SlotError::query("importing the slot's snapshot", e))?;
 
     // Optional columns the table lacks are read as NULL.
     let c = &config.outbox.columns;
@@ -349,9 +353,7 @@ async fn publish_snapshot<S: Sink>(
     pipeline.commit_batch(seq, consistent_point);
     // The snapshot counts as done only when every row is confirmed (and marked).
     loop {
-        let left = pipeline
-            .drain(std::time::Duration::from_secs(30))
-            .await?;
+        let left = pipeline.drain(std::time::Duration::from_secs(30)).await?;
         if left == 0 {
             break;
         }

@@ -36,7 +36,13 @@ async fn committed_rows_arrive_once_with_routing_and_rollbacks_publish_nothing()
     let last_commit_lsn = current_wal(&db).await;
 
     let orders = consume(&broker.brokers(), &["outbox.event.order"], 20, WAIT, LINGER);
-    let customers = consume(&broker.brokers(), &["outbox.event.customer"], 1, WAIT, LINGER);
+    let customers = consume(
+        &broker.brokers(),
+        &["outbox.event.customer"],
+        1,
+        WAIT,
+        LINGER,
+    );
     let custom = consume(&broker.brokers(), &["custom.customers"], 1, WAIT, LINGER);
 
     let got: Vec<&str> = orders.iter().map(Received::id).collect();
@@ -45,13 +51,17 @@ async fn committed_rows_arrive_once_with_routing_and_rollbacks_publish_nothing()
     let want: HashSet<&str> = committed.iter().map(String::as_str).collect();
     assert_eq!(got, want);
     for id in &rolled_back {
-        assert!(!got.contains(id.as_str()), "rolled-back row {id} was published");
+        assert!(
+            !got.contains(id.as_str()),
+            "rolled-back row {id} was published"
+        );
     }
     for m in &orders {
         assert_eq!(m.headers["type"], "Created");
         assert_eq!(m.headers["aggregatetype"], "order");
         assert!(m.key.as_deref().unwrap().starts_with(b"agg-"));
-        let payload: serde_json::Value = serde_json::from_slice(m.payload.as_ref().unwrap()).unwrap();
+        let payload: serde_json::Value =
+            serde_json::from_slice(m.payload.as_ref().unwrap()).unwrap();
         assert!(payload["seq"].is_i64());
     }
 
@@ -65,10 +75,17 @@ async fn committed_rows_arrive_once_with_routing_and_rollbacks_publish_nothing()
     let payload: serde_json::Value = serde_json::from_slice(c.payload.as_ref().unwrap()).unwrap();
     assert_eq!(payload, serde_json::json!({"name": "Ada"}));
 
-    assert_eq!(custom.len(), 1, "the row's topic column overrides the template");
+    assert_eq!(
+        custom.len(),
+        1,
+        "the row's topic column overrides the template"
+    );
     assert_eq!(custom[0].id(), "22222222-2222-2222-2222-222222222222");
 
-    assert!(all_delivered(&db, WAIT).await, "every published row gets delivered_at");
+    assert!(
+        all_delivered(&db, WAIT).await,
+        "every published row gets delivered_at"
+    );
     let slot_passed = eventually(WAIT, || async {
         confirmed_flush(&db, "outbox_relay").await.unwrap_or(0) >= last_commit_lsn
     })
@@ -92,13 +109,22 @@ async fn per_aggregate_order_is_kept_over_10k_rows_on_4_partitions() {
     for _ in 0..100 {
         ids.extend(insert_rows(&mut db, "ledger", 37, 100, true).await);
     }
-    let got = consume(&broker.brokers(), &["outbox.event.ledger"], 10_000, WAIT, LINGER);
+    let got = consume(
+        &broker.brokers(),
+        &["outbox.event.ledger"],
+        10_000,
+        WAIT,
+        LINGER,
+    );
     assert_eq!(got.len(), 10_000);
     let partitions: HashSet<i32> = got.iter().map(|m| m.partition).collect();
     assert_eq!(partitions.len(), 4, "all four partitions used");
 
-    let commit_pos: HashMap<&str, usize> =
-        ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
+    let commit_pos: HashMap<&str, usize> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), i))
+        .collect();
     // Within a partition, offsets are the broker's order; per aggregate it must follow commits.
     let mut by_aggregate: HashMap<Vec<u8>, Vec<(i32, i64, usize)>> = HashMap::new();
     for m in &got {

@@ -45,18 +45,37 @@ async fn graceful_restart_mid_stream_loses_nothing_and_repeats_nothing() {
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(700)).await;
         let status = relay.terminate();
-        assert!(status.success(), "SIGTERM exits 0, got {status}; log:\n{}", relay.log());
+        assert!(
+            status.success(),
+            "SIGTERM exits 0, got {status}; log:\n{}",
+            relay.log()
+        );
         let log = relay.log();
         assert!(log.contains("final position confirmed"), "{log}");
         relay = Relay::start(&env);
     }
     let ids = writer.await.unwrap();
-    let got = consume(&broker.brokers(), &["outbox.event.restart"], ids.len(), WAIT, LINGER);
+    let got = consume(
+        &broker.brokers(),
+        &["outbox.event.restart"],
+        ids.len(),
+        WAIT,
+        LINGER,
+    );
     let counts = count_by_id(&got);
     let lost: Vec<_> = ids.iter().filter(|id| !counts.contains_key(*id)).collect();
     let dups: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(lost.is_empty(), "lost {} rows, e.g. {:?}", lost.len(), lost.first());
-    assert!(dups.is_empty(), "{} rows published twice across graceful restarts", dups.len());
+    assert!(
+        lost.is_empty(),
+        "lost {} rows, e.g. {:?}",
+        lost.len(),
+        lost.first()
+    );
+    assert!(
+        dups.is_empty(),
+        "{} rows published twice across graceful restarts",
+        dups.len()
+    );
     assert_eq!(got.len(), ids.len());
     assert!(all_delivered(&db, WAIT).await);
     let _ = &mut db;
@@ -87,13 +106,26 @@ async fn rows_present_before_first_start_are_published_exactly_once() {
     ));
     ids.extend(insert_rows(&mut db, "early", 7, 500, true).await);
 
-    let got = consume(&broker.brokers(), &["outbox.event.early"], ids.len(), WAIT, LINGER);
+    let got = consume(
+        &broker.brokers(),
+        &["outbox.event.early"],
+        ids.len(),
+        WAIT,
+        LINGER,
+    );
     let counts = count_by_id(&got);
     for id in &ids {
-        assert_eq!(counts.get(id), Some(&1), "row {id} must arrive exactly once");
+        assert_eq!(
+            counts.get(id),
+            Some(&1),
+            "row {id} must arrive exactly once"
+        );
     }
     for id in &delivered {
-        assert!(!counts.contains_key(id), "already-delivered row {id} was sent");
+        assert!(
+            !counts.contains_key(id),
+            "already-delivered row {id} was sent"
+        );
     }
     assert_eq!(got.len(), ids.len());
     assert!(all_delivered(&db, WAIT).await);
@@ -104,7 +136,13 @@ async fn rows_present_before_first_start_are_published_exactly_once() {
     assert!(relay.terminate().success());
     let _relay = Relay::start(&relay_env(&pg, &broker.brokers(), &[]));
     let one_more = insert_rows(&mut db, "early", 7, 1, true).await;
-    let got = consume(&broker.brokers(), &["outbox.event.early"], ids.len() + 1, WAIT, LINGER);
+    let got = consume(
+        &broker.brokers(),
+        &["outbox.event.early"],
+        ids.len() + 1,
+        WAIT,
+        LINGER,
+    );
     assert_eq!(got.len(), ids.len() + 1);
     assert!(got.iter().any(|m| m.id() == one_more[0]));
 }
@@ -124,7 +162,10 @@ async fn hundred_thousand_row_transaction_streams_in_bounded_memory() {
     let db = pg.client().await;
     // Wait for the relay to be streaming (slot created) so the rows come through WAL.
     assert!(
-        eventually(WAIT, || async { confirmed_flush(&db, "outbox_relay").await.is_some() }).await
+        eventually(WAIT, || async {
+            confirmed_flush(&db, "outbox_relay").await.is_some()
+        })
+        .await
     );
     let n = 100_000;
     db.execute(
@@ -137,7 +178,10 @@ async fn hundred_thousand_row_transaction_streams_in_bounded_memory() {
     .await
     .unwrap();
     let last = current_wal(&db).await;
-    assert!(all_delivered(&db, WAIT).await, "all 100k rows marked delivered");
+    assert!(
+        all_delivered(&db, WAIT).await,
+        "all 100k rows marked delivered"
+    );
     assert!(
         eventually(WAIT, || async {
             confirmed_flush(&db, "outbox_relay").await.unwrap_or(0) >= last
@@ -150,7 +194,13 @@ async fn hundred_thousand_row_transaction_streams_in_bounded_memory() {
         peak_kib < 80 * 1024,
         "peak RSS {peak_kib} KiB grows with the transaction"
     );
-    let got = consume(&broker.brokers(), &["outbox.event.bulk"], n as usize, WAIT, LINGER);
+    let got = consume(
+        &broker.brokers(),
+        &["outbox.event.bulk"],
+        n as usize,
+        WAIT,
+        LINGER,
+    );
     let ids: HashSet<&str> = got.iter().map(Received::id).collect();
     assert_eq!(ids.len(), n as usize);
     eprintln!("100k-row transaction: relay peak RSS {peak_kib} KiB");
@@ -168,7 +218,10 @@ async fn idle_outbox_does_not_pin_wal() {
         .await
         .unwrap();
     assert!(
-        eventually(WAIT, || async { confirmed_flush(&db, "outbox_relay").await.is_some() }).await
+        eventually(WAIT, || async {
+            confirmed_flush(&db, "outbox_relay").await.is_some()
+        })
+        .await
     );
     let start = confirmed_flush(&db, "outbox_relay").await.unwrap();
     for _ in 0..20 {
@@ -187,7 +240,10 @@ async fn idle_outbox_does_not_pin_wal() {
     })
     .await;
     let now = confirmed_flush(&db, "outbox_relay").await.unwrap();
-    assert!(moved, "confirmed_flush_lsn stuck at {now} (WAL at {written})");
+    assert!(
+        moved,
+        "confirmed_flush_lsn stuck at {now} (WAL at {written})"
+    );
 }
 
 /// `check` against a cluster with wal_level=replica fails and prints the fix.
@@ -197,7 +253,9 @@ async fn check_reports_wal_level_replica_with_the_fix() {
     pg.apply_schema();
     let broker = Tansu::start();
     let mut check = Relay::spawn(&relay_env(&pg, &broker.brokers(), &[]), &["check"]);
-    let status = check.wait_exit(Duration::from_secs(60)).expect("check finishes");
+    let status = check
+        .wait_exit(Duration::from_secs(60))
+        .expect("check finishes");
     let out = check.log();
     assert!(!status.success(), "check must fail:\n{out}");
     assert!(
@@ -221,9 +279,15 @@ async fn check_passes_on_a_correct_setup() {
     pg.apply_schema();
     let broker = Tansu::start();
     let mut check = Relay::spawn(&relay_env(&pg, &broker.brokers(), &[]), &["check"]);
-    let status = check.wait_exit(Duration::from_secs(60)).expect("check finishes");
+    let status = check
+        .wait_exit(Duration::from_secs(60))
+        .expect("check finishes");
     assert!(status.success(), "{}", check.log());
-    assert!(check.log().contains("all 8 checks passed"), "{}", check.log());
+    assert!(
+        check.log().contains("all 8 checks passed"),
+        "{}",
+        check.log()
+    );
 }
 
 /// With kafka.create_topics off, a missing topic stops the relay with an error a user can act on
@@ -240,7 +304,9 @@ async fn missing_topic_with_auto_create_off_is_a_readable_error() {
         &[("RELAY_KAFKA__CREATE_TOPICS", "false")],
     ));
     insert_rows(&mut db, "nowhere", 1, 1, true).await;
-    let status = relay.wait_exit(Duration::from_secs(60)).expect("relay stops");
+    let status = relay
+        .wait_exit(Duration::from_secs(60))
+        .expect("relay stops");
     assert!(!status.success());
     let log = relay.log();
     assert!(
@@ -267,10 +333,15 @@ async fn wrong_password_fails_fast_with_a_clear_message() {
         &broker.brokers(),
         &[("RELAY_POSTGRES__URL", &url)],
     ));
-    let status = relay.wait_exit(Duration::from_secs(60)).expect("fails fast");
+    let status = relay
+        .wait_exit(Duration::from_secs(60))
+        .expect("fails fast");
     assert!(!status.success());
     let log = relay.log();
     assert!(log.contains("password authentication failed"), "{log}");
     assert!(log.contains("RELAY_POSTGRES__URL"), "{log}");
-    assert!(!log.contains("wrong@"), "password leaked into the log: {log}");
+    assert!(
+        !log.contains("wrong@"),
+        "password leaked into the log: {log}"
+    );
 }

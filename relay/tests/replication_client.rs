@@ -24,14 +24,21 @@ async fn authenticates_with_trust_md5_and_scram_and_rejects_a_wrong_password() {
          SET password_encryption = 'scram-sha-256'; CREATE ROLE {SCRAM_USER} LOGIN REPLICATION PASSWORD '{PASSWORD}';"
     ));
     assert!(identify(&pg.url()).await.unwrap() > Lsn::ZERO, "trust");
-    identify(&pg.url_for(MD5_USER, PASSWORD)).await.expect("md5");
-    identify(&pg.url_for(SCRAM_USER, PASSWORD)).await.expect("scram-sha-256");
+    identify(&pg.url_for(MD5_USER, PASSWORD))
+        .await
+        .expect("md5");
+    identify(&pg.url_for(SCRAM_USER, PASSWORD))
+        .await
+        .expect("scram-sha-256");
 
     for user in [MD5_USER, SCRAM_USER] {
         let err = identify(&pg.url_for(user, "nope")).await.unwrap_err();
         assert!(matches!(err, ReplicationError::Auth(_)), "{err}");
         assert!(err.is_permanent());
-        assert!(err.to_string().contains("password authentication failed"), "{err}");
+        assert!(
+            err.to_string().contains("password authentication failed"),
+            "{err}"
+        );
     }
     let no_password = format!("postgres://{SCRAM_USER}@127.0.0.1:{}/postgres", pg.port);
     let err = identify(&no_password).await.unwrap_err();
@@ -44,7 +51,17 @@ async fn connects_over_tls_when_required() {
     let dir = tempfile::tempdir().unwrap();
     let (crt, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
     let ok = Command::new("openssl")
-        .args(["req", "-new", "-x509", "-days", "1", "-nodes", "-subj", "/CN=localhost", "-out"])
+        .args([
+            "req",
+            "-new",
+            "-x509",
+            "-days",
+            "1",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-out",
+        ])
         .arg(&crt)
         .arg("-keyout")
         .arg(&key)
@@ -58,7 +75,9 @@ async fn connects_over_tls_when_required() {
     let data_key = data_crt.replace("server.crt", "server.key");
     std::fs::copy(&crt, &data_crt).unwrap();
     std::fs::copy(&key, &data_key).unwrap();
-    let _ = Command::new("chown").args(["postgres:postgres", &data_crt, &data_key]).status();
+    let _ = Command::new("chown")
+        .args(["postgres:postgres", &data_crt, &data_key])
+        .status();
     let _ = Command::new("chmod").args(["600", &data_key]).status();
     pg.psql("ALTER SYSTEM SET ssl = on");
     pg.psql("SELECT pg_reload_conf()");
@@ -67,20 +86,27 @@ async fn connects_over_tls_when_required() {
 
     let url = format!("{}?sslmode=require", pg.url());
     let config: tokio_postgres::Config = url.parse().unwrap();
-    let mut client = ReplicationClient::connect(&config).await.expect("TLS replication connection");
+    let mut client = ReplicationClient::connect(&config)
+        .await
+        .expect("TLS replication connection");
     client.identify_system().await.unwrap();
     let encrypted_walsenders = pg.psql(
         "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
          WHERE s.ssl AND a.backend_type = 'walsender'",
     );
-    assert_eq!(encrypted_walsenders, "1", "the replication connection is encrypted");
+    assert_eq!(
+        encrypted_walsenders, "1",
+        "the replication connection is encrypted"
+    );
     client.close().await;
 }
 
 #[tokio::test]
 async fn sslmode_require_fails_clearly_when_the_server_has_no_tls() {
     let pg = PgCluster::start();
-    let err = identify(&format!("{}?sslmode=require", pg.url())).await.unwrap_err();
+    let err = identify(&format!("{}?sslmode=require", pg.url()))
+        .await
+        .unwrap_err();
     assert!(matches!(err, ReplicationError::Tls(_)), "{err}");
     assert!(err.to_string().contains("does not accept TLS"), "{err}");
 }

@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::replication::Lsn;
 use crate::replication::pgoutput::PgOutput;
 use crate::sink::{AckToken, Sink, SinkError};
-use routing::{ColumnMap, RawRow, RowError, Router, TopicTemplate};
+use routing::{ColumnMap, RawRow, Router, RowError, TopicTemplate};
 use watermark::{TxSeq, Watermark};
 
 /// Completions coming back from the progress stage (acknowledged and, if configured, marked).
@@ -39,7 +39,9 @@ pub enum PipelineError {
     Sink(#[from] SinkError),
     #[error("the outbox table changed shape: {0}")]
     Schema(String),
-    #[error("message for outbox row {id} failed permanently: {error}; the slot stays at its last confirmed position")]
+    #[error(
+        "message for outbox row {id} failed permanently: {error}; the slot stays at its last confirmed position"
+    )]
     Delivery { id: uuid::Uuid, error: String },
     #[error("protocol order violated: {0}")]
     Order(String),
@@ -70,8 +72,9 @@ pub struct Pipeline<S: Sink> {
 
 impl<S: Sink> Pipeline<S> {
     pub fn new(config: &Config, sink: S, progress: mpsc::UnboundedReceiver<Progress>) -> Self {
-        let template = TopicTemplate::parse(&config.kafka.topic_template)
-            .unwrap_or_else(|_| TopicTemplate::parse("outbox.event.{aggregatetype}").expect("valid"));
+        let template = TopicTemplate::parse(&config.kafka.topic_template).unwrap_or_else(|_| {
+            TopicTemplate::parse("outbox.event.{aggregatetype}").expect("valid")
+        });
         Pipeline {
             sink,
             router: Router::new(template),
@@ -354,7 +357,14 @@ mod tests {
                 1,
                 "public",
                 "outbox",
-                &["id", "extra", "aggregatetype", "aggregateid", "type", "payload"],
+                &[
+                    "id",
+                    "extra",
+                    "aggregatetype",
+                    "aggregateid",
+                    "type",
+                    "payload",
+                ],
             ),
         )
         .await;

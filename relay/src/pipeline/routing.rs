@@ -148,7 +148,9 @@ impl Router {
         let event_type = required(row.event_type, "type")?;
 
         let topic = match row.topic.filter(|t| !t.is_empty()) {
-            Some(t) => text(&t).map_err(|e| fail(format!("column 'topic': {e}")))?.to_owned(),
+            Some(t) => text(&t)
+                .map_err(|e| fail(format!("column 'topic': {e}")))?
+                .to_owned(),
             None => self.template.render(
                 text(&aggregatetype).map_err(|e| fail(format!("column 'aggregatetype': {e}")))?,
                 text(&aggregateid).map_err(|e| fail(format!("column 'aggregateid': {e}")))?,
@@ -296,11 +298,19 @@ mod tests {
     fn topic_column_overrides_template_and_headers_column_is_merged() {
         let mut r = row(ID, "order", "o-1");
         r.topic = Some(Bytes::from_static(b"custom.topic"));
-        r.headers = Some(Bytes::from_static(b"{\"trace\": \"abc\", \"tenant\": \"t1\"}"));
+        r.headers = Some(Bytes::from_static(
+            b"{\"trace\": \"abc\", \"tenant\": \"t1\"}",
+        ));
         let m = router().route(r).unwrap();
         assert_eq!(m.topic, "custom.topic");
-        assert!(m.headers.contains(&("trace".into(), Bytes::from_static(b"abc"))));
-        assert!(m.headers.contains(&("tenant".into(), Bytes::from_static(b"t1"))));
+        assert!(
+            m.headers
+                .contains(&("trace".into(), Bytes::from_static(b"abc")))
+        );
+        assert!(
+            m.headers
+                .contains(&("tenant".into(), Bytes::from_static(b"t1")))
+        );
 
         let mut r = row(ID, "order", "o-1");
         r.topic = Some(Bytes::new());
@@ -312,7 +322,10 @@ mod tests {
         let mut r = row(ID, "order", "o-1");
         r.headers = Some(Bytes::from_static(b"{\"n\": 1}"));
         let e = router().route(r).unwrap_err();
-        assert!(e.to_string().contains(ID) && e.problem.contains("object of strings"), "{e}");
+        assert!(
+            e.to_string().contains(ID) && e.problem.contains("object of strings"),
+            "{e}"
+        );
 
         let mut r = row(ID, "order", "o-1");
         r.headers = Some(Bytes::from_static(b"[1]"));
@@ -320,7 +333,13 @@ mod tests {
 
         let mut r = row(ID, "order", "o-1");
         r.aggregateid = None;
-        assert!(router().route(r).unwrap_err().problem.contains("aggregateid"));
+        assert!(
+            router()
+                .route(r)
+                .unwrap_err()
+                .problem
+                .contains("aggregateid")
+        );
 
         assert!(router().route(row("not-a-uuid", "order", "o")).is_err());
     }
@@ -329,8 +348,15 @@ mod tests {
     fn templates() {
         let t = TopicTemplate::parse("{aggregatetype}-{type}.v1").unwrap();
         assert_eq!(t.render("order", "1", "Created"), "order-Created.v1");
-        assert_eq!(TopicTemplate::parse("fixed").unwrap().render("a", "b", "c"), "fixed");
-        assert!(TopicTemplate::parse("x.{bad}").unwrap_err().contains("{bad}"));
+        assert_eq!(
+            TopicTemplate::parse("fixed").unwrap().render("a", "b", "c"),
+            "fixed"
+        );
+        assert!(
+            TopicTemplate::parse("x.{bad}")
+                .unwrap_err()
+                .contains("{bad}")
+        );
         assert!(TopicTemplate::parse("x.{aggregatetype").is_err());
         assert!(TopicTemplate::parse("").is_err());
     }
@@ -341,7 +367,14 @@ mod tests {
             1,
             "public",
             "outbox",
-            &["id", "extra", "aggregatetype", "aggregateid", "type", "payload"],
+            &[
+                "id",
+                "extra",
+                "aggregatetype",
+                "aggregateid",
+                "type",
+                "payload",
+            ],
         ))
         .unwrap() else {
             panic!()
@@ -349,7 +382,14 @@ mod tests {
         let map = ColumnMap::new(&rel, &ColumnNames::default()).unwrap();
         let PgOutput::Insert { new, .. } = PgOutput::decode(encode::insert(
             1,
-            &[Some(ID), Some("x"), Some("order"), Some("o-9"), Some("T"), None],
+            &[
+                Some(ID),
+                Some("x"),
+                Some("order"),
+                Some("o-9"),
+                Some("T"),
+                None,
+            ],
         ))
         .unwrap() else {
             panic!()
@@ -364,6 +404,8 @@ mod tests {
             panic!()
         };
         let err = ColumnMap::new(&rel, &ColumnNames::default()).unwrap_err();
-        assert!(err.contains("aggregatetype") && err.contains("RELAY_OUTBOX__COLUMNS__AGGREGATETYPE"));
+        assert!(
+            err.contains("aggregatetype") && err.contains("RELAY_OUTBOX__COLUMNS__AGGREGATETYPE")
+        );
     }
 }

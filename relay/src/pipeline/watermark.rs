@@ -90,10 +90,10 @@ impl Watermark {
     /// The stream was lost: the open (uncommitted) transaction will be read again from the slot,
     /// so it no longer holds the watermark back; late completions of its messages are ignored.
     pub fn abandon_open(&mut self) {
-        if let Some(e) = self.entries.back_mut() {
-            if e.end_lsn.is_none() {
-                e.abandoned = true;
-            }
+        if let Some(e) = self.entries.back_mut()
+            && e.end_lsn.is_none()
+        {
+            e.abandoned = true;
         }
         self.advance();
     }
@@ -112,10 +112,10 @@ impl Watermark {
             if !done {
                 break;
             }
-            if let Some(end) = front.end_lsn {
-                if end > self.flushable {
-                    self.flushable = end;
-                }
+            if let Some(end) = front.end_lsn
+                && end > self.flushable
+            {
+                self.flushable = end;
             }
             self.entries.pop_front();
             self.front_seq += 1;

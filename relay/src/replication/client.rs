@@ -26,7 +26,9 @@ use super::wire::DecodeError;
 /// Anything that went wrong on the replication connection.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
-    #[error("cannot reach Postgres at {target}: {source}; check postgres.url and that the server is up")]
+    #[error(
+        "cannot reach Postgres at {target}: {source}; check postgres.url and that the server is up"
+    )]
     Connect { target: String, source: io::Error },
     #[error("replication connection lost: {0}")]
     Io(#[from] io::Error),
@@ -225,12 +227,12 @@ impl ReplicationClient {
             Host::Unix(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{port}"));
                 let target = path.display().to_string();
-                let unix = tokio::net::UnixStream::connect(&path).await.map_err(|source| {
-                    ReplicationError::Connect {
+                let unix = tokio::net::UnixStream::connect(&path)
+                    .await
+                    .map_err(|source| ReplicationError::Connect {
                         target: target.clone(),
                         source,
-                    }
-                })?;
+                    })?;
                 (PgStream::Unix(unix), target)
             }
         };
@@ -276,8 +278,11 @@ impl ReplicationClient {
                 }
                 Message::AuthenticationMd5Password(body) => {
                     let pw = password.ok_or_else(need_password)?;
-                    let hash =
-                        postgres_protocol::authentication::md5_hash(user.as_bytes(), pw, body.salt());
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        user.as_bytes(),
+                        pw,
+                        body.salt(),
+                    );
                     frontend::password_message(hash.as_bytes(), &mut self.wbuf)?;
                     self.flush_writes().await?;
                 }
@@ -295,7 +300,11 @@ impl ReplicationClient {
                     }
                     let pw = password.ok_or_else(need_password)?;
                     let s = ScramSha256::new(pw, sasl::ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut self.wbuf)?;
+                    frontend::sasl_initial_response(
+                        sasl::SCRAM_SHA_256,
+                        s.message(),
+                        &mut self.wbuf,
+                    )?;
                     self.flush_writes().await?;
                     scram = Some(s);
                 }
@@ -303,8 +312,9 @@ impl ReplicationClient {
                     let s = scram.as_mut().ok_or_else(|| {
                         ReplicationError::Protocol("SASL continue before SASL start".into())
                     })?;
-                    s.update(body.data())
-                        .map_err(|e| ReplicationError::Auth(format!("SCRAM exchange failed: {e}")))?;
+                    s.update(body.data()).map_err(|e| {
+                        ReplicationError::Auth(format!("SCRAM exchange failed: {e}"))
+                    })?;
                     frontend::sasl_response(s.message(), &mut self.wbuf)?;
                     self.flush_writes().await?;
                 }
@@ -386,7 +396,9 @@ impl ReplicationClient {
             system_id: col(0).unwrap_or_default(),
             timeline: col(1).and_then(|t| t.parse().ok()).unwrap_or(0),
             xlog_pos: col(2)
-                .ok_or_else(|| ReplicationError::Protocol("IDENTIFY_SYSTEM without xlogpos".into()))?
+                .ok_or_else(|| {
+                    ReplicationError::Protocol("IDENTIFY_SYSTEM without xlogpos".into())
+                })?
                 .parse()
                 .map_err(|e| ReplicationError::Protocol(format!("IDENTIFY_SYSTEM: {e}")))?,
             dbname: col(3),
@@ -441,22 +453,15 @@ impl ReplicationClient {
         self.flush_writes().await?;
         loop {
             // CopyBothResponse ('W') is not known to postgres-protocol's parser: check the tag.
-            if let Some(tag) = self.peek_tag().await? {
-                if tag == b'W' {
-                    let frame = self.next_frame().await?;
-                    debug_assert_eq!(frame.0, b'W');
-                    return Ok(ReplicationStream {
-                        client: self,
-                        finished: false,
-                    });
-                }
+            if self.peek_tag().await? == b'W' {
+                self.next_frame().await?;
+                return Ok(ReplicationStream {
+                    client: self,
+                    finished: false,
+                });
             }
             match self.read_message().await? {
-                Message::ErrorResponse(body) => {
-                    let err = ServerError::parse(&body);
-                    // Drain to ReadyForQuery so the connection stays usable for the caller's log.
-                    return Err(err.into());
-                }
+                Message::ErrorResponse(body) => return Err(ServerError::parse(&body).into()),
                 Message::NoticeResponse(_) | Message::ParameterStatus(_) => {}
                 other => {
                     return Err(ReplicationError::Protocol(format!(
@@ -482,11 +487,11 @@ impl ReplicationClient {
     }
 
     /// Fills the read buffer until it holds one whole frame; returns its tag. Cancel-safe.
-    async fn peek_tag(&mut self) -> Result<Option<u8>, ReplicationError> {
+    async fn peek_tag(&mut self) -> Result<u8, ReplicationError> {
         loop {
             if let Some(len) = frame_len(&self.rbuf)? {
                 if self.rbuf.len() >= len {
-                    return Ok(Some(self.rbuf[0]));
+                    return Ok(self.rbuf[0]);
                 }
                 self.rbuf.reserve(len - self.rbuf.len());
             } else {
@@ -505,7 +510,8 @@ impl ReplicationClient {
     /// Next whole frame as (tag, body). Cancel-safe: a partial frame stays in the buffer.
     async fn next_frame(&mut self) -> Result<(u8, Bytes), ReplicationError> {
         self.peek_tag().await?;
-        let len = frame_len(&self.rbuf)?.expect("peek_tag ensured a header");
+        let len = frame_len(&self.rbuf)?
+            .ok_or_else(|| ReplicationError::Protocol("frame header vanished".into()))?;
         let mut frame = self.rbuf.split_to(len);
         let tag = frame[0];
         frame.advance(5);
@@ -623,7 +629,10 @@ impl ReplicationStream {
     }
 
     /// Sends a standby status update.
-    pub async fn send_status(&mut self, status: StandbyStatusUpdate) -> Result<(), ReplicationError> {
+    pub async fn send_status(
+        &mut self,
+        status: StandbyStatusUpdate,
+    ) -> Result<(), ReplicationError> {
         let mut payload = BytesMut::with_capacity(34);
         status.encode(&mut payload);
         frontend::CopyData::new(&payload[..])?.write(&mut self.client.wbuf);

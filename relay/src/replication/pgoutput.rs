@@ -222,10 +222,7 @@ fn expect_tag(r: &mut WireReader, want: u8, what: &str) -> Result<(), DecodeErro
     if got != want {
         return Err(DecodeError::new(
             "pgoutput message",
-            format!(
-                "{what} is {:?}, expected {:?}",
-                got as char, want as char
-            ),
+            format!("{what} is {:?}, expected {:?}", got as char, want as char),
         ));
     }
     Ok(())

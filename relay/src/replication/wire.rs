@@ -133,7 +133,10 @@ mod tests {
         assert_eq!(r.cstr("d").unwrap(), "ab");
         assert_eq!(&r.bytes(2, "e").unwrap()[..], b"xy");
         let err = r.i32("f").unwrap_err();
-        assert!(err.to_string().contains("truncated while reading f"), "{err}");
+        assert!(
+            err.to_string().contains("truncated while reading f"),
+            "{err}"
+        );
         assert_eq!(&r.rest()[..], b"z");
     }
 

@@ -333,7 +333,8 @@ async fn enqueue(
     token: AckToken,
 ) -> Result<(), (KafkaError, AckToken)> {
     loop {
-        let mut record = BaseRecord::with_opaque_to(topic, Box::new(token)).headers(headers.clone());
+        let mut record =
+            BaseRecord::with_opaque_to(topic, Box::new(token)).headers(headers.clone());
         if let Some(k) = key {
             record = record.key(k);
         }

@@ -43,7 +43,9 @@ pub enum Delivery {
 /// A sink could not take a message; retrying the same call will not help.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("topic '{topic}' does not exist and kafka.create_topics is off; create it on the broker or set RELAY_KAFKA__CREATE_TOPICS=true")]
+    #[error(
+        "topic '{topic}' does not exist and kafka.create_topics is off; create it on the broker or set RELAY_KAFKA__CREATE_TOPICS=true"
+    )]
     MissingTopic { topic: String },
     #[error("cannot create topic '{topic}': {reason}")]
     CreateTopic { topic: String, reason: String },

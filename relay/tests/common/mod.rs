@@ -39,7 +39,11 @@ fn pg_bin_dir() -> PathBuf {
         return PathBuf::from(dir);
     }
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
         .unwrap_or_default();
     versions.sort();
     versions
@@ -105,10 +109,15 @@ impl PgCluster {
         }
         let data = dir.path().join("data");
         let mut initdb = pg_command("initdb", as_postgres);
-        initdb
-            .arg("-D")
-            .arg(&data)
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]);
+        initdb.arg("-D").arg(&data).args([
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ]);
         run_ok(initdb, "initdb");
         let port = free_port();
         let mut conf = format!(
@@ -341,7 +350,10 @@ pub fn relay_env(pg: &PgCluster, brokers: &str, extra: &[(&str, &str)]) -> Vec<(
     let mut env = vec![
         ("RELAY_POSTGRES__URL".to_owned(), pg.url()),
         ("RELAY_KAFKA__BROKERS".to_owned(), brokers.to_owned()),
-        ("RELAY_POSTGRES__STATUS_INTERVAL_MS".to_owned(), "1000".to_owned()),
+        (
+            "RELAY_POSTGRES__STATUS_INTERVAL_MS".to_owned(),
+            "1000".to_owned(),
+        ),
     ];
     for (k, v) in extra {
         env.retain(|(ek, _)| ek != k);
@@ -597,7 +609,10 @@ pub async fn insert_rows(
 pub async fn all_delivered(client: &tokio_postgres::Client, timeout: Duration) -> bool {
     eventually(timeout, || async {
         client
-            .query_one("SELECT count(*) FROM outbox WHERE delivered_at IS NULL", &[])
+            .query_one(
+                "SELECT count(*) FROM outbox WHERE delivered_at IS NULL",
+                &[],
+            )
             .await
             .map(|r| r.get::<_, i64>(0) == 0)
             .unwrap_or(false)
