@@ -543,7 +543,11 @@ mod tests {
             match v {
                 serde_json::Value::Object(map) if !prefix.ends_with("properties") => {
                     for (k, v) in map {
-                        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
                         leaves(v, &key, out);
                     }
                 }
@@ -553,9 +557,16 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/relay.toml");
         let file = Figment::from(Toml::file(&path));
         let mut keys = Vec::new();
-        leaves(&serde_json::to_value(Config::default()).unwrap(), "", &mut keys);
+        leaves(
+            &serde_json::to_value(Config::default()).unwrap(),
+            "",
+            &mut keys,
+        );
         for key in keys.iter().filter(|k| !k.ends_with("properties")) {
-            assert!(file.find_value(key).is_ok(), "config/relay.toml lacks {key}");
+            assert!(
+                file.find_value(key).is_ok(),
+                "config/relay.toml lacks {key}"
+            );
         }
         let from_file: Config = file.extract().unwrap();
         assert_eq!(
