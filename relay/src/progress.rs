@@ -111,6 +111,7 @@ pub async fn run(
         if let (Some(m), false) = (marker.as_mut(), ids.is_empty()) {
             let n = ids.len();
             let mut delays = backoff.build();
+            let mut told_stopping = false;
             loop {
                 match m.mark(&ids).await {
                     Ok(updated) => {
@@ -118,6 +119,17 @@ pub async fn run(
                         break;
                     }
                     Err(e) => {
+                        // SQLSTATE class 57: admin shutdown, crash shutdown, cannot connect now.
+                        let stopping = e.code().is_some_and(|c| c.code().starts_with("57P"));
+                        if stopping && !told_stopping {
+                            told_stopping = true;
+                            if completions
+                                .send(Progress::PostgresStopping(db::describe(&e)))
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
                         let wait = delays.next().unwrap_or(Duration::from_secs(30));
                         tracing::warn!(
                             error = %db::describe(&e),

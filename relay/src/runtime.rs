@@ -44,11 +44,13 @@ impl RunError {
     fn is_transient(&self) -> bool {
         match self {
             RunError::Replication(e) => is_transient_replication(e),
+            RunError::Pipeline(PipelineError::PostgresStopping(_)) => true,
             RunError::Slot(SlotError::Replication(e)) => is_transient_replication(e),
-            RunError::Slot(SlotError::Query { message, .. }) => {
-                // Connection-level failures; SQL errors are permanent.
-                !message.starts_with("ERROR") && !message.starts_with("FATAL 28")
-            }
+            // Connection failures (no SQLSTATE), connection exceptions (08) and shutdowns (57P);
+            // SQL errors are permanent.
+            RunError::Slot(SlotError::Query { sqlstate, .. }) => sqlstate
+                .as_deref()
+                .is_none_or(|c| c.starts_with("08") || c.starts_with("57P")),
             _ => false,
         }
     }

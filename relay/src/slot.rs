@@ -22,7 +22,12 @@ use crate::sink::Sink;
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
     #[error("Postgres query failed ({context}): {message}")]
-    Query { context: String, message: String },
+    Query {
+        context: String,
+        message: String,
+        /// SQLSTATE, when the server answered; `None` for connection failures.
+        sqlstate: Option<String>,
+    },
     #[error(transparent)]
     Replication(#[from] ReplicationError),
     #[error(transparent)]
@@ -36,6 +41,7 @@ impl SlotError {
         SlotError::Query {
             context: context.to_owned(),
             message: crate::db::describe(&e),
+            sqlstate: e.code().map(|c| c.code().to_owned()),
         }
     }
 }

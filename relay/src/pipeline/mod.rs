@@ -28,6 +28,10 @@ pub enum Progress {
     Completed(Vec<(TxSeq, u64)>),
     /// The broker will never accept this message.
     Failed { token: AckToken, error: String },
+    /// Postgres is shutting down (or starting up) and refuses to mark rows. A fast shutdown waits
+    /// for the replication connection to confirm all WAL, which cannot happen before marking:
+    /// the relay must let go of the stream so the server can stop.
+    PostgresStopping(String),
 }
 
 /// The pipeline cannot go on without losing or misrouting a row.
@@ -47,6 +51,8 @@ pub enum PipelineError {
     Order(String),
     #[error("the progress stage stopped")]
     ProgressClosed,
+    #[error("Postgres is shutting down ({0}); releasing the replication connection so it can stop")]
+    PostgresStopping(String),
 }
 
 /// Running totals, logged and later exported as metrics.
@@ -232,6 +238,7 @@ impl<S: Sink> Pipeline<S> {
                 id: token.id,
                 error,
             }),
+            Some(Progress::PostgresStopping(why)) => Err(PipelineError::PostgresStopping(why)),
         }
     }
 

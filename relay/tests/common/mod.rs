@@ -122,7 +122,7 @@ impl PgCluster {
         let port = free_port();
         let mut conf = format!(
             "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
-             max_replication_slots = 10\nmax_wal_senders = 10\nfsync = off\nsynchronous_commit = off\n\
+             max_replication_slots = 10\nmax_wal_senders = 10\nfsync = off\n\
              full_page_writes = off\nshared_buffers = '64MB'\nlogging_collector = off\n\
              wal_sender_timeout = '60s'\n",
             dir.path().display()
