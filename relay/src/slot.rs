@@ -85,27 +85,9 @@ pub async fn preflight(db: &Client, config: &Config) -> Result<(), SlotError> {
         )));
     }
     let table = config.outbox_table_sql();
-    let exists: bool = db
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
-        .await
-        .map_err(|e| SlotError::query("looking up the outbox table", e))?
-        .get(0);
-    if !exists {
-        return Err(SlotError::Setup(format!(
-            "outbox table {table} does not exist; apply sql/*.sql (psql -f) or set outbox.schema/outbox.table"
-        )));
-    }
+    require_table(db, &table, "outbox table", "outbox.schema/outbox.table").await?;
     let state = config.state_table_sql();
-    let exists: bool = db
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&state])
-        .await
-        .map_err(|e| SlotError::query("looking up the state table", e))?
-        .get(0);
-    if !exists {
-        return Err(SlotError::Setup(format!(
-            "relay state table {state} does not exist; apply sql/*.sql (psql -f) or set outbox.state_table"
-        )));
-    }
+    require_table(db, &state, "relay state table", "outbox.state_table").await?;
     let publication = &config.postgres.publication;
     let row = db
         .query_opt(
@@ -130,6 +112,21 @@ pub async fn preflight(db: &Client, config: &Config) -> Result<(), SlotError> {
             quote_ident(publication)
         ))),
         Some(_) => Ok(()),
+    }
+}
+
+async fn require_table(db: &Client, table: &str, what: &str, keys: &str) -> Result<(), SlotError> {
+    let exists: bool = db
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await
+        .map_err(|e| SlotError::query(&format!("looking up the {what}"), e))?
+        .get(0);
+    if exists {
+        Ok(())
+    } else {
+        Err(SlotError::Setup(format!(
+            "{what} {table} does not exist; apply sql/*.sql (psql -f) or set {keys}"
+        )))
     }
 }
 

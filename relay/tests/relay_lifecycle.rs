@@ -358,20 +358,7 @@ async fn postgres_restart_is_survived_without_loss() {
         &broker.brokers(),
         &[("RELAY_RETRY__MAX_DELAY_MS", "1000")],
     ));
-    {
-        let db = pg.client().await;
-        let streaming = eventually(WAIT, || async {
-            db.query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'outbox_relay' AND active",
-                &[],
-            )
-            .await
-            .map(|r| r.get::<_, i64>(0) == 1)
-            .unwrap_or(false)
-        })
-        .await;
-        assert!(streaming, "the relay never started streaming");
-    }
+    wait_streaming(&pg.client().await, WAIT).await;
     let mut ids = Vec::new();
     for mode in ["fast", "immediate"] {
         let mut db = pg.client().await;
@@ -391,8 +378,18 @@ async fn postgres_restart_is_survived_without_loss() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(in_table.len(), ids.len(), "commits survive restarts (synchronous_commit=on)");
-    let got = consume(&broker.brokers(), &["outbox.event.bounce"], ids.len(), WAIT, LINGER);
+    assert_eq!(
+        in_table.len(),
+        ids.len(),
+        "commits survive restarts (synchronous_commit=on)"
+    );
+    let got = consume(
+        &broker.brokers(),
+        &["outbox.event.bounce"],
+        ids.len(),
+        WAIT,
+        LINGER,
+    );
     let counts = count_by_id(&got);
     let lost = ids.iter().filter(|id| !counts.contains_key(*id)).count();
     assert_eq!(lost, 0, "lost {lost} of {} rows", ids.len());

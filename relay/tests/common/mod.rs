@@ -620,6 +620,22 @@ pub async fn all_delivered(client: &tokio_postgres::Client, timeout: Duration) -
     .await
 }
 
+/// Waits until the relay holds the slot `outbox_relay` and streams from it.
+pub async fn wait_streaming(client: &tokio_postgres::Client, timeout: Duration) {
+    let streaming = eventually(timeout, || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'outbox_relay' AND active",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) == 1)
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(streaming, "the relay never started streaming");
+}
+
 /// The slot's confirmed flush position.
 pub async fn confirmed_flush(client: &tokio_postgres::Client, slot: &str) -> Option<u64> {
     let row = client
