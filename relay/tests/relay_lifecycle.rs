@@ -395,3 +395,35 @@ async fn postgres_restart_is_survived_without_loss() {
     assert_eq!(lost, 0, "lost {lost} of {} rows", ids.len());
     assert!(all_delivered(&db, WAIT).await);
 }
+
+/// An invalid setting stops the relay at start, naming the key, its environment variable and
+/// the fix; nothing is connected to.
+#[test]
+fn invalid_config_fails_at_start_with_key_and_fix() {
+    let out = std::process::Command::new(relay_bin())
+        .arg("run")
+        .env("RELAY_KAFKA__COMPRESSION", "brotli")
+        .env("RELAY_POSTGRES__URL", "postgres://nobody@127.0.0.1:1/x")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("kafka.compression")
+            && err.contains("RELAY_KAFKA__COMPRESSION")
+            && err.contains("expected one of none, gzip, snappy, lz4, zstd"),
+        "{err}"
+    );
+
+    let out = std::process::Command::new(relay_bin())
+        .arg("run")
+        .env("RELAY_PIPELINE__MAX_IN_FLIGHT", "many")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("RELAY_PIPELINE__MAX_IN_FLIGHT") && err.contains("expected usize"),
+        "{err}"
+    );
+}
