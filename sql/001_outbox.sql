@@ -12,8 +12,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     topic         text,                  -- optional per-row topic override
     created_at    timestamptz NOT NULL DEFAULT now(),
     delivered_at  timestamptz,           -- set by the relay after the broker confirmed the message
-    attempts      int         NOT NULL DEFAULT 0,
-    last_error    text,
+    attempts      int         NOT NULL DEFAULT 0,  -- failed send attempts (poison rows)
+    last_error    text,                  -- why the row could not be published
+    failed_at     timestamptz,           -- set when the row went to the dead-letter topic instead
     seq           bigint      GENERATED ALWAYS AS IDENTITY -- insertion order; orders the first-start snapshot
 );
 

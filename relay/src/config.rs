@@ -18,6 +18,7 @@ pub struct Config {
     pub outbox: OutboxConfig,
     pub kafka: KafkaConfig,
     pub pipeline: PipelineConfig,
+    pub dead_letter: DeadLetterConfig,
     pub retry: RetryConfig,
     pub log: LogConfig,
 }
@@ -83,6 +84,12 @@ pub struct ColumnNames {
     pub headers: String,
     pub topic: String,
     pub delivered_at: String,
+    /// Failed send attempts of a poison row.
+    pub attempts: String,
+    /// Why a poison row could not be published.
+    pub last_error: String,
+    /// Set when a poison row went to the dead-letter topic.
+    pub failed_at: String,
     /// Optional insertion-order column (`bigint generated always as identity`); orders the
     /// first-start snapshot. Without it the snapshot is ordered by `created_at` then physical order.
     pub seq: String,
@@ -99,6 +106,9 @@ impl Default for ColumnNames {
             headers: "headers".into(),
             topic: "topic".into(),
             delivered_at: "delivered_at".into(),
+            attempts: "attempts".into(),
+            last_error: "last_error".into(),
+            failed_at: "failed_at".into(),
             seq: "seq".into(),
         }
     }
@@ -128,6 +138,9 @@ pub struct KafkaConfig {
     pub message_timeout_ms: u64,
     /// librdkafka `client.id`.
     pub client_id: String,
+    /// librdkafka `message.max.bytes`: the largest message the producer sends. Keep it at or
+    /// below the broker's/topic's `max.message.bytes`; larger rows are dead-lettered.
+    pub max_message_bytes: u64,
     /// Any other librdkafka property, passed through unchanged (`acks` and
     /// `enable.idempotence` cannot be weakened here).
     pub properties: BTreeMap<String, String>,
@@ -146,6 +159,7 @@ impl Default for KafkaConfig {
             compression: "none".into(),
             message_timeout_ms: 0,
             client_id: "outbox-relay".into(),
+            max_message_bytes: 1_000_000,
             properties: BTreeMap::new(),
         }
     }
@@ -175,6 +189,38 @@ impl Default for PipelineConfig {
             mark_batch_size: 1_000,
             mark_interval_ms: 20,
             shutdown_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// What happens to a row the broker will never accept (a poison row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoisonPolicy {
+    /// Send it to the dead-letter topic, mark it failed, keep going.
+    Dlq,
+    /// Stop with a clear error; the slot does not advance past the row.
+    Halt,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadLetterConfig {
+    /// `dlq` or `halt`.
+    pub policy: PoisonPolicy,
+    /// Topic that receives poison rows, with the original topic, key, error and attempts as headers.
+    pub topic: String,
+    /// Sends of a message the broker rejects before it is dead-lettered (rows that cannot even
+    /// be turned into a message go to the dead-letter topic at once).
+    pub max_attempts: u32,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        DeadLetterConfig {
+            policy: PoisonPolicy::Dlq,
+            topic: "outbox.dlq".into(),
+            max_attempts: 3,
         }
     }
 }
@@ -330,7 +376,11 @@ impl Config {
                 "outbox.columns.delivered_at",
                 &self.outbox.columns.delivered_at,
             ),
+            ("outbox.columns.attempts", &self.outbox.columns.attempts),
+            ("outbox.columns.last_error", &self.outbox.columns.last_error),
+            ("outbox.columns.failed_at", &self.outbox.columns.failed_at),
             ("outbox.columns.seq", &self.outbox.columns.seq),
+            ("dead_letter.topic", &self.dead_letter.topic),
         ] {
             if v.is_empty() {
                 return Err(invalid(key, "", "must not be empty"));
@@ -359,6 +409,13 @@ impl Config {
                 "kafka.topic_replication_factor",
                 k.topic_replication_factor,
                 "must be at least 1 (or -1 for the broker's default)",
+            ));
+        }
+        if !(1_000..=1_000_000_000).contains(&k.max_message_bytes) {
+            return Err(invalid(
+                "kafka.max_message_bytes",
+                k.max_message_bytes,
+                "must be between 1000 and 1000000000 (librdkafka's message.max.bytes range)",
             ));
         }
         if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&k.compression.as_str()) {
@@ -400,6 +457,13 @@ impl Config {
                 "pipeline.mark_batch_size",
                 0,
                 "must be at least 1 (1000 is usual)",
+            ));
+        }
+        if self.dead_letter.max_attempts == 0 {
+            return Err(invalid(
+                "dead_letter.max_attempts",
+                0,
+                "must be at least 1 (3 is usual)",
             ));
         }
         let r = &self.retry;

@@ -87,12 +87,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 
     let (deliveries_tx, deliveries_rx) = mpsc::unbounded_channel();
     let (progress_tx, progress_rx) = mpsc::unbounded_channel();
-    let sink = KafkaSink::new(
-        &config.kafka,
-        &config.retry,
-        config.pipeline.max_in_flight,
-        deliveries_tx,
-    )?;
+    let sink = KafkaSink::new(&config, deliveries_tx)?;
     let progress_task = tokio::spawn(progress::run(config.clone(), deliveries_rx, progress_tx));
     let mut pipeline = Pipeline::new(&config, sink, progress_rx);
 
@@ -232,7 +227,7 @@ async fn stream_until_stopped<S: Sink>(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            p = pipeline.next_progress() => pipeline.on_progress(p)?,
+            p = pipeline.next_progress() => pipeline.on_progress(p).await?,
             _ = status_tick.tick() => {
                 send_status(&mut stream, pipeline.flushable()).await?;
                 reported = pipeline.flushable();

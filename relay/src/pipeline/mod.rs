@@ -5,6 +5,11 @@
 //! into the [`watermark`]. It bounds memory: [`Pipeline::has_capacity`] turns false at
 //! `pipeline.max_in_flight` uncompleted messages, and the caller stops reading WAL until
 //! completions arrive. It never touches Postgres rows itself.
+//!
+//! Poison rows — rows that cannot become a message, or that the broker rejects for good after
+//! `dead_letter.max_attempts` sends — follow `dead_letter.policy`: `dlq` publishes a dead-letter
+//! record in the row's place (the row is then marked failed by the progress stage, and the
+//! pipeline goes on); `halt` stops with an error naming the row, before the slot passes it.
 
 pub mod routing;
 pub mod watermark;
@@ -14,20 +19,27 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::config::Config;
+use backon::BackoffBuilder;
+use bytes::Bytes;
+
+use crate::config::{Config, PoisonPolicy};
 use crate::replication::Lsn;
 use crate::replication::pgoutput::PgOutput;
-use crate::sink::{AckToken, Sink, SinkError};
-use routing::{ColumnMap, RawRow, Router, RowError, TopicTemplate};
+use crate::sink::{AckToken, DeadLetterNote, Sink, SinkError};
+use routing::{ColumnMap, OutboxMessage, RawRow, Router, TopicTemplate};
 use watermark::{TxSeq, Watermark};
 
 /// Completions coming back from the progress stage (acknowledged and, if configured, marked).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Progress {
     /// `(transaction, number of its messages)` now completed.
     Completed(Vec<(TxSeq, u64)>),
-    /// The broker will never accept this message.
-    Failed { token: AckToken, error: String },
+    /// The broker rejected this message for good; `message` is what was sent.
+    Failed {
+        token: AckToken,
+        error: String,
+        message: Box<OutboxMessage>,
+    },
     /// Postgres is shutting down (or starting up) and refuses to mark rows. A fast shutdown waits
     /// for the replication connection to confirm all WAL, which cannot happen before marking:
     /// the relay must let go of the stream so the server can stop.
@@ -37,16 +49,25 @@ pub enum Progress {
 /// The pipeline cannot go on without losing or misrouting a row.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    #[error(transparent)]
-    Row(#[from] RowError),
-    #[error(transparent)]
-    Sink(#[from] SinkError),
+    #[error(
+        "poison row {id}: {error} (after {attempts} attempt(s)); dead_letter.policy is 'halt', so the relay stops here \
+         and the slot stays before the row; fix or delete the row, or set RELAY_DEAD_LETTER__POLICY=dlq"
+    )]
+    Poison {
+        id: String,
+        error: String,
+        attempts: u32,
+    },
+    #[error(
+        "cannot dead-letter row {id} (its error: {error}): {cause}; the slot stays before the row"
+    )]
+    DeadLetter {
+        id: String,
+        error: String,
+        cause: SinkError,
+    },
     #[error("the outbox table changed shape: {0}")]
     Schema(String),
-    #[error(
-        "message for outbox row {id} failed permanently: {error}; the slot stays at its last confirmed position"
-    )]
-    Delivery { id: uuid::Uuid, error: String },
     #[error("protocol order violated: {0}")]
     Order(String),
     #[error("the progress stage stopped")]
@@ -61,6 +82,7 @@ pub struct Counters {
     pub transactions: u64,
     pub rows: u64,
     pub completed: u64,
+    pub dead_lettered: u64,
 }
 
 pub struct Pipeline<S: Sink> {
@@ -193,19 +215,178 @@ impl<S: Sink> Pipeline<S> {
         Ok(())
     }
 
-    /// Routes one row and hands it to the sink as part of transaction `seq`.
+    /// Routes one row and hands it to the sink as part of transaction `seq`. A row that cannot
+    /// become a message, or that the broker refuses `dead_letter.max_attempts` times, is poison.
     pub async fn publish_row(&mut self, seq: TxSeq, raw: RawRow) -> Result<(), PipelineError> {
-        let msg = self.router.route(raw)?;
-        let token = AckToken {
-            tx_seq: seq,
-            id: msg.id,
-            attempt: 1,
+        self.counters.rows += 1;
+        let msg = match self.router.route(&raw) {
+            Ok(msg) => msg,
+            Err(e) => {
+                let record = self.dead_letter_record_for_row(&raw, &e.problem);
+                return self.poison(seq, e.id, record, e.problem, 0, false).await;
+            }
         };
-        self.sink.publish(msg, token).await?;
+        let mut delays = crate::sink::kafka::backoff(&self.config.retry).build();
+        let mut attempt = 1;
+        loop {
+            let mut token = AckToken::new(seq, msg.id);
+            token.attempt = attempt;
+            match self.sink.publish(&msg, token).await {
+                Ok(()) => {
+                    self.track(seq);
+                    return Ok(());
+                }
+                Err(e) if attempt < self.config.dead_letter.max_attempts => {
+                    let wait = delays.next().unwrap_or(Duration::from_secs(1));
+                    tracing::warn!(id = %msg.id, topic = %msg.topic, attempt, error = %e, retry_in = ?wait, "the broker refused the message; trying again");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    let error = e.to_string();
+                    let record = self.dead_letter_record(&msg, &error, attempt);
+                    let id = msg.id.to_string();
+                    return self
+                        .poison(seq, id, Some(record), error, attempt, false)
+                        .await;
+                }
+            }
+        }
+    }
+
+    fn track(&mut self, seq: TxSeq) {
         self.watermark.add_message(seq);
         self.in_flight += 1;
-        self.counters.rows += 1;
+    }
+
+    /// Applies `dead_letter.policy` to a poison row. `counted`: the row's original message is
+    /// already in flight (its dead-letter record takes its place).
+    async fn poison(
+        &mut self,
+        seq: TxSeq,
+        id: String,
+        record: Option<OutboxMessage>,
+        error: String,
+        attempts: u32,
+        counted: bool,
+    ) -> Result<(), PipelineError> {
+        let record = match (self.config.dead_letter.policy, record) {
+            (PoisonPolicy::Halt, _) => {
+                return Err(PipelineError::Poison {
+                    id,
+                    error,
+                    attempts,
+                });
+            }
+            (PoisonPolicy::Dlq, None) => {
+                return Err(PipelineError::Poison {
+                    id,
+                    error: format!(
+                        "{error}; without a usable id the row can be neither dead-lettered nor marked"
+                    ),
+                    attempts,
+                });
+            }
+            (PoisonPolicy::Dlq, Some(record)) => record,
+        };
+        let mut token = AckToken::new(seq, record.id);
+        token.dead_letter = Some(Box::new(DeadLetterNote {
+            error: error.clone(),
+            attempts,
+        }));
+        if let Err(cause) = self.sink.publish(&record, token).await {
+            return Err(PipelineError::DeadLetter { id, error, cause });
+        }
+        if !counted {
+            self.track(seq);
+        }
+        self.counters.dead_lettered += 1;
+        tracing::warn!(
+            id,
+            error,
+            attempts,
+            dead_letter_topic = %self.config.dead_letter.topic,
+            "poison row sent to the dead-letter topic; it will be marked failed"
+        );
         Ok(())
+    }
+
+    /// The dead-letter record of a message the broker rejected.
+    fn dead_letter_record(&self, msg: &OutboxMessage, error: &str, attempts: u32) -> OutboxMessage {
+        let mut headers: Vec<(String, Bytes)> = msg
+            .headers
+            .iter()
+            .filter(|(k, _)| !k.starts_with("dlq."))
+            .cloned()
+            .collect();
+        headers.push(("dlq.original_topic".into(), Bytes::from(msg.topic.clone())));
+        self.finish_dead_letter(
+            msg.id,
+            msg.key.clone(),
+            msg.payload.clone(),
+            headers,
+            error,
+            attempts,
+        )
+    }
+
+    /// The dead-letter record of a row that could not become a message; `None` without an id.
+    fn dead_letter_record_for_row(&self, raw: &RawRow, error: &str) -> Option<OutboxMessage> {
+        let id = raw
+            .id
+            .as_ref()
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|s| uuid::Uuid::parse_str(s).ok())?;
+        let mut headers = vec![("id".to_owned(), Bytes::from(id.to_string()))];
+        for (name, value) in [
+            ("type", &raw.event_type),
+            ("aggregatetype", &raw.aggregatetype),
+        ] {
+            if let Some(v) = value {
+                headers.push((name.to_owned(), v.clone()));
+            }
+        }
+        if let Some(t) = self.router.intended_topic(raw) {
+            headers.push(("dlq.original_topic".into(), Bytes::from(t)));
+        }
+        if let Some(h) = &raw.headers {
+            headers.push(("dlq.original_headers".into(), h.clone()));
+        }
+        let key = raw.aggregateid.clone().unwrap_or_default();
+        Some(self.finish_dead_letter(id, key, raw.payload.clone(), headers, error, 0))
+    }
+
+    fn finish_dead_letter(
+        &self,
+        id: uuid::Uuid,
+        key: Bytes,
+        payload: Option<Bytes>,
+        mut headers: Vec<(String, Bytes)>,
+        error: &str,
+        attempts: u32,
+    ) -> OutboxMessage {
+        headers.push(("dlq.original_key".into(), key.clone()));
+        headers.push(("dlq.error".into(), Bytes::from(error.to_owned())));
+        headers.push(("dlq.attempts".into(), Bytes::from(attempts.to_string())));
+        // A payload that may itself be too large for the broker is left out; its size is kept.
+        let limit = usize::try_from(self.config.kafka.max_message_bytes / 2).unwrap_or(usize::MAX);
+        let payload = match payload {
+            Some(p) if p.len() > limit => {
+                headers.push((
+                    "dlq.payload_omitted_bytes".into(),
+                    Bytes::from(p.len().to_string()),
+                ));
+                None
+            }
+            other => other,
+        };
+        OutboxMessage {
+            id,
+            topic: self.config.dead_letter.topic.clone(),
+            key,
+            payload,
+            headers,
+        }
     }
 
     /// Opens a pseudo-transaction (for the first-start snapshot).
@@ -223,7 +404,7 @@ impl<S: Sink> Pipeline<S> {
         self.progress.recv().await
     }
 
-    pub fn on_progress(&mut self, p: Option<Progress>) -> Result<(), PipelineError> {
+    pub async fn on_progress(&mut self, p: Option<Progress>) -> Result<(), PipelineError> {
         match p {
             None => Err(PipelineError::ProgressClosed),
             Some(Progress::Completed(done)) => {
@@ -234,10 +415,34 @@ impl<S: Sink> Pipeline<S> {
                 }
                 Ok(())
             }
-            Some(Progress::Failed { token, error }) => Err(PipelineError::Delivery {
-                id: token.id,
+            Some(Progress::Failed {
+                token,
                 error,
-            }),
+                message,
+            }) => {
+                if let Some(note) = token.dead_letter {
+                    // The dead-letter record itself was rejected: nowhere left to put the row.
+                    return Err(PipelineError::DeadLetter {
+                        id: token.id.to_string(),
+                        error: note.error,
+                        cause: SinkError::Rejected {
+                            id: token.id,
+                            topic: message.topic,
+                            reason: error,
+                        },
+                    });
+                }
+                let record = self.dead_letter_record(&message, &error, token.attempt);
+                self.poison(
+                    token.tx_seq,
+                    token.id.to_string(),
+                    Some(record),
+                    error,
+                    token.attempt,
+                    true,
+                )
+                .await
+            }
             Some(Progress::PostgresStopping(why)) => Err(PipelineError::PostgresStopping(why)),
         }
     }
@@ -246,7 +451,7 @@ impl<S: Sink> Pipeline<S> {
     pub async fn wait_for_capacity(&mut self) -> Result<(), PipelineError> {
         while !self.has_capacity() {
             let p = self.next_progress().await;
-            self.on_progress(p)?;
+            self.on_progress(p).await?;
         }
         Ok(())
     }
@@ -257,7 +462,7 @@ impl<S: Sink> Pipeline<S> {
         let deadline = tokio::time::Instant::now() + timeout;
         while self.in_flight > 0 {
             match tokio::time::timeout_at(deadline, self.next_progress()).await {
-                Ok(p) => self.on_progress(p)?,
+                Ok(p) => self.on_progress(p).await?,
                 Err(_) => break,
             }
         }
@@ -275,15 +480,26 @@ mod tests {
     use crate::pipeline::routing::OutboxMessage;
     use crate::replication::pgoutput::encode;
 
-    /// A sink that records what it is handed; completions are driven by the test.
+    /// A sink that records what it is handed; completions are driven by the test. Messages for
+    /// `refuse_topic` are refused, as a broker refuses a message it will never accept.
     #[derive(Default)]
     struct RecordingSink {
         sent: Vec<(OutboxMessage, AckToken)>,
+        refuse_topic: Option<String>,
+        refused: u32,
     }
 
     impl Sink for RecordingSink {
-        async fn publish(&mut self, msg: OutboxMessage, token: AckToken) -> Result<(), SinkError> {
-            self.sent.push((msg, token));
+        async fn publish(&mut self, msg: &OutboxMessage, token: AckToken) -> Result<(), SinkError> {
+            if self.refuse_topic.as_deref() == Some(msg.topic.as_str()) {
+                self.refused += 1;
+                return Err(SinkError::Rejected {
+                    id: msg.id,
+                    topic: msg.topic.clone(),
+                    reason: "Broker: Message size too large".into(),
+                });
+            }
+            self.sent.push((msg.clone(), token));
             Ok(())
         }
         async fn flush(&mut self, _: Duration) -> usize {
@@ -342,7 +558,7 @@ mod tests {
         // The second transaction completes first: the watermark waits for the first.
         tx.send(Progress::Completed(vec![(seq_b, 1)])).unwrap();
         let next = p.next_progress().await;
-        p.on_progress(next).unwrap();
+        p.on_progress(next).await.unwrap();
         assert_eq!(p.flushable(), Lsn(10));
         assert!(p.has_capacity());
         tx.send(Progress::Completed(vec![(seq_a, 2)])).unwrap();
@@ -401,23 +617,166 @@ mod tests {
         assert!(err.to_string().contains("aggregatetype"), "{err}");
     }
 
+    fn poison_config(policy: PoisonPolicy) -> Config {
+        let mut config = Config::default();
+        config.dead_letter.policy = policy;
+        config.retry.initial_delay_ms = 1;
+        config.retry.max_delay_ms = 2;
+        config
+    }
+
+    fn header<'a>(m: &'a OutboxMessage, name: &str) -> Option<&'a [u8]> {
+        m.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| &v[..])
+    }
+
     #[tokio::test]
-    async fn permanent_failure_stops_with_the_row_named() {
-        let config = Config::default();
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut p = Pipeline::new(&config, RecordingSink::default(), rx);
-        let token = AckToken {
-            tx_seq: 0,
-            id: uuid::Uuid::nil(),
-            attempt: 1,
+    async fn a_row_that_cannot_become_a_message_is_dead_lettered_and_the_stream_goes_on() {
+        let (_tx, rx) = mpsc::unbounded_channel();
+        let mut p = Pipeline::new(
+            &poison_config(PoisonPolicy::Dlq),
+            RecordingSink::default(),
+            rx,
+        );
+        let cols = &[
+            "id",
+            "aggregatetype",
+            "aggregateid",
+            "type",
+            "payload",
+            "headers",
+        ];
+        feed(&mut p, encode::relation(1, "public", "outbox", cols)).await;
+        feed(&mut p, encode::begin(10, 1)).await;
+        let id = "00000000-0000-0000-0000-000000000042";
+        let bad = [
+            Some(id),
+            Some("order"),
+            Some("o-1"),
+            Some("T"),
+            Some("{}"),
+            Some("{\"n\": 1}"),
+        ];
+        feed(&mut p, encode::insert(1, &bad)).await;
+        let good = row(7);
+        let vals: Vec<Option<&str>> = good.iter().map(|v| v.as_deref()).chain([None]).collect();
+        feed(&mut p, encode::insert(1, &vals)).await;
+        feed(&mut p, encode::commit(10, 20)).await;
+
+        assert_eq!(
+            p.sink.sent.len(),
+            2,
+            "the bad row's dead-letter record, then the good row"
+        );
+        let (dlq, token) = &p.sink.sent[0];
+        assert_eq!(dlq.topic, "outbox.dlq");
+        assert_eq!(dlq.id.to_string(), id);
+        assert_eq!(&dlq.key[..], b"o-1");
+        assert_eq!(
+            header(dlq, "dlq.original_topic"),
+            Some(&b"outbox.event.order"[..])
+        );
+        assert_eq!(header(dlq, "dlq.original_key"), Some(&b"o-1"[..]));
+        let error = String::from_utf8_lossy(header(dlq, "dlq.error").unwrap()).into_owned();
+        assert!(error.contains("object of strings"), "{error}");
+        let note = token
+            .dead_letter
+            .as_ref()
+            .expect("marked as a dead-letter record");
+        assert_eq!(note.error, error);
+        assert_eq!(p.sink.sent[1].0.topic, "outbox.event.order");
+        assert_eq!(p.in_flight(), 2);
+        assert_eq!(p.counters.dead_lettered, 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_message_is_retried_a_bounded_number_of_times_then_dead_lettered() {
+        let (_tx, rx) = mpsc::unbounded_channel();
+        let sink = RecordingSink {
+            refuse_topic: Some("outbox.event.order".into()),
+            ..Default::default()
         };
+        let mut p = Pipeline::new(&poison_config(PoisonPolicy::Dlq), sink, rx);
+        feed(&mut p, encode::relation(1, "public", "outbox", COLS)).await;
+        feed(&mut p, encode::begin(10, 1)).await;
+        feed(&mut p, insert(1, 3)).await;
+        assert_eq!(p.sink.refused, 3, "dead_letter.max_attempts sends");
+        let (dlq, token) = &p.sink.sent[0];
+        assert_eq!(dlq.topic, "outbox.dlq");
+        assert_eq!(header(dlq, "dlq.attempts"), Some(&b"3"[..]));
+        assert_eq!(header(dlq, "type"), Some(&b"Created"[..]));
+        assert_eq!(token.dead_letter.as_ref().unwrap().attempts, 3);
+    }
+
+    #[tokio::test]
+    async fn a_delivery_rejected_later_is_dead_lettered_in_its_place() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut p = Pipeline::new(
+            &poison_config(PoisonPolicy::Dlq),
+            RecordingSink::default(),
+            rx,
+        );
+        feed(&mut p, encode::relation(1, "public", "outbox", COLS)).await;
+        feed(&mut p, encode::begin(10, 1)).await;
+        feed(&mut p, insert(1, 3)).await;
+        feed(&mut p, encode::commit(10, 20)).await;
+        let (msg, mut token) = p.sink.sent[0].clone();
+        token.attempt = 3;
         tx.send(Progress::Failed {
             token,
-            error: "too large".into(),
+            error: "Broker: Invalid topic".into(),
+            message: Box::new(msg),
         })
         .unwrap();
         let next = p.next_progress().await;
-        let err = p.on_progress(next).unwrap_err().to_string();
-        assert!(err.contains("too large") && err.contains(&uuid::Uuid::nil().to_string()));
+        p.on_progress(next).await.unwrap();
+        assert_eq!(
+            p.in_flight(),
+            1,
+            "the record replaces the message, it is not counted twice"
+        );
+        let (dlq, token) = &p.sink.sent[1];
+        assert_eq!(dlq.topic, "outbox.dlq");
+        assert_eq!(
+            header(dlq, "dlq.original_topic"),
+            Some(&b"outbox.event.order"[..])
+        );
+        let seq = token.tx_seq;
+        tx.send(Progress::Completed(vec![(seq, 1)])).unwrap();
+        assert_eq!(p.drain(Duration::from_secs(1)).await.unwrap(), 0);
+        assert_eq!(p.flushable(), Lsn(20));
+    }
+
+    #[tokio::test]
+    async fn halt_policy_stops_with_the_row_named_and_does_not_advance() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut p = Pipeline::new(
+            &poison_config(PoisonPolicy::Halt),
+            RecordingSink::default(),
+            rx,
+        );
+        feed(&mut p, encode::relation(1, "public", "outbox", COLS)).await;
+        feed(&mut p, encode::begin(10, 1)).await;
+        feed(&mut p, insert(1, 3)).await;
+        let (msg, token) = p.sink.sent[0].clone();
+        let id = msg.id.to_string();
+        tx.send(Progress::Failed {
+            token,
+            error: "too large".into(),
+            message: Box::new(msg),
+        })
+        .unwrap();
+        let next = p.next_progress().await;
+        let err = p.on_progress(next).await.unwrap_err().to_string();
+        assert!(
+            err.contains("too large")
+                && err.contains(&id)
+                && err.contains("RELAY_DEAD_LETTER__POLICY"),
+            "{err}"
+        );
+        assert_eq!(p.sink.sent.len(), 1, "nothing dead-lettered under halt");
+        assert_eq!(p.flushable(), Lsn::ZERO);
     }
 }

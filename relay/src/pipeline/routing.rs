@@ -125,7 +125,26 @@ impl Router {
         Router { template }
     }
 
-    pub fn route(&self, row: RawRow) -> Result<OutboxMessage, RowError> {
+    /// The topic the row is meant for, if it can be told (for dead-letter records).
+    pub fn intended_topic(&self, row: &RawRow) -> Option<String> {
+        if let Some(t) = row.topic.as_ref().filter(|t| !t.is_empty()) {
+            return std::str::from_utf8(t).ok().map(str::to_owned);
+        }
+        let field = |v: &Option<Bytes>| {
+            v.as_ref()
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .map(str::to_owned)
+        };
+        Some(self.template.render(
+            &field(&row.aggregatetype)?,
+            &field(&row.aggregateid).unwrap_or_default(),
+            &field(&row.event_type).unwrap_or_default(),
+        ))
+    }
+
+    /// Builds the message for `row` (values are shared, not copied).
+    pub fn route(&self, row: &RawRow) -> Result<OutboxMessage, RowError> {
+        let row = row.clone();
         let shown_id = row
             .id
             .as_ref()
@@ -284,7 +303,7 @@ mod tests {
 
     #[test]
     fn routes_by_template_with_key_headers_and_payload() {
-        let m = router().route(row(ID, "order", "o-1")).unwrap();
+        let m = router().route(&row(ID, "order", "o-1")).unwrap();
         assert_eq!(m.topic, "outbox.event.order");
         assert_eq!(&m.key[..], b"o-1");
         assert_eq!(m.payload.as_deref(), Some(&b"{\"total\": 5}"[..]));
@@ -301,7 +320,7 @@ mod tests {
         r.headers = Some(Bytes::from_static(
             b"{\"trace\": \"abc\", \"tenant\": \"t1\"}",
         ));
-        let m = router().route(r).unwrap();
+        let m = router().route(&r).unwrap();
         assert_eq!(m.topic, "custom.topic");
         assert!(
             m.headers
@@ -314,14 +333,14 @@ mod tests {
 
         let mut r = row(ID, "order", "o-1");
         r.topic = Some(Bytes::new());
-        assert_eq!(router().route(r).unwrap().topic, "outbox.event.order");
+        assert_eq!(router().route(&r).unwrap().topic, "outbox.event.order");
     }
 
     #[test]
     fn bad_rows_are_errors_naming_the_row() {
         let mut r = row(ID, "order", "o-1");
         r.headers = Some(Bytes::from_static(b"{\"n\": 1}"));
-        let e = router().route(r).unwrap_err();
+        let e = router().route(&r).unwrap_err();
         assert!(
             e.to_string().contains(ID) && e.problem.contains("object of strings"),
             "{e}"
@@ -329,19 +348,19 @@ mod tests {
 
         let mut r = row(ID, "order", "o-1");
         r.headers = Some(Bytes::from_static(b"[1]"));
-        assert!(router().route(r).is_err());
+        assert!(router().route(&r).is_err());
 
         let mut r = row(ID, "order", "o-1");
         r.aggregateid = None;
         assert!(
             router()
-                .route(r)
+                .route(&r)
                 .unwrap_err()
                 .problem
                 .contains("aggregateid")
         );
 
-        assert!(router().route(row("not-a-uuid", "order", "o")).is_err());
+        assert!(router().route(&row("not-a-uuid", "order", "o")).is_err());
     }
 
     #[test]

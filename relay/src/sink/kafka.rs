@@ -5,7 +5,8 @@
 //! transient errors itself, in order (idempotence keeps ordering and drops broker-side
 //! duplicates); when it gives up on a transient error (`kafka.message_timeout_ms` > 0) this sink
 //! sends the message again after an exponential backoff with jitter. Errors the broker will never
-//! get over (message too large, invalid topic, authorization) are reported `Failed`.
+//! get over (message too large, invalid topic, authorization) are retried up to
+//! `dead_letter.max_attempts` sends, then reported `Failed` with the message.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -17,12 +18,12 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{DeliveryResult, Header, Message, OwnedHeaders};
+use rdkafka::message::{DeliveryResult, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use tokio::sync::mpsc;
 
 use super::{AckToken, Delivery, Sink, SinkError};
-use crate::config::{KafkaConfig, RetryConfig};
+use crate::config::{Config, KafkaConfig, RetryConfig};
 use crate::pipeline::routing::OutboxMessage;
 
 /// librdkafka properties the relay derives from its config.
@@ -36,6 +37,7 @@ pub fn producer_config(cfg: &KafkaConfig, max_in_flight: usize) -> ClientConfig 
         .set("batch.size", cfg.batch_size.to_string())
         .set("compression.type", &cfg.compression)
         .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
+        .set("message.max.bytes", cfg.max_message_bytes.to_string())
         // Room for everything the pipeline may have in flight, plus retries.
         .set(
             "queue.buffering.max.messages",
@@ -73,6 +75,8 @@ pub struct RelayContext {
     deliveries: mpsc::UnboundedSender<Delivery>,
     retries: mpsc::UnboundedSender<RetryItem>,
     retry_pending: Arc<AtomicUsize>,
+    /// Sends of a message the broker rejects for good before it is reported `Failed`.
+    max_attempts: u32,
 }
 
 impl ClientContext for RelayContext {
@@ -128,7 +132,7 @@ impl ProducerContext for RelayContext {
             Ok(_) => Delivery::Acked(token),
             Err((err, msg)) => {
                 let permanent = error_code(err).is_some_and(is_permanent);
-                if !permanent {
+                if !permanent || token.attempt < self.max_attempts {
                     self.retry_pending.fetch_add(1, Ordering::SeqCst);
                     let item = RetryItem {
                         topic: msg.topic().to_owned(),
@@ -138,12 +142,18 @@ impl ProducerContext for RelayContext {
                         token,
                         error: err.to_string(),
                     };
-                    if self.retries.send(item).is_ok() {
-                        return;
+                    match self.retries.send(item) {
+                        Ok(()) => return,
+                        Err(mpsc::error::SendError(item)) => {
+                            self.retry_pending.fetch_sub(1, Ordering::SeqCst);
+                            // Shutting down: nobody is left to report to.
+                            let _ = item;
+                            return;
+                        }
                     }
-                    self.retry_pending.fetch_sub(1, Ordering::SeqCst);
                 }
                 Delivery::Failed {
+                    message: Box::new(owned_message(token.id, msg)),
                     token,
                     error: err.to_string(),
                 }
@@ -151,6 +161,30 @@ impl ProducerContext for RelayContext {
         };
         // The receiver is gone only while the relay shuts down; nothing to report to then.
         let _ = self.deliveries.send(report);
+    }
+}
+
+/// Copies a rejected message out of librdkafka, for the dead-letter topic.
+fn owned_message(id: uuid::Uuid, msg: &rdkafka::message::BorrowedMessage<'_>) -> OutboxMessage {
+    let headers = msg
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|hdr| {
+                    (
+                        hdr.key.to_owned(),
+                        bytes::Bytes::copy_from_slice(hdr.value.unwrap_or_default()),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    OutboxMessage {
+        id,
+        topic: msg.topic().to_owned(),
+        key: bytes::Bytes::copy_from_slice(msg.key().unwrap_or_default()),
+        payload: msg.payload().map(bytes::Bytes::copy_from_slice),
+        headers,
     }
 }
 
@@ -169,19 +203,19 @@ pub struct KafkaSink {
 impl KafkaSink {
     /// Builds the producer; every message's outcome is sent to `deliveries`.
     pub fn new(
-        cfg: &KafkaConfig,
-        retry_cfg: &RetryConfig,
-        max_in_flight: usize,
+        config: &Config,
         deliveries: mpsc::UnboundedSender<Delivery>,
     ) -> Result<KafkaSink, KafkaError> {
+        let (cfg, retry_cfg) = (&config.kafka, &config.retry);
         let (retry_tx, retry_rx) = mpsc::unbounded_channel();
         let retry_pending = Arc::new(AtomicUsize::new(0));
         let ctx = RelayContext {
             deliveries: deliveries.clone(),
             retries: retry_tx,
             retry_pending: retry_pending.clone(),
+            max_attempts: config.dead_letter.max_attempts,
         };
-        let client_config = producer_config(cfg, max_in_flight);
+        let client_config = producer_config(cfg, config.pipeline.max_in_flight);
         let producer: RelayProducer = client_config.create_with_context(ctx)?;
         let producer = Arc::new(producer);
         let mut admin_config = ClientConfig::new();
@@ -332,9 +366,9 @@ async fn enqueue(
     headers: &OwnedHeaders,
     token: AckToken,
 ) -> Result<(), (KafkaError, AckToken)> {
+    let mut token = Box::new(token);
     loop {
-        let mut record =
-            BaseRecord::with_opaque_to(topic, Box::new(token)).headers(headers.clone());
+        let mut record = BaseRecord::with_opaque_to(topic, token).headers(headers.clone());
         if let Some(k) = key {
             record = record.key(k);
         }
@@ -343,7 +377,8 @@ async fn enqueue(
         }
         match producer.send(record) {
             Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
+                token = record.delivery_opaque;
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             Err((e, record)) => return Err((e, *record.delivery_opaque)),
@@ -376,6 +411,7 @@ async fn retry_loop(
         tokio::time::sleep_until(received + delay).await;
         let mut token = item.token;
         token.attempt += 1;
+        let id = token.id;
         let headers = item.headers.unwrap_or_default();
         let result = enqueue(
             &producer,
@@ -388,16 +424,32 @@ async fn retry_loop(
         .await;
         pending.fetch_sub(1, Ordering::SeqCst);
         if let Err((e, token)) = result {
+            let message = OutboxMessage {
+                id,
+                topic: item.topic,
+                key: item.key.map(bytes::Bytes::from).unwrap_or_default(),
+                payload: item.payload.map(bytes::Bytes::from),
+                headers: headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            bytes::Bytes::copy_from_slice(h.value.unwrap_or_default()),
+                        )
+                    })
+                    .collect(),
+            };
             let _ = deliveries.send(Delivery::Failed {
                 token,
                 error: e.to_string(),
+                message: Box::new(message),
             });
         }
     }
 }
 
 impl Sink for KafkaSink {
-    async fn publish(&mut self, msg: OutboxMessage, token: AckToken) -> Result<(), SinkError> {
+    async fn publish(&mut self, msg: &OutboxMessage, token: AckToken) -> Result<(), SinkError> {
         self.ensure_topic(&msg.topic).await?;
         let headers = build_headers(&msg.headers);
         enqueue(
@@ -419,7 +471,7 @@ impl Sink for KafkaSink {
     async fn flush(&mut self, timeout: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let outstanding = self.producer.in_flight_count().max(0) as usize
+            let outstanding = usize::try_from(self.producer.in_flight_count()).unwrap_or(0)
                 + self.retry_pending.load(Ordering::SeqCst);
             if outstanding == 0 || tokio::time::Instant::now() >= deadline {
                 return outstanding;

@@ -4,8 +4,9 @@
 //! - **At-least-once.** Once [`Sink::publish`] returns `Ok`, the sink owns the message: it reports
 //!   exactly one [`Delivery`] for it on the channel it was built with — `Acked` only after the
 //!   broker confirmed it durably (for Kafka: `acks=all`, idempotent producer), or `Failed` when
-//!   the broker will never accept it. Transient failures are the sink's to retry (with backoff);
-//!   they never surface as `Failed`.
+//!   the broker rejected it for good (after a bounded number of sends), with the message so the
+//!   caller can dead-letter it. Transient failures are the sink's to retry (with backoff, without
+//!   limit); they never surface as `Failed`.
 //! - **Duplicates are tolerated.** After a crash the relay hands a sink messages it may already
 //!   have delivered; every message carries its row id (header `id`) so consumers can deduplicate.
 //! - **Order.** Messages with the same key are handed over in commit order; a sink must not
@@ -23,7 +24,7 @@ use crate::pipeline::routing::OutboxMessage;
 use crate::pipeline::watermark::TxSeq;
 
 /// Travels with a message through the sink and comes back in its [`Delivery`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AckToken {
     /// The Postgres transaction (watermark sequence) the message belongs to.
     pub tx_seq: TxSeq,
@@ -31,13 +32,39 @@ pub struct AckToken {
     pub id: Uuid,
     /// Send attempts so far (1 on the first send).
     pub attempt: u32,
+    /// Set on a poison row's dead-letter record: once acknowledged, the row is marked failed
+    /// (not delivered) with this error and attempt count.
+    pub dead_letter: Option<Box<DeadLetterNote>>,
+}
+
+impl AckToken {
+    pub fn new(tx_seq: TxSeq, id: Uuid) -> Self {
+        AckToken {
+            tx_seq,
+            id,
+            attempt: 1,
+            dead_letter: None,
+        }
+    }
+}
+
+/// Why a row was dead-lettered, recorded on the row once the dead-letter record is confirmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterNote {
+    pub error: String,
+    pub attempts: u32,
 }
 
 /// The outcome of one published message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Delivery {
     Acked(AckToken),
-    Failed { token: AckToken, error: String },
+    /// Rejected for good; `message` is what was sent, for the dead-letter topic.
+    Failed {
+        token: AckToken,
+        error: String,
+        message: Box<OutboxMessage>,
+    },
 }
 
 /// A sink could not take a message; retrying the same call will not help.
@@ -65,7 +92,7 @@ pub trait Sink: Send {
     /// (such as creating the topic), never for the broker's acknowledgement.
     fn publish(
         &mut self,
-        msg: OutboxMessage,
+        msg: &OutboxMessage,
         token: AckToken,
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
 
