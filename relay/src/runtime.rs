@@ -227,7 +227,11 @@ async fn stream_until_stopped<S: Sink>(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            p = pipeline.next_progress() => pipeline.on_progress(p).await?,
+            p = pipeline.next_progress() => {
+                if let Err(e) = pipeline.on_progress(p).await {
+                    return Err(stop_after_error(stream, pipeline, config, e).await);
+                }
+            }
             _ = status_tick.tick() => {
                 send_status(&mut stream, pipeline.flushable()).await?;
                 reported = pipeline.flushable();
@@ -249,7 +253,9 @@ async fn stream_until_stopped<S: Sink>(
                     }
                     Some(ServerMessage::XLogData { data, .. }) => {
                         let event = PgOutput::decode(data).map_err(ReplicationError::from)?;
-                        pipeline.handle(event).await?;
+                        if let Err(e) = pipeline.handle(event).await {
+                            return Err(stop_after_error(stream, pipeline, config, e).await);
+                        }
                     }
                     Some(ServerMessage::Keepalive { wal_end, reply_requested, .. }) => {
                         pipeline.observe_idle(wal_end);
@@ -283,7 +289,33 @@ async fn stream_until_stopped<S: Sink>(
         }
     }
 
-    // Graceful stop: no more reading; wait for what is in flight, then confirm it.
+    stop_gracefully(stream, pipeline, config).await
+}
+
+/// The pipeline cannot go on: still confirm what was published before the failure (so a restart
+/// repeats as little as possible), then report the error.
+async fn stop_after_error<S: Sink>(
+    stream: ReplicationStream,
+    pipeline: &mut Pipeline<S>,
+    config: &Config,
+    error: PipelineError,
+) -> RunError {
+    if matches!(error, PipelineError::PostgresStopping(_)) {
+        return error.into();
+    }
+    tracing::error!(%error, "stopping: confirming what was published before the failure");
+    if let Err(e) = stop_gracefully(stream, pipeline, config).await {
+        tracing::warn!(error = %e, "could not confirm the in-flight messages");
+    }
+    error.into()
+}
+
+/// Stops reading, waits (bounded) for what is in flight, then confirms it to Postgres.
+async fn stop_gracefully<S: Sink>(
+    mut stream: ReplicationStream,
+    pipeline: &mut Pipeline<S>,
+    config: &Config,
+) -> Result<(), RunError> {
     let in_flight = pipeline.in_flight();
     tracing::info!(
         in_flight,
