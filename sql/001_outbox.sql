@@ -24,11 +24,12 @@ CREATE INDEX IF NOT EXISTS outbox_undelivered_idx
     ON outbox (seq)
     WHERE delivered_at IS NULL;
 
--- Inserts only: the relay's own UPDATEs (delivered_at) never come back to it.
+-- Inserts, and TRUNCATE so the relay can report one; never UPDATE or DELETE, so the relay's own
+-- UPDATEs (delivered_at) never come back to it.
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'outbox_pub') THEN
-        CREATE PUBLICATION outbox_pub FOR TABLE outbox WITH (publish = 'insert');
+        CREATE PUBLICATION outbox_pub FOR TABLE outbox WITH (publish = 'insert, truncate');
     END IF;
 END
 $$;

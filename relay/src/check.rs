@@ -2,7 +2,8 @@
 //!
 //! Checks: Postgres reachable, `wal_level=logical`, the REPLICATION privilege, free replication
 //! slots and WAL senders, the outbox table with its columns, the state table, the publication, a
-//! replication connection (pg_hba), the slot if it exists, and that the broker answers.
+//! replication connection (pg_hba), the slot if it exists (its lag, the WAL it retains,
+//! `wal_status` and `safe_wal_size`: at risk or lost is a failure), and that the broker answers.
 
 use std::time::Duration;
 
@@ -173,20 +174,45 @@ async fn postgres_checks(c: &tokio_postgres::Client, config: &Config) -> Vec<Che
                 config.postgres.slot, i.plugin
             ),
         ),
-        Ok(Some(i)) => pass(
+        Ok(Some(i)) if i.wal_status.as_deref() == Some("lost") => fail(
             "replication slot",
             format!(
-                "'{}' exists (confirmed flush {}, {})",
+                "'{}' was invalidated (wal_status=lost): Postgres removed WAL it needed. Start the \
+                 relay to recover (new slot, undelivered rows republished from the table) and raise \
+                 max_slot_wal_keep_size",
+                config.postgres.slot
+            ),
+        ),
+        Ok(Some(i)) => {
+            let at_risk = i.wal_status.as_deref() == Some("unreserved");
+            let detail = format!(
+                "'{}': confirmed flush {}, lag {} bytes, WAL retained {} bytes, wal_status {}, safe_wal_size {}, {}",
                 config.postgres.slot,
-                i.confirmed_flush
-                    .map(|l| l.to_string())
-                    .unwrap_or_else(|| "none".into()),
+                i.confirmed_flush.map(|l| l.to_string()).unwrap_or_else(|| "none".into()),
+                i.lag_bytes.unwrap_or(0),
+                i.retained_bytes.unwrap_or(0),
+                i.wal_status.as_deref().unwrap_or("unknown"),
+                i.safe_wal_size
+                    .map(|b| format!("{b} bytes"))
+                    .unwrap_or_else(|| "unlimited".into()),
                 match i.active_pid {
                     Some(pid) => format!("in use by process {pid}"),
                     None => "not in use".into(),
                 }
-            ),
-        ),
+            );
+            if at_risk {
+                fail(
+                    "replication slot",
+                    format!(
+                        "{detail}; AT RISK: the slot retains more WAL than max_slot_wal_keep_size \
+                         allows and will be invalidated at the next checkpoint unless the relay \
+                         catches up"
+                    ),
+                )
+            } else {
+                pass("replication slot", detail)
+            }
+        }
         Err(e) => fail("replication slot", e.to_string()),
     });
     out

@@ -31,7 +31,7 @@ pub struct PostgresConfig {
     pub url: String,
     /// Logical replication slot (pgoutput). Created on first start if missing.
     pub slot: String,
-    /// Publication of the outbox table (`publish = 'insert'`).
+    /// Publication of the outbox table (`publish = 'insert, truncate'`).
     pub publication: String,
     /// Interval of standby status updates sent to Postgres, in milliseconds.
     pub status_interval_ms: u64,

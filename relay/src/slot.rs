@@ -7,6 +7,12 @@
 //! If the relay dies mid-snapshot, the next start finds the state row unfinished, drops the slot
 //! and does it again (rows already marked delivered are skipped; the rest may be sent twice,
 //! which consumers deduplicate by id).
+//!
+//! Slot lost: when the slot was invalidated (`wal_status = 'lost'`, WAL removed under
+//! `max_slot_wal_keep_size`) or dropped after a finished snapshot, the relay says so loudly and
+//! recovers the same way as a first start: a new slot, and every row still undelivered in the
+//! table published from its snapshot. The outbox table is the source of truth; nothing committed
+//! is silently skipped.
 
 use bytes::Bytes;
 use tokio_postgres::Client;
@@ -53,12 +59,24 @@ pub struct SlotInfo {
     pub database: Option<String>,
     pub active_pid: Option<i32>,
     pub confirmed_flush: Option<Lsn>,
+    /// `reserved`, `extended`, `unreserved` (at risk) or `lost` (invalidated).
+    pub wal_status: Option<String>,
+    /// Bytes of WAL that can still be written before the slot is at risk of invalidation
+    /// (`None` without a `max_slot_wal_keep_size`).
+    pub safe_wal_size: Option<i64>,
+    /// Bytes of WAL the slot keeps on the server (from its restart position to the WAL end).
+    pub retained_bytes: Option<i64>,
+    /// Bytes between the slot's confirmed position and the WAL end.
+    pub lag_bytes: Option<i64>,
 }
 
 pub async fn slot_info(db: &Client, slot: &str) -> Result<Option<SlotInfo>, SlotError> {
     let row = db
         .query_opt(
-            "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text \
+            "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, \
+                 wal_status, safe_wal_size, \
+                 (pg_current_wal_lsn() - restart_lsn)::bigint, \
+                 (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -69,6 +87,10 @@ pub async fn slot_info(db: &Client, slot: &str) -> Result<Option<SlotInfo>, Slot
         database: r.get(1),
         active_pid: r.get(2),
         confirmed_flush: r.get::<_, Option<String>>(3).and_then(|s| s.parse().ok()),
+        wal_status: r.get(4),
+        safe_wal_size: r.get(5),
+        retained_bytes: r.get(6),
+        lag_bytes: r.get(7),
     }))
 }
 
@@ -100,11 +122,11 @@ pub async fn preflight(db: &Client, config: &Config) -> Result<(), SlotError> {
         .map_err(|e| SlotError::query("looking up the publication", e))?;
     match row {
         None => Err(SlotError::Setup(format!(
-            "publication '{publication}' does not exist; run: CREATE PUBLICATION {} FOR TABLE {table} WITH (publish = 'insert');",
+            "publication '{publication}' does not exist; run: CREATE PUBLICATION {} FOR TABLE {table} WITH (publish = 'insert, truncate');",
             quote_ident(publication)
         ))),
         Some(r) if !r.get::<_, bool>(0) => Err(SlotError::Setup(format!(
-            "publication '{publication}' does not publish inserts; run: ALTER PUBLICATION {} SET (publish = 'insert');",
+            "publication '{publication}' does not publish inserts; run: ALTER PUBLICATION {} SET (publish = 'insert, truncate');",
             quote_ident(publication)
         ))),
         Some(r) if !r.get::<_, bool>(1) => Err(SlotError::Setup(format!(
@@ -128,6 +150,18 @@ async fn require_table(db: &Client, table: &str, what: &str, keys: &str) -> Resu
             "{what} {table} does not exist; apply sql/*.sql (psql -f) or set {keys}"
         )))
     }
+}
+
+async fn drop_slot(db: &Client, slot: &str, active_pid: Option<i32>) -> Result<(), SlotError> {
+    if let Some(pid) = active_pid {
+        return Err(SlotError::Setup(format!(
+            "slot '{slot}' is in use by process {pid}; stop the other relay first"
+        )));
+    }
+    db.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .map_err(|e| SlotError::query("dropping the slot", e))?;
+    Ok(())
 }
 
 /// Whether a finished first-start snapshot is recorded for `slot`: `None` if no record exists.
@@ -173,21 +207,33 @@ pub async fn prepare<S: Sink>(
                 i.database
             )));
         }
-        if snapshot_done(db, config).await? == Some(false) {
+        if i.wal_status.as_deref() == Some("lost") {
+            tracing::error!(
+                slot,
+                "SLOT LOST: Postgres invalidated the replication slot (it removed WAL the slot still \
+                 needed, see max_slot_wal_keep_size); changes in that WAL can no longer be streamed. \
+                 Recovering: dropping the slot, creating a new one and publishing every row that is \
+                 still undelivered in the outbox table. Rows published but not yet marked may be sent \
+                 twice. Raise max_slot_wal_keep_size or alert on wal_status to avoid this."
+            );
+            drop_slot(db, slot, i.active_pid).await?;
+            info = None;
+        } else if snapshot_done(db, config).await? == Some(false) {
             tracing::warn!(
                 slot,
                 "the first-start snapshot of this slot did not finish; dropping the slot and starting over"
             );
-            if let Some(pid) = i.active_pid {
-                return Err(SlotError::Setup(format!(
-                    "slot '{slot}' is in use by process {pid}; stop the other relay first"
-                )));
-            }
-            db.execute("SELECT pg_drop_replication_slot($1)", &[slot])
-                .await
-                .map_err(|e| SlotError::query("dropping the unfinished slot", e))?;
+            drop_slot(db, slot, i.active_pid).await?;
             info = None;
         }
+    } else if snapshot_done(db, config).await? == Some(true) {
+        tracing::error!(
+            slot,
+            "SLOT LOST: the replication slot this relay streamed from no longer exists (dropped?). \
+             Changes committed since it vanished cannot be streamed. Recovering: creating a new slot \
+             and publishing every row that is still undelivered in the outbox table. Rows published \
+             but not yet marked may be sent twice."
+        );
     }
     if let Some(i) = info {
         let start = i.confirmed_flush.unwrap_or(Lsn::ZERO);
@@ -301,7 +347,7 @@ async fn publish_snapshot<S: Sink>(
     let sql = format!(
         "DECLARE outbox_snapshot NO SCROLL CURSOR FOR \
          SELECT {id}, {at}, {aid}, {ty}, {payload}, {headers}, {topic} FROM {table} \
-         WHERE {delivered} IS NULL ORDER BY {order}",
+         WHERE {delivered} IS NULL{not_failed} ORDER BY {order}",
         id = col(&c.id),
         at = col(&c.aggregatetype),
         aid = col(&c.aggregateid),
@@ -311,6 +357,11 @@ async fn publish_snapshot<S: Sink>(
         topic = col(&c.topic),
         table = config.outbox_table_sql(),
         delivered = quote_ident(&c.delivered_at),
+        not_failed = if present.iter().any(|p| p == &c.failed_at) {
+            format!(" AND {} IS NULL", quote_ident(&c.failed_at))
+        } else {
+            String::new()
+        },
     );
     tx.batch_execute(&sql)
         .await

@@ -146,7 +146,7 @@ impl PgCluster {
             port,
             as_postgres,
         };
-        cluster.pg_ctl_start();
+        cluster.start_server();
         cluster
     }
 
@@ -154,7 +154,8 @@ impl PgCluster {
         self.dir.path().join("data")
     }
 
-    fn pg_ctl_start(&self) {
+    /// Starts the (stopped) server again.
+    pub fn start_server(&self) {
         let mut c = pg_command("pg_ctl", self.as_postgres);
         c.arg("-D")
             .arg(self.data())
@@ -175,7 +176,7 @@ impl PgCluster {
 
     pub fn restart(&self, mode: &str) {
         self.stop(mode);
-        self.pg_ctl_start();
+        self.start_server();
     }
 
     pub fn url(&self) -> String {
