@@ -179,7 +179,7 @@ async fn snapshot_done(db: &Client, config: &Config) -> Result<Option<bool>, Slo
     Ok(row.map(|r| r.get(0)))
 }
 
-/// Prepares the slot for streaming and returns the position to start from (`0/0`: the slot's own).
+/// Prepares the slot for streaming and returns the position to start from.
 /// On first start this publishes the snapshot through `pipeline` and waits for it to complete.
 pub async fn prepare<S: Sink>(
     db: &Client,
@@ -236,10 +236,14 @@ pub async fn prepare<S: Sink>(
         );
     }
     if let Some(i) = info {
-        let start = i.confirmed_flush.unwrap_or(Lsn::ZERO);
-        tracing::info!(slot, confirmed_flush = %start, "resuming from the existing slot");
+        // After a Postgres crash the slot's position may be older than what this process already
+        // confirmed (the slot is only saved at checkpoints); starting from our own position makes
+        // the server skip transactions we completed instead of sending them again.
+        let slot_position = i.confirmed_flush.unwrap_or(Lsn::ZERO);
+        let start = slot_position.max(pipeline.flushable());
+        tracing::info!(slot, confirmed_flush = %slot_position, start = %start, "resuming from the existing slot");
         pipeline.start_at(start);
-        return Ok(Lsn::ZERO);
+        return Ok(start);
     }
     first_start(db, repl, config, pipeline).await
 }

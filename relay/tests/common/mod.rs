@@ -319,6 +319,16 @@ impl Tansu {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// Freezes the broker (SIGSTOP): connections stay open, nothing answers. Data is kept.
+    pub fn pause(&self) {
+        signal(self.child.id(), "-STOP");
+    }
+
+    /// Thaws a paused broker (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.child.id(), "-CONT");
+    }
+
     pub fn create_topic(&self, name: &str, partitions: u32) {
         let mut c = Command::new(tansu_bin());
         c.args(["topic", "create", "--broker"])
@@ -333,6 +343,15 @@ impl Drop for Tansu {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill {sig} {pid} failed");
 }
 
 /// The relay binary in its own process.
@@ -421,6 +440,14 @@ impl Relay {
                 panic!("relay ignored SIGTERM for a minute; log:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// kill -9: no chance to confirm or mark anything.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 
