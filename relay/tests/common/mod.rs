@@ -507,8 +507,9 @@ impl Received {
     }
 }
 
-/// Reads `topics` from the beginning with an independent consumer until `expected` messages
-/// arrived (or `wait` passed), then keeps reading for `linger` to catch any duplicates.
+/// Reads `topics` from the beginning with an independent consumer until `expected` distinct
+/// messages (by `id` header) arrived (or `wait` passed), then keeps reading for `linger` to catch
+/// any duplicates.
 pub fn consume(
     brokers: &str,
     topics: &[&str],
@@ -521,6 +522,7 @@ pub fn consume(
         .set("group.id", format!("test-{}", uuid::Uuid::new_v4()))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10")
         .create()
         .expect("consumer");
     let mut tpl = TopicPartitionList::new();
@@ -551,11 +553,12 @@ pub fn consume(
     }
     consumer.assign(&tpl).expect("assign");
     let mut out = Vec::new();
+    let mut distinct = std::collections::HashSet::new();
     let deadline = Instant::now() + wait;
     let mut linger_until: Option<Instant> = None;
     loop {
         let now = Instant::now();
-        if out.len() >= expected && linger_until.is_none() {
+        if distinct.len() >= expected && linger_until.is_none() {
             linger_until = Some(now + linger);
         }
         if linger_until.is_some_and(|t| now > t) || now > deadline {
@@ -572,6 +575,7 @@ pub fn consume(
                         );
                     }
                 }
+                distinct.insert(headers.get("id").cloned().unwrap_or_default());
                 out.push(Received {
                     topic: m.topic().to_owned(),
                     partition: m.partition(),
