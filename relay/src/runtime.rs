@@ -222,11 +222,22 @@ async fn stream_until_stopped<S: Sink>(
     let mut reported_at = Instant::now();
     let mut paused_logged = false;
     let mut last_log = Instant::now();
+    // On SIGTERM in the middle of a transaction, read on to its Commit (bounded by the shutdown
+    // timeout): rows of it already published would otherwise be sent again after the restart.
+    let mut stopping_since: Option<Instant> = None;
+    let finish_tx_limit = Duration::from_millis(config.pipeline.shutdown_timeout_ms);
     loop {
+        if let Some(since) = stopping_since
+            && (!pipeline.in_transaction() || since.elapsed() > finish_tx_limit)
+        {
+            break;
+        }
         let moved = pipeline.flushable() > reported;
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled(), if stopping_since.is_none() => {
+                stopping_since = Some(Instant::now());
+            }
             p = pipeline.next_progress() => {
                 if let Err(e) = pipeline.on_progress(p).await {
                     return Err(stop_after_error(stream, pipeline, config, e).await);

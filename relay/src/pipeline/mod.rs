@@ -140,6 +140,11 @@ impl<S: Sink> Pipeline<S> {
         }
     }
 
+    /// Whether a transaction has begun and its Commit not been read yet.
+    pub fn in_transaction(&self) -> bool {
+        self.open_tx.is_some()
+    }
+
     /// The stream broke: a transaction being read will be read again from the slot.
     pub fn abandon_open_transaction(&mut self) {
         if self.open_tx.take().is_some() {
