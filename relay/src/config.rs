@@ -175,7 +175,8 @@ pub struct PipelineConfig {
     pub mark_delivered: bool,
     /// Most ids per `UPDATE ... WHERE id = ANY($1)`.
     pub mark_batch_size: usize,
-    /// Longest wait before a partial batch of marks is written, in milliseconds.
+    /// Extra wait for more acknowledgements before a partial batch of marks is written, in
+    /// milliseconds. 0: write as soon as the previous UPDATE finished (batches grow with load).
     pub mark_interval_ms: u64,
     /// On SIGTERM/SIGINT, how long to wait for in-flight acknowledgements, in milliseconds.
     pub shutdown_timeout_ms: u64,
@@ -187,7 +188,7 @@ impl Default for PipelineConfig {
             max_in_flight: 10_000,
             mark_delivered: true,
             mark_batch_size: 1_000,
-            mark_interval_ms: 20,
+            mark_interval_ms: 0,
             shutdown_timeout_ms: 30_000,
         }
     }
@@ -199,6 +200,9 @@ impl Default for PipelineConfig {
 pub enum PoisonPolicy {
     /// Send it to the dead-letter topic, mark it failed, keep going.
     Dlq,
+    /// Mark it failed and hold back later rows of the same aggregate (parked in the table) until
+    /// it goes through; other aggregates keep flowing.
+    BlockKey,
     /// Stop with a clear error; the slot does not advance past the row.
     Halt,
 }
@@ -206,13 +210,16 @@ pub enum PoisonPolicy {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeadLetterConfig {
-    /// `dlq` or `halt`.
+    /// `dlq`, `block_key` or `halt`.
     pub policy: PoisonPolicy,
     /// Topic that receives poison rows, with the original topic, key, error and attempts as headers.
     pub topic: String,
     /// Sends of a message the broker rejects before it is dead-lettered (rows that cannot even
     /// be turned into a message go to the dead-letter topic at once).
     pub max_attempts: u32,
+    /// `block_key` only: how often a blocked aggregate's failed row is tried again (read afresh
+    /// from the table, so a fix by UPDATE takes effect), in milliseconds.
+    pub block_retry_interval_ms: u64,
 }
 
 impl Default for DeadLetterConfig {
@@ -221,6 +228,7 @@ impl Default for DeadLetterConfig {
             policy: PoisonPolicy::Dlq,
             topic: "outbox.dlq".into(),
             max_attempts: 3,
+            block_retry_interval_ms: 10_000,
         }
     }
 }
@@ -464,6 +472,21 @@ impl Config {
                 "dead_letter.max_attempts",
                 0,
                 "must be at least 1 (3 is usual)",
+            ));
+        }
+        if self.dead_letter.block_retry_interval_ms == 0 {
+            return Err(invalid(
+                "dead_letter.block_retry_interval_ms",
+                0,
+                "must be at least 1 (10000 is usual)",
+            ));
+        }
+        if self.dead_letter.policy == PoisonPolicy::BlockKey && self.outbox.columns.seq.is_empty() {
+            return Err(invalid(
+                "dead_letter.policy",
+                "block_key",
+                "block_key needs the outbox.columns.seq column to replay held rows in commit order; \
+                 add the seq column (sql/001_outbox.sql) or use dlq or halt",
             ));
         }
         let r = &self.retry;

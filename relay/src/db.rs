@@ -3,10 +3,27 @@
 //! TLS follows `sslmode` in `postgres.url` with libpq's meaning: `prefer` (the default) uses TLS
 //! when the server offers it, `require` insists, neither verifies the certificate.
 
+use std::future::Future;
+
+use tokio::sync::watch;
 use tokio_postgres::Client;
 
 /// Opens a connection and drives it on a background task.
 pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
+    Ok(connect_watched(config).await?.0)
+}
+
+/// Says why the server ended a connection, if it ended it because it is shutting down or
+/// restarting (SQLSTATE class 57P: a fast shutdown terminates ordinary sessions before it waits
+/// for replication clients): `Some(reason)` then, `None` until.
+pub type ShutdownWatch = watch::Receiver<Option<String>>;
+
+/// [`connect`], plus a watch that turns `Some` when the server closes the connection because it
+/// is shutting down.
+pub async fn connect_watched(
+    config: &tokio_postgres::Config,
+) -> Result<(Client, ShutdownWatch), tokio_postgres::Error> {
+    let (tx, rx) = watch::channel(None);
     let tls = native_tls::TlsConnector::builder()
         .danger_accept_invalid_certs(true)
         .danger_accept_invalid_hostnames(true)
@@ -15,25 +32,34 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_po
     let client = match tls {
         Ok(tls) => {
             let (client, connection) = config.connect(tls).await?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "Postgres connection closed");
-                }
-            });
+            tokio::spawn(drive(connection, tx));
             client
         }
         Err(e) => {
             tracing::warn!(error = %e, "TLS unavailable; connecting without it");
             let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "Postgres connection closed");
-                }
-            });
+            tokio::spawn(drive(connection, tx));
             client
         }
     };
-    Ok(client)
+    Ok((client, rx))
+}
+
+async fn drive(
+    connection: impl Future<Output = Result<(), tokio_postgres::Error>>,
+    shutdown: watch::Sender<Option<String>>,
+) {
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %describe(&e), "Postgres connection closed");
+        if is_shutdown(&e) {
+            shutdown.send_replace(Some(describe(&e)));
+        }
+    }
+}
+
+/// SQLSTATE class 57P: admin shutdown, crash shutdown, cannot connect now.
+pub fn is_shutdown(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| c.code().starts_with("57P"))
 }
 
 /// Whether retrying the connection can help (the server is down or starting) or not (bad

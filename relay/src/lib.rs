@@ -10,6 +10,7 @@ pub mod config;
 pub mod db;
 pub mod pipeline;
 pub mod progress;
+pub mod redrive;
 pub mod replication;
 pub mod runtime;
 pub mod sink;

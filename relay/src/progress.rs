@@ -1,14 +1,16 @@
 //! The progress stage: broker acknowledgements in, rows marked, completions out.
 //!
-//! Acks are gathered into batches (`pipeline.mark_batch_size` ids or `pipeline.mark_interval_ms`,
-//! whichever comes first) and marked with one `UPDATE ... WHERE id = ANY($1)` on an ordinary
-//! connection. A poison row's dead-letter record, once acknowledged, marks its row failed
+//! Acks are gathered into batches and marked with one `UPDATE ... WHERE id = ANY($1)` on an
+//! ordinary connection. A batch is every ack that arrived while the previous UPDATE ran (up to
+//! `pipeline.mark_batch_size`), so a lone ack is marked at once and batches grow with load;
+//! `pipeline.mark_interval_ms` > 0 waits that much longer for more. A poison row's dead-letter record, once acknowledged, marks its row failed
 //! (`attempts`, `last_error`, `failed_at`) instead. Only after the UPDATE committed are the
 //! messages reported completed to the pipeline, so the slot never advances past a row that is
 //! published but unmarked. A failing UPDATE is retried with backoff (reconnecting as needed) for
 //! as long as it takes; meanwhile the pipeline's in-flight bound stops WAL reading. If Postgres
 //! says it is shutting down, the pipeline is told at once so the replication connection lets go.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use backon::BackoffBuilder;
@@ -21,18 +23,49 @@ use crate::db;
 use crate::pipeline::Progress;
 use crate::pipeline::watermark::TxSeq;
 use crate::replication::client::quote_ident;
-use crate::sink::{DeadLetterNote, Delivery};
+use crate::sink::{Delivery, FailureNote};
+
+/// The connection in `slot`, (re)connected when needed.
+async fn connected<'a>(
+    slot: &'a mut Option<Client>,
+    pg: &tokio_postgres::Config,
+) -> Result<&'a Client, tokio_postgres::Error> {
+    if slot.as_ref().is_none_or(Client::is_closed) {
+        *slot = Some(db::connect(pg).await?);
+    }
+    Ok(slot.as_ref().expect("connected just above"))
+}
 
 /// One write the progress stage makes.
+#[derive(Clone, Copy)]
 enum Mark<'a> {
-    Delivered(&'a [Uuid]),
-    Failed(Uuid, &'a DeadLetterNote),
+    Delivered,
+    /// Rows failed (dead-lettered or parked) with the same note.
+    Failed(&'a FailureNote),
 }
+
+/// How long a confirmed row whose inserting transaction is unknown may stay invisible to the
+/// marking connection before the relay decides it was deleted (see `execute_until_done`).
+const NOT_VISIBLE_LIMIT: Duration = Duration::from_secs(30);
+
+/// Which of the given transactions (32-bit ids) had ended, committed or aborted, as of this
+/// statement's snapshot: `pg_visible_in_snapshot` is true for a transaction the snapshot does
+/// not see as running. `pg_xact_status` would not do: it reads the commit log, which says
+/// "committed" a moment before the transaction leaves the list of running ones and its rows
+/// become visible to other sessions (for as long as a synchronous standby is awaited). Ids are
+/// widened to full ids against the snapshot's xmax.
+const XACT_ENDED_SQL: &str = "SELECT x FROM unnest($1::bigint[]) AS x, \
+          (SELECT pg_current_snapshot() AS snap) AS s \
+     WHERE pg_visible_in_snapshot( \
+          (pg_snapshot_xmax(s.snap)::text::bigint \
+           - ((pg_snapshot_xmax(s.snap)::text::bigint - x) % 4294967296))::text::xid8, s.snap)";
 
 struct Marker {
     pg: tokio_postgres::Config,
     delivered_sql: String,
     failed_sql: String,
+    /// Which of the given rows are already delivered.
+    already_sql: String,
     client: Option<Client>,
 }
 
@@ -40,59 +73,166 @@ impl Marker {
     fn new(config: &Config) -> Marker {
         let c = &config.outbox.columns;
         let table = config.outbox_table_sql();
+        let d = quote_ident(&c.delivered_at);
+        let id = quote_ident(&c.id);
         Marker {
             pg: config.pg_config(),
             delivered_sql: format!(
-                "UPDATE {table} SET {d} = now() WHERE {id} = ANY($1) AND {d} IS NULL",
-                d = quote_ident(&c.delivered_at),
-                id = quote_ident(&c.id),
+                "UPDATE {table} SET {d} = now() WHERE {id} = ANY($1) AND {d} IS NULL RETURNING {id}"
             ),
             failed_sql: format!(
-                "UPDATE {table} SET {f} = now(), {a} = {a} + $2, {e} = $3 WHERE {id} = $1",
+                "UPDATE {table} SET {f} = now(), {a} = {a} + $2, {e} = $3 WHERE {id} = ANY($1) AND {d} IS NULL RETURNING {id}",
                 f = quote_ident(&c.failed_at),
                 a = quote_ident(&c.attempts),
                 e = quote_ident(&c.last_error),
-                id = quote_ident(&c.id),
+            ),
+            already_sql: format!(
+                "SELECT {id} FROM {table} WHERE {id} = ANY($1) AND {d} IS NOT NULL"
             ),
             client: None,
         }
     }
 
-    async fn execute(&mut self, mark: &Mark<'_>) -> Result<u64, tokio_postgres::Error> {
-        let client = match &self.client {
-            Some(c) if !c.is_closed() => c,
-            _ => self.client.insert(db::connect(&self.pg).await?),
-        };
-        let result = match mark {
-            Mark::Delivered(ids) => client.execute(&self.delivered_sql, &[ids]).await,
-            Mark::Failed(id, note) => {
-                let attempts = i32::try_from(note.attempts).unwrap_or(i32::MAX);
-                client
-                    .execute(&self.failed_sql, &[id, &attempts, &note.error])
-                    .await
+    /// Of `xids`, those whose transaction had ended (committed or aborted) as of now: a statement
+    /// that starts after this one sees their final outcome.
+    async fn ended(
+        &mut self,
+        xids: &[u32],
+    ) -> Result<std::collections::HashSet<u32>, tokio_postgres::Error> {
+        let client = connected(&mut self.client, &self.pg).await?;
+        let wide: Vec<i64> = xids.iter().map(|x| i64::from(*x)).collect();
+        let rows = client.query(XACT_ENDED_SQL, &[&wide]).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| u32::try_from(r.get::<_, i64>(0)).ok())
+            .collect())
+    }
+
+    /// Marks `ids`; returns those it could not find (neither updated nor already delivered).
+    async fn execute(
+        &mut self,
+        mark: Mark<'_>,
+        ids: &[Uuid],
+    ) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+        let client = connected(&mut self.client, &self.pg).await?;
+        let result = async {
+            let updated = match mark {
+                Mark::Delivered => client.query(&self.delivered_sql, &[&ids]).await?,
+                Mark::Failed(note) => {
+                    let attempts = i32::try_from(note.attempts).unwrap_or(i32::MAX);
+                    client
+                        .query(&self.failed_sql, &[&ids, &attempts, &note.error])
+                        .await?
+                }
+            };
+            if updated.len() == ids.len() {
+                return Ok(Vec::new());
             }
-        };
+            let mut rest: std::collections::HashSet<Uuid> = ids.iter().copied().collect();
+            for row in &updated {
+                rest.remove(&row.get::<_, Uuid>(0));
+            }
+            let rest: Vec<Uuid> = rest.into_iter().collect();
+            // Rows delivered before (a repeat after a restart) need nothing more.
+            let already = client.query(&self.already_sql, &[&rest]).await?;
+            let already: std::collections::HashSet<Uuid> =
+                already.iter().map(|r| r.get::<_, Uuid>(0)).collect();
+            Ok(rest
+                .into_iter()
+                .filter(|id| !already.contains(id))
+                .collect())
+        }
+        .await;
         if result.is_err() {
             self.client = None;
         }
         result
     }
 
-    /// Runs `mark` until it succeeds. Returns false if the pipeline is gone.
+    /// Runs `mark` on `ids` until every row is marked. Returns false if the pipeline is gone.
+    ///
+    /// A row the broker confirmed may not be visible yet: logical decoding hands over a
+    /// transaction once its commit record is in the WAL, a moment before the transaction is
+    /// visible to other sessions (longer while the commit waits for a synchronous standby). An
+    /// UPDATE then finds nothing; counting the row done would leave it unmarked for good. So a
+    /// row not found is given up only when an UPDATE that started after its transaction had
+    /// ended (seen by `ended`) still does not find it: it was deleted, or inserted and deleted in
+    /// one transaction. Rows whose transaction is unknown (snapshot, redrive) are tried again
+    /// for up to `NOT_VISIBLE_LIMIT`, then given up with a warning.
     async fn execute_until_done(
         &mut self,
         mark: Mark<'_>,
+        ids: &[Uuid],
+        xids: &HashMap<Uuid, u32>,
         config: &Config,
         completions: &mpsc::UnboundedSender<Progress>,
     ) -> bool {
         let mut delays = crate::sink::kafka::backoff(&config.retry).build();
         let mut told_stopping = false;
+        let mut pending = ids.to_vec();
+        // Rows whose transaction had ended before the latest UPDATE began.
+        let mut ended_rows: std::collections::HashSet<Uuid> = std::collections::HashSet::new();
+        let mut invisible_since: Option<tokio::time::Instant> = None;
+        let mut invisible_wait = Duration::from_millis(1);
         loop {
-            match self.execute(&mark).await {
-                Ok(_) => return true,
+            match self.execute(mark, &pending).await {
+                Ok(rest) if rest.is_empty() => return true,
+                Ok(mut rest) => {
+                    rest.retain(|id| !ended_rows.contains(id));
+                    if rest.is_empty() {
+                        return true;
+                    }
+                    let known: Vec<u32> =
+                        rest.iter().filter_map(|id| xids.get(id)).copied().collect();
+                    let mut waiting = rest.len();
+                    if !known.is_empty() {
+                        match self.ended(&known).await {
+                            Ok(ended) => {
+                                for id in &rest {
+                                    if xids.get(id).is_some_and(|x| ended.contains(x)) {
+                                        ended_rows.insert(*id);
+                                        waiting -= 1;
+                                    }
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %db::describe(&e), "cannot read transaction status")
+                            }
+                        }
+                    }
+                    pending = rest;
+                    if waiting == 0 {
+                        // Every transaction has ended: one more UPDATE settles these rows.
+                        continue;
+                    }
+                    if pending
+                        .iter()
+                        .all(|id| xids.contains_key(id) || ended_rows.contains(id))
+                    {
+                        tracing::debug!(
+                            rows = waiting,
+                            "confirmed rows of transactions whose commit is not visible yet; waiting"
+                        );
+                    } else {
+                        let since = *invisible_since.get_or_insert_with(tokio::time::Instant::now);
+                        if since.elapsed() > NOT_VISIBLE_LIMIT {
+                            tracing::warn!(
+                                rows = pending.len(),
+                                first = %pending[0],
+                                "rows the broker confirmed are not in the outbox table (deleted?); not marking them"
+                            );
+                            return true;
+                        }
+                        tracing::debug!(
+                            rows = pending.len(),
+                            "confirmed rows not visible yet; marking them again shortly"
+                        );
+                    }
+                    tokio::time::sleep(invisible_wait).await;
+                    invisible_wait = (invisible_wait * 2).min(Duration::from_millis(100));
+                }
                 Err(e) => {
-                    // SQLSTATE class 57: admin shutdown, crash shutdown, cannot connect now.
-                    let stopping = e.code().is_some_and(|c| c.code().starts_with("57P"));
+                    let stopping = db::is_shutdown(&e);
                     if stopping && !told_stopping {
                         told_stopping = true;
                         let why = db::describe(&e);
@@ -134,9 +274,10 @@ pub async fn run(
     let interval = Duration::from_millis(config.pipeline.mark_interval_ms);
 
     let mut delivered: Vec<Uuid> = Vec::with_capacity(batch_size);
-    let mut failed: Vec<(Uuid, Box<DeadLetterNote>)> = Vec::new();
+    let mut failed: Vec<(Uuid, Box<FailureNote>)> = Vec::new();
     let mut done: Vec<(TxSeq, u64)> = Vec::new();
     let mut rejected: Vec<Progress> = Vec::new();
+    let mut xids: HashMap<Uuid, u32> = HashMap::new();
     loop {
         let Some(first) = deliveries.recv().await else {
             return;
@@ -146,7 +287,10 @@ pub async fn run(
         loop {
             match next.take() {
                 Some(Delivery::Acked(token)) => {
-                    match token.dead_letter {
+                    if let Some(x) = token.xid {
+                        xids.insert(token.id, x);
+                    }
+                    match token.failure {
                         Some(note) => failed.push((token.id, note)),
                         None if mark_delivered => delivered.push(token.id),
                         None => {}
@@ -162,6 +306,8 @@ pub async fn run(
                     error,
                     message,
                 }),
+                // After the marks of what was acknowledged before it.
+                Some(Delivery::Broken(why)) => rejected.push(Progress::SinkBroken(why)),
                 None => {}
             }
             if delivered.len() >= batch_size {
@@ -171,7 +317,7 @@ pub async fn run(
                 Ok(d) => next = Some(d),
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    if !mark_delivered {
+                    if !mark_delivered || interval.is_zero() {
                         break;
                     }
                     match tokio::time::timeout_at(deadline, deliveries.recv()).await {
@@ -183,7 +329,7 @@ pub async fn run(
         }
         if !delivered.is_empty() {
             let ok = marker
-                .execute_until_done(Mark::Delivered(&delivered), &config, &completions)
+                .execute_until_done(Mark::Delivered, &delivered, &xids, &config, &completions)
                 .await;
             if !ok {
                 return;
@@ -191,15 +337,22 @@ pub async fn run(
             tracing::trace!(rows = delivered.len(), "marked delivered");
             delivered.clear();
         }
-        for (id, note) in failed.drain(..) {
+        // Rows with the same note (a blocked aggregate's parked rows) share one UPDATE.
+        let mut rest = &failed[..];
+        while let Some((_, note)) = rest.first() {
+            let n = rest.iter().take_while(|(_, other)| other == note).count();
+            let ids: Vec<Uuid> = rest[..n].iter().map(|(id, _)| *id).collect();
             if !marker
-                .execute_until_done(Mark::Failed(id, &note), &config, &completions)
+                .execute_until_done(Mark::Failed(note), &ids, &xids, &config, &completions)
                 .await
             {
                 return;
             }
-            tracing::info!(%id, error = %note.error, "row marked failed (dead-lettered)");
+            tracing::info!(rows = n, first = %ids[0], error = %note.error, attempts = note.attempts, "rows marked failed");
+            rest = &rest[n..];
         }
+        failed.clear();
+        xids.clear();
         if !done.is_empty()
             && completions
                 .send(Progress::Completed(std::mem::take(&mut done)))

@@ -22,7 +22,7 @@ use crate::replication::{ReplicationClient, ReplicationError, ReplicationStream}
 use crate::sink::Sink;
 use crate::sink::kafka::{KafkaSink, backoff};
 use crate::slot::{self, SlotError};
-use crate::{db, progress};
+use crate::{db, progress, redrive};
 
 /// Why the relay stopped.
 #[derive(Debug, thiserror::Error)]
@@ -82,21 +82,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         "starting outbox-relay"
     );
     let db = connect_db(&config, &shutdown).await?;
-    let Some(db) = db else { return Ok(()) };
+    let Some((db, db_shutdown)) = db else {
+        return Ok(());
+    };
     slot::preflight(&db, &config).await?;
 
-    let (deliveries_tx, deliveries_rx) = mpsc::unbounded_channel();
-    let (progress_tx, progress_rx) = mpsc::unbounded_channel();
-    let sink = KafkaSink::new(&config, deliveries_tx)?;
-    let progress_task = tokio::spawn(progress::run(config.clone(), deliveries_rx, progress_tx));
-    let mut pipeline = Pipeline::new(&config, sink, progress_rx);
+    let (mut pipeline, mut progress_task) = build_pipeline(&config, &db).await?;
 
     let mut delays = backoff(&config.retry).build();
-    let mut db = db;
+    let (mut db, mut db_shutdown) = (db, db_shutdown);
     let result = loop {
         if db.is_closed() {
-            match db::connect(&pg).await {
-                Ok(c) => db = c,
+            match db::connect_watched(&pg).await {
+                Ok(c) => (db, db_shutdown) = c,
                 Err(e) => {
                     let wait = delays.next().unwrap_or(Duration::from_secs(30));
                     tracing::warn!(error = %db::describe(&e), retry_in = ?wait, "Postgres unreachable; retrying");
@@ -126,11 +124,35 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             Some(Err(e)) => Err(e),
             Some(Ok(stream)) => {
                 delays = backoff(&config.retry).build();
-                stream_until_stopped(stream, &mut pipeline, &config, &shutdown).await
+                stream_until_stopped(
+                    stream,
+                    &mut pipeline,
+                    &db,
+                    &mut db_shutdown,
+                    &config,
+                    &shutdown,
+                )
+                .await
             }
         };
         match outcome {
             Ok(()) => break Ok(()),
+            Err(RunError::Pipeline(PipelineError::SinkBroken(why))) if !shutdown.is_cancelled() => {
+                // The old producer can deliver nothing more. A new one takes over from the
+                // position confirmed so far; whatever was in flight is read again from the slot.
+                let confirmed = pipeline.flushable();
+                let wait = delays.next().unwrap_or(Duration::from_secs(30));
+                tracing::error!(error = %why, %confirmed, in_flight = pipeline.in_flight(), retry_in = ?wait,
+                    "the Kafka producer failed; starting a new one (unconfirmed messages are sent again)");
+                if sleep_or_shutdown(wait, &shutdown).await {
+                    break Ok(());
+                }
+                progress_task.abort();
+                let (mut fresh, task) = build_pipeline(&config, &db).await?;
+                fresh.start_at(confirmed);
+                pipeline = fresh;
+                progress_task = task;
+            }
             Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
                 pipeline.abandon_open_transaction();
                 let wait = delays.next().unwrap_or(Duration::from_secs(30));
@@ -160,17 +182,34 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     result
 }
 
+/// Builds the sink, the progress stage (a task) and the pipeline that joins them, and loads the
+/// aggregates blocked under `block_key`.
+async fn build_pipeline(
+    config: &Config,
+    db: &tokio_postgres::Client,
+) -> Result<(Pipeline<KafkaSink>, tokio::task::JoinHandle<()>), RunError> {
+    let (deliveries_tx, deliveries_rx) = mpsc::unbounded_channel();
+    let (progress_tx, progress_rx) = mpsc::unbounded_channel();
+    let sink = KafkaSink::new(config, deliveries_tx.clone())?;
+    let progress_task = tokio::spawn(progress::run(config.clone(), deliveries_rx, progress_tx));
+    let mut pipeline = Pipeline::new(config, sink, deliveries_tx, progress_rx);
+    redrive::load_blocked(db, config, &mut pipeline)
+        .await
+        .map_err(|e| SlotError::query("reading the aggregates blocked by failed rows", e))?;
+    Ok((pipeline, progress_task))
+}
+
 /// Connects the ordinary connection, retrying while the server is unreachable; fails fast on
 /// errors retrying cannot fix. `None` if shut down while waiting.
 async fn connect_db(
     config: &Config,
     shutdown: &CancellationToken,
-) -> Result<Option<tokio_postgres::Client>, RunError> {
+) -> Result<Option<(tokio_postgres::Client, db::ShutdownWatch)>, RunError> {
     let pg = config.pg_config();
     let url = redact_url(&config.postgres.url);
     let mut delays = backoff(&config.retry).build();
     loop {
-        match db::connect(&pg).await {
+        match db::connect_watched(&pg).await {
             Ok(c) => return Ok(Some(c)),
             Err(e) if db::is_permanent(&e) => {
                 return Err(RunError::Connect {
@@ -212,12 +251,19 @@ async fn send_status(
 async fn stream_until_stopped<S: Sink>(
     mut stream: ReplicationStream,
     pipeline: &mut Pipeline<S>,
+    db: &tokio_postgres::Client,
+    db_shutdown: &mut db::ShutdownWatch,
     config: &Config,
     shutdown: &CancellationToken,
 ) -> Result<(), RunError> {
     let mut status_tick =
         tokio::time::interval(Duration::from_millis(config.postgres.status_interval_ms));
     status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Blocked aggregates (dead_letter.policy = block_key) are tried again on this tick.
+    let mut redrive_tick = tokio::time::interval(Duration::from_millis(
+        config.dead_letter.block_retry_interval_ms.min(1_000),
+    ));
+    redrive_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut reported = pipeline.flushable();
     let mut reported_at = Instant::now();
     let mut paused_logged = false;
@@ -238,6 +284,14 @@ async fn stream_until_stopped<S: Sink>(
             _ = shutdown.cancelled(), if stopping_since.is_none() => {
                 stopping_since = Some(Instant::now());
             }
+            // A fast shutdown ends ordinary sessions first, then waits for this stream to
+            // confirm all WAL — which cannot happen while nothing can be acknowledged or marked.
+            Ok(()) = db_shutdown.changed() => {
+                let why = db_shutdown.borrow_and_update().clone();
+                if let Some(why) = why {
+                    return Err(PipelineError::PostgresStopping(why).into());
+                }
+            }
             p = pipeline.next_progress() => {
                 if let Err(e) = pipeline.on_progress(p).await {
                     return Err(stop_after_error(stream, pipeline, config, e).await);
@@ -247,6 +301,11 @@ async fn stream_until_stopped<S: Sink>(
                 send_status(&mut stream, pipeline.flushable()).await?;
                 reported = pipeline.flushable();
                 reported_at = Instant::now();
+            }
+            _ = redrive_tick.tick(), if !pipeline.blocked().is_empty() && stopping_since.is_none() => {
+                if let Err(e) = redrive::redrive_due(db, config, pipeline).await {
+                    return Err(stop_after_error(stream, pipeline, config, e).await);
+                }
             }
             _ = tokio::time::sleep_until(reported_at + FEEDBACK_COALESCE), if moved => {
                 send_status(&mut stream, pipeline.flushable()).await?;
@@ -311,7 +370,11 @@ async fn stop_after_error<S: Sink>(
     config: &Config,
     error: PipelineError,
 ) -> RunError {
-    if matches!(error, PipelineError::PostgresStopping(_)) {
+    // Nothing can be confirmed while Postgres stops, and a broken producer confirms nothing more.
+    if matches!(
+        error,
+        PipelineError::PostgresStopping(_) | PipelineError::SinkBroken(_)
+    ) {
         return error.into();
     }
     tracing::error!(%error, "stopping: confirming what was published before the failure");

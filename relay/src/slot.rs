@@ -43,7 +43,7 @@ pub enum SlotError {
 }
 
 impl SlotError {
-    fn query(context: &str, e: tokio_postgres::Error) -> SlotError {
+    pub(crate) fn query(context: &str, e: tokio_postgres::Error) -> SlotError {
         SlotError::Query {
             context: context.to_owned(),
             message: crate::db::describe(&e),

@@ -15,10 +15,11 @@ const LINGER: Duration = Duration::from_secs(2);
 /// commit.
 #[tokio::test(flavor = "multi_thread")]
 async fn committed_rows_arrive_once_with_routing_and_rollbacks_publish_nothing() {
-    let pg = PgCluster::start();
-    pg.apply_schema();
-    let broker = Tansu::start();
-    let mut relay = Relay::start(&relay_env(&pg, &broker.brokers(), &[]));
+    let Stack {
+        pg,
+        broker,
+        mut relay,
+    } = Stack::start(&[]);
     let mut db = pg.client().await;
 
     let committed = insert_rows(&mut db, "order", 3, 20, true).await;

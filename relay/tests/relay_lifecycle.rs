@@ -151,14 +151,7 @@ async fn rows_present_before_first_start_are_published_exactly_once() {
 /// with 1 KB payloads the transaction is ~100 MB, the relay's peak RSS stays far below.
 #[tokio::test(flavor = "multi_thread")]
 async fn hundred_thousand_row_transaction_streams_in_bounded_memory() {
-    let pg = PgCluster::start();
-    pg.apply_schema();
-    let broker = Tansu::start();
-    let relay = Relay::start(&relay_env(
-        &pg,
-        &broker.brokers(),
-        &[("RELAY_PIPELINE__MAX_IN_FLIGHT", "5000")],
-    ));
+    let Stack { pg, broker, relay } = Stack::start(&[("RELAY_PIPELINE__MAX_IN_FLIGHT", "5000")]);
     let db = pg.client().await;
     // Wait for the relay to be streaming (slot created) so the rows come through WAL.
     assert!(
@@ -209,10 +202,11 @@ async fn hundred_thousand_row_transaction_streams_in_bounded_memory() {
 /// With writes to other tables only, the slot's confirmed_flush_lsn keeps moving.
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_outbox_does_not_pin_wal() {
-    let pg = PgCluster::start();
-    pg.apply_schema();
-    let broker = Tansu::start();
-    let _relay = Relay::start(&relay_env(&pg, &broker.brokers(), &[]));
+    let Stack {
+        pg,
+        broker: _broker,
+        relay: _relay,
+    } = Stack::start(&[]);
     let db = pg.client().await;
     db.batch_execute("CREATE TABLE other (id serial primary key, v text)")
         .await
@@ -350,14 +344,11 @@ async fn wrong_password_fails_fast_with_a_clear_message() {
 /// the slot and loses nothing; rows in flight at the break may arrive twice.
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_restart_is_survived_without_loss() {
-    let pg = PgCluster::start();
-    pg.apply_schema();
-    let broker = Tansu::start();
-    let _relay = Relay::start(&relay_env(
-        &pg,
-        &broker.brokers(),
-        &[("RELAY_RETRY__MAX_DELAY_MS", "1000")],
-    ));
+    let Stack {
+        pg,
+        broker,
+        relay: _relay,
+    } = Stack::start(&[("RELAY_RETRY__MAX_DELAY_MS", "1000")]);
     wait_streaming(&pg.client().await, WAIT).await;
     let mut ids = Vec::new();
     for mode in ["fast", "immediate"] {
@@ -426,4 +417,40 @@ fn invalid_config_fails_at_start_with_key_and_fix() {
         err.contains("RELAY_PIPELINE__MAX_IN_FLIGHT") && err.contains("expected usize"),
         "{err}"
     );
+}
+
+/// A fast shutdown of Postgres waits for the walsender's client to confirm all WAL. While the
+/// broker is unreachable the relay can confirm nothing (nothing is acknowledged, so nothing is
+/// marked), so it must notice the shutdown another way and let go of the stream: Postgres stops
+/// (pg_ctl's own 60 s limit), and once both are back nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_fast_shutdown_is_not_held_up_while_the_broker_is_down() {
+    let Stack { pg, broker, relay } = Stack::start(&[("RELAY_RETRY__MAX_DELAY_MS", "1000")]);
+    let mut db = pg.client().await;
+    wait_streaming(&db, WAIT).await;
+    let mut ids = insert_rows(&mut db, "stuck", 3, 20, true).await;
+    assert!(all_delivered(&db, WAIT).await, "{}", relay.log());
+
+    broker.pause();
+    ids.extend(insert_rows(&mut db, "stuck", 3, 20, true).await);
+    // Let the relay read them: they are in flight, unacknowledged, unmarked.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(db);
+    pg.stop("fast"); // panics if Postgres has not stopped within 60 s
+    broker.resume();
+    pg.start_server();
+
+    let db = pg.client().await;
+    assert!(all_delivered(&db, WAIT).await, "{}", relay.log());
+    let got = consume(
+        &broker.brokers(),
+        &["outbox.event.stuck"],
+        ids.len(),
+        WAIT,
+        LINGER,
+    );
+    let got_ids: std::collections::HashSet<&str> = got.iter().map(|m| m.id()).collect();
+    for id in &ids {
+        assert!(got_ids.contains(id.as_str()), "row {id} lost");
+    }
 }

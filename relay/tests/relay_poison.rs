@@ -196,3 +196,94 @@ async fn halt_policy_stops_at_the_poison_row() {
     assert!(wait_failed(&pg, &bad).await);
     assert!(eventually(WAIT, || async { row_state(&pg, &after).3 }).await);
 }
+
+/// Policy `block_key`: a poison row holds back later rows of its aggregate only. They are parked
+/// in the table (the slot moves on), survive a relay restart, and follow in order once the row is
+/// fixed with an UPDATE; other aggregates flow meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn block_key_policy_holds_back_only_the_failed_aggregate_until_it_is_fixed() {
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    let broker = Tansu::start();
+    broker.create_topic("outbox.event.poison", 1);
+    let env = relay_env(
+        &pg,
+        &broker.brokers(),
+        &[
+            ("RELAY_DEAD_LETTER__POLICY", "block_key"),
+            ("RELAY_DEAD_LETTER__BLOCK_RETRY_INTERVAL_MS", "1000"),
+            ("RELAY_RETRY__MAX_DELAY_MS", "200"),
+        ],
+    );
+    let mut relay = Relay::start(&env);
+    let db = pg.client().await;
+    wait_streaming(&db, WAIT).await;
+
+    let before = insert(&pg, "k1", "'{\"n\": 0}'", "NULL", "NULL");
+    let bad = insert(&pg, "k1", "'{\"n\": 1}'", "'{\"retries\": 3}'", "NULL");
+    let held = vec![
+        insert(&pg, "k1", "'{\"n\": 2}'", "NULL", "NULL"),
+        insert(&pg, "k1", "'{\"n\": 3}'", "NULL", "NULL"),
+    ];
+    let others = [
+        insert(&pg, "k2", "'{\"n\": 1}'", "NULL", "NULL"),
+        insert(&pg, "k2", "'{\"n\": 2}'", "NULL", "NULL"),
+    ];
+    // The other aggregate flows; nothing of k1 after the bad row is published.
+    let got = consume(
+        &broker.brokers(),
+        &["outbox.event.poison"],
+        1 + others.len(),
+        WAIT,
+        LINGER,
+    );
+    let ids: Vec<&str> = got.iter().map(Received::id).collect();
+    assert_eq!(ids, [&before, &others[0], &others[1]], "{got:?}");
+    assert!(wait_failed(&pg, &bad).await);
+    let (_, error, _, delivered) = row_state(&pg, &bad);
+    assert!(error.contains("object of strings") && !delivered, "{error}");
+    for id in &held {
+        assert!(wait_failed(&pg, id).await, "held row {id} parked");
+        let (attempts, error, _, delivered) = row_state(&pg, id);
+        assert!(
+            error.contains("held back") && error.contains("poison/k1") && error.contains(&bad),
+            "{error}"
+        );
+        assert_eq!(attempts, 0);
+        assert!(!delivered);
+    }
+    // Parked rows are durable in the table, so the slot moves past them.
+    let wal = current_wal(&db).await;
+    assert!(
+        eventually(WAIT, || async {
+            confirmed_flush(&db, "outbox_relay").await.unwrap_or(0) >= wal
+        })
+        .await,
+        "the slot advances past parked rows"
+    );
+
+    // A restart remembers the block (read from the table): a new k1 row is held back too.
+    relay.kill();
+    let mut held = held;
+    held.push(insert(&pg, "k1", "'{\"n\": 4}'", "NULL", "NULL"));
+    let relay = Relay::start(&env);
+    assert!(wait_failed(&pg, &held[2]).await, "held after the restart");
+
+    // The fix: the blocking row is corrected in place; it and the held rows follow in order.
+    pg.psql(&format!(
+        "UPDATE outbox SET headers = NULL WHERE id = '{bad}'"
+    ));
+    let mut expected: Vec<&str> = vec![&before, &others[0], &others[1], &bad];
+    expected.extend(held.iter().map(String::as_str));
+    let got = consume(
+        &broker.brokers(),
+        &["outbox.event.poison"],
+        expected.len(),
+        WAIT,
+        LINGER,
+    );
+    let ids: Vec<&str> = got.iter().map(Received::id).collect();
+    assert_eq!(ids, expected, "relay log:\n{}", relay.log());
+    assert!(all_delivered(&db, WAIT).await);
+    assert!(relay.log().contains("aggregate unblocked"));
+}

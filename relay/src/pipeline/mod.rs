@@ -9,8 +9,11 @@
 //! Poison rows — rows that cannot become a message, or that the broker rejects for good after
 //! `dead_letter.max_attempts` sends — follow `dead_letter.policy`: `dlq` publishes a dead-letter
 //! record in the row's place (the row is then marked failed by the progress stage, and the
-//! pipeline goes on); `halt` stops with an error naming the row, before the slot passes it.
+//! pipeline goes on); `block_key` marks the row failed and parks later rows of its aggregate in
+//! the table until it goes through ([`blocking`]); `halt` stops with an error naming the row,
+//! before the slot passes it.
 
+pub mod blocking;
 pub mod routing;
 pub mod watermark;
 
@@ -25,7 +28,8 @@ use bytes::Bytes;
 use crate::config::{Config, PoisonPolicy};
 use crate::replication::Lsn;
 use crate::replication::pgoutput::PgOutput;
-use crate::sink::{AckToken, DeadLetterNote, Sink, SinkError};
+use crate::sink::{AckToken, Delivery, FailureNote, Sink, SinkError};
+use blocking::{Aggregate, Blocked};
 use routing::{ColumnMap, OutboxMessage, RawRow, Router, TopicTemplate};
 use watermark::{TxSeq, Watermark};
 
@@ -44,6 +48,8 @@ pub enum Progress {
     /// for the replication connection to confirm all WAL, which cannot happen before marking:
     /// the relay must let go of the stream so the server can stop.
     PostgresStopping(String),
+    /// The sink can deliver nothing more; outstanding messages will not be reported.
+    SinkBroken(String),
 }
 
 /// The pipeline cannot go on without losing or misrouting a row.
@@ -74,6 +80,10 @@ pub enum PipelineError {
     ProgressClosed,
     #[error("Postgres is shutting down ({0}); releasing the replication connection so it can stop")]
     PostgresStopping(String),
+    #[error(
+        "the Kafka producer failed ({0}); a new producer takes over and everything unconfirmed is read again from the slot"
+    )]
+    SinkBroken(String),
 }
 
 /// Running totals, logged and later exported as metrics.
@@ -83,6 +93,8 @@ pub struct Counters {
     pub rows: u64,
     pub completed: u64,
     pub dead_lettered: u64,
+    /// Rows marked failed or held back under `block_key`.
+    pub parked: u64,
 }
 
 pub struct Pipeline<S: Sink> {
@@ -93,13 +105,25 @@ pub struct Pipeline<S: Sink> {
     relations: HashMap<u32, Option<ColumnMap>>,
     watermark: Watermark,
     open_tx: Option<TxSeq>,
+    /// The open transaction's id (from its Begin message).
+    open_xid: Option<u32>,
     in_flight: usize,
     progress: mpsc::UnboundedReceiver<Progress>,
+    /// The progress stage's input, for rows parked under `block_key` (marked, never sent).
+    parked: mpsc::UnboundedSender<Delivery>,
+    blocked: Blocked,
     pub counters: Counters,
 }
 
 impl<S: Sink> Pipeline<S> {
-    pub fn new(config: &Config, sink: S, progress: mpsc::UnboundedReceiver<Progress>) -> Self {
+    /// `deliveries` is the channel the sink reports on (parked rows are reported there too);
+    /// `progress` brings back what the progress stage completed.
+    pub fn new(
+        config: &Config,
+        sink: S,
+        deliveries: mpsc::UnboundedSender<Delivery>,
+        progress: mpsc::UnboundedReceiver<Progress>,
+    ) -> Self {
         let template = TopicTemplate::parse(&config.kafka.topic_template).unwrap_or_else(|_| {
             TopicTemplate::parse("outbox.event.{aggregatetype}").expect("valid")
         });
@@ -110,8 +134,13 @@ impl<S: Sink> Pipeline<S> {
             relations: HashMap::new(),
             watermark: Watermark::new(Lsn::ZERO),
             open_tx: None,
+            open_xid: None,
             in_flight: 0,
             progress,
+            parked: deliveries,
+            blocked: Blocked::new(Duration::from_millis(
+                config.dead_letter.block_retry_interval_ms,
+            )),
             counters: Counters::default(),
         }
     }
@@ -147,6 +176,7 @@ impl<S: Sink> Pipeline<S> {
 
     /// The stream broke: a transaction being read will be read again from the slot.
     pub fn abandon_open_transaction(&mut self) {
+        self.open_xid = None;
         if self.open_tx.take().is_some() {
             self.watermark.abandon_open();
         }
@@ -155,17 +185,19 @@ impl<S: Sink> Pipeline<S> {
     /// Applies one decoded WAL message.
     pub async fn handle(&mut self, event: PgOutput) -> Result<(), PipelineError> {
         match event {
-            PgOutput::Begin(_) => {
+            PgOutput::Begin(b) => {
                 if self.open_tx.is_some() {
                     return Err(PipelineError::Order("Begin inside a transaction".into()));
                 }
                 self.open_tx = Some(self.watermark.begin());
+                self.open_xid = Some(b.xid);
             }
             PgOutput::Commit(c) => {
                 let seq = self
                     .open_tx
                     .take()
                     .ok_or_else(|| PipelineError::Order("Commit without Begin".into()))?;
+                self.open_xid = None;
                 self.watermark.commit(seq, c.end_lsn);
                 self.counters.transactions += 1;
             }
@@ -198,7 +230,7 @@ impl<S: Sink> Pipeline<S> {
                 let seq = self
                     .open_tx
                     .ok_or_else(|| PipelineError::Order("Insert outside a transaction".into()))?;
-                self.publish_row(seq, raw).await?;
+                self.publish_row_of(seq, raw, self.open_xid).await?;
             }
             PgOutput::Truncate { relation_ids, .. } => {
                 if relation_ids
@@ -222,8 +254,49 @@ impl<S: Sink> Pipeline<S> {
 
     /// Routes one row and hands it to the sink as part of transaction `seq`. A row that cannot
     /// become a message, or that the broker refuses `dead_letter.max_attempts` times, is poison.
+    /// Under `block_key`, a row of a blocked aggregate is parked instead.
     pub async fn publish_row(&mut self, seq: TxSeq, raw: RawRow) -> Result<(), PipelineError> {
+        self.publish_row_of(seq, raw, None).await
+    }
+
+    /// [`Pipeline::publish_row`] for a row inserted by transaction `xid` (read from the WAL).
+    async fn publish_row_of(
+        &mut self,
+        seq: TxSeq,
+        raw: RawRow,
+        xid: Option<u32>,
+    ) -> Result<(), PipelineError> {
         self.counters.rows += 1;
+        if !self.blocked.is_empty() {
+            let aggregate = Aggregate::of_row(&raw);
+            if let Some(blocker) = self.blocked.blocker(&aggregate)
+                && let Some(id) = row_uuid(&raw)
+            {
+                let note = FailureNote {
+                    error: format!(
+                        "held back: aggregate {aggregate} is blocked by failed row {blocker} \
+                         (dead_letter.policy = block_key)"
+                    ),
+                    attempts: 0,
+                };
+                self.park(seq, id, note, false);
+                return Ok(());
+            }
+        }
+        self.send_row(seq, raw, xid).await
+    }
+
+    /// Publishes a parked row of a blocked aggregate again (see `crate::redrive`).
+    pub async fn redrive_row(&mut self, seq: TxSeq, raw: RawRow) -> Result<(), PipelineError> {
+        self.send_row(seq, raw, None).await
+    }
+
+    async fn send_row(
+        &mut self,
+        seq: TxSeq,
+        raw: RawRow,
+        xid: Option<u32>,
+    ) -> Result<(), PipelineError> {
         let msg = match self.router.route(&raw) {
             Ok(msg) => msg,
             Err(e) => {
@@ -236,11 +309,13 @@ impl<S: Sink> Pipeline<S> {
         loop {
             let mut token = AckToken::new(seq, msg.id);
             token.attempt = attempt;
+            token.xid = xid;
             match self.sink.publish(&msg, token).await {
                 Ok(()) => {
                     self.track(seq);
                     return Ok(());
                 }
+                Err(SinkError::Broken(why)) => return Err(PipelineError::SinkBroken(why)),
                 Err(e) if attempt < self.config.dead_letter.max_attempts => {
                     let wait = delays.next().unwrap_or(Duration::from_secs(1));
                     tracing::warn!(id = %msg.id, topic = %msg.topic, attempt, error = %e, retry_in = ?wait, "the broker refused the message; trying again");
@@ -262,6 +337,35 @@ impl<S: Sink> Pipeline<S> {
     fn track(&mut self, seq: TxSeq) {
         self.watermark.add_message(seq);
         self.in_flight += 1;
+    }
+
+    /// Marks row `id` failed with `note` without sending it; it completes like a delivery once
+    /// the mark is written. `counted`: the row is already in flight.
+    fn park(&mut self, seq: TxSeq, id: uuid::Uuid, note: FailureNote, counted: bool) {
+        let mut token = AckToken::new(seq, id);
+        token.failure = Some(Box::new(note));
+        if !counted {
+            self.track(seq);
+        }
+        self.counters.parked += 1;
+        // The progress stage outlives the pipeline; a closed channel surfaces as ProgressClosed.
+        let _ = self.parked.send(Delivery::Acked(token));
+    }
+
+    /// Aggregates held back under `block_key`, with the row that blocks each (loaded at start).
+    pub fn load_blocked(&mut self, blocked: Vec<(Aggregate, uuid::Uuid)>) {
+        let now = tokio::time::Instant::now();
+        for (aggregate, row) in blocked {
+            self.blocked.block(aggregate, row, now);
+        }
+    }
+
+    pub fn blocked(&self) -> &Blocked {
+        &self.blocked
+    }
+
+    pub fn blocked_mut(&mut self) -> &mut Blocked {
+        &mut self.blocked
     }
 
     /// Applies `dead_letter.policy` to a poison row. `counted`: the row's original message is
@@ -292,15 +396,50 @@ impl<S: Sink> Pipeline<S> {
                     attempts,
                 });
             }
+            (PoisonPolicy::BlockKey, None) => {
+                return Err(PipelineError::Poison {
+                    id,
+                    error: format!(
+                        "{error}; without a usable id the row can be neither held back nor marked"
+                    ),
+                    attempts,
+                });
+            }
+            (PoisonPolicy::BlockKey, Some(record)) => {
+                let aggregate = Aggregate::of_message(&record);
+                let first = self.blocked.blocker(&aggregate).is_none();
+                self.blocked
+                    .block(aggregate.clone(), record.id, tokio::time::Instant::now());
+                let note = FailureNote {
+                    error: error.clone(),
+                    attempts,
+                };
+                self.park(seq, record.id, note, counted);
+                if first {
+                    tracing::warn!(
+                        id,
+                        error,
+                        attempts,
+                        %aggregate,
+                        "poison row marked failed; later rows of its aggregate are held back until it goes through \
+                         (fix the row with an UPDATE, or skip it: UPDATE ... SET delivered_at = now())"
+                    );
+                } else {
+                    tracing::debug!(id, error, %aggregate, "a row of a blocked aggregate failed again");
+                }
+                return Ok(());
+            }
             (PoisonPolicy::Dlq, Some(record)) => record,
         };
         let mut token = AckToken::new(seq, record.id);
-        token.dead_letter = Some(Box::new(DeadLetterNote {
+        token.failure = Some(Box::new(FailureNote {
             error: error.clone(),
             attempts,
         }));
-        if let Err(cause) = self.sink.publish(&record, token).await {
-            return Err(PipelineError::DeadLetter { id, error, cause });
+        match self.sink.publish(&record, token).await {
+            Ok(()) => {}
+            Err(SinkError::Broken(why)) => return Err(PipelineError::SinkBroken(why)),
+            Err(cause) => return Err(PipelineError::DeadLetter { id, error, cause }),
         }
         if !counted {
             self.track(seq);
@@ -337,11 +476,7 @@ impl<S: Sink> Pipeline<S> {
 
     /// The dead-letter record of a row that could not become a message; `None` without an id.
     fn dead_letter_record_for_row(&self, raw: &RawRow, error: &str) -> Option<OutboxMessage> {
-        let id = raw
-            .id
-            .as_ref()
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .and_then(|s| uuid::Uuid::parse_str(s).ok())?;
+        let id = row_uuid(raw)?;
         let mut headers = vec![("id".to_owned(), Bytes::from(id.to_string()))];
         for (name, value) in [
             ("type", &raw.event_type),
@@ -394,7 +529,7 @@ impl<S: Sink> Pipeline<S> {
         }
     }
 
-    /// Opens a pseudo-transaction (for the first-start snapshot).
+    /// Opens a pseudo-transaction (for the first-start snapshot and redrives).
     pub fn begin_batch(&mut self) -> TxSeq {
         self.watermark.begin()
     }
@@ -425,7 +560,7 @@ impl<S: Sink> Pipeline<S> {
                 error,
                 message,
             }) => {
-                if let Some(note) = token.dead_letter {
+                if let Some(note) = token.failure {
                     // The dead-letter record itself was rejected: nowhere left to put the row.
                     return Err(PipelineError::DeadLetter {
                         id: token.id.to_string(),
@@ -449,6 +584,7 @@ impl<S: Sink> Pipeline<S> {
                 .await
             }
             Some(Progress::PostgresStopping(why)) => Err(PipelineError::PostgresStopping(why)),
+            Some(Progress::SinkBroken(why)) => Err(PipelineError::SinkBroken(why)),
         }
     }
 
@@ -477,6 +613,14 @@ impl<S: Sink> Pipeline<S> {
         }
         Ok(self.in_flight)
     }
+}
+
+/// The row's id as a UUID, if it has a usable one.
+fn row_uuid(raw: &RawRow) -> Option<uuid::Uuid> {
+    raw.id
+        .as_ref()
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(|s| uuid::Uuid::parse_str(s).ok())
 }
 
 #[cfg(test)]
@@ -512,6 +656,11 @@ mod tests {
         }
     }
 
+    /// The deliveries channel for tests that park nothing.
+    fn no_parking() -> mpsc::UnboundedSender<Delivery> {
+        mpsc::unbounded_channel().0
+    }
+
     const COLS: &[&str] = &["id", "aggregatetype", "aggregateid", "type", "payload"];
 
     fn row(i: u32) -> Vec<Option<String>> {
@@ -539,7 +688,7 @@ mod tests {
         let mut config = Config::default();
         config.pipeline.max_in_flight = 3;
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut p = Pipeline::new(&config, RecordingSink::default(), rx);
+        let mut p = Pipeline::new(&config, RecordingSink::default(), no_parking(), rx);
         p.start_at(Lsn(10));
 
         feed(&mut p, encode::relation(1, "public", "outbox", COLS)).await;
@@ -576,7 +725,7 @@ mod tests {
     async fn alter_table_is_followed_and_a_broken_shape_is_a_clear_error() {
         let config = Config::default();
         let (_tx, rx) = mpsc::unbounded_channel();
-        let mut p = Pipeline::new(&config, RecordingSink::default(), rx);
+        let mut p = Pipeline::new(&config, RecordingSink::default(), no_parking(), rx);
         feed(&mut p, encode::relation(1, "public", "outbox", COLS)).await;
         // ALTER TABLE ... ADD COLUMN extra: a new Relation with the column in the middle.
         feed(
@@ -643,6 +792,7 @@ mod tests {
         let mut p = Pipeline::new(
             &poison_config(PoisonPolicy::Dlq),
             RecordingSink::default(),
+            no_parking(),
             rx,
         );
         let cols = &[
@@ -687,7 +837,7 @@ mod tests {
         let error = String::from_utf8_lossy(header(dlq, "dlq.error").unwrap()).into_owned();
         assert!(error.contains("object of strings"), "{error}");
         let note = token
-            .dead_letter
+            .failure
             .as_ref()
             .expect("marked as a dead-letter record");
         assert_eq!(note.error, error);
@@ -703,7 +853,7 @@ mod tests {
             refuse_topic: Some("outbox.event.order".into()),
             ..Default::default()
         };
-        let mut p = Pipeline::new(&poison_config(PoisonPolicy::Dlq), sink, rx);
+        let mut p = Pipeline::new(&poison_config(PoisonPolicy::Dlq), sink, no_parking(), rx);
         feed(&mut p, encode::relation(1, "public", "outbox", COLS)).await;
         feed(&mut p, encode::begin(10, 1)).await;
         feed(&mut p, insert(1, 3)).await;
@@ -712,7 +862,7 @@ mod tests {
         assert_eq!(dlq.topic, "outbox.dlq");
         assert_eq!(header(dlq, "dlq.attempts"), Some(&b"3"[..]));
         assert_eq!(header(dlq, "type"), Some(&b"Created"[..]));
-        assert_eq!(token.dead_letter.as_ref().unwrap().attempts, 3);
+        assert_eq!(token.failure.as_ref().unwrap().attempts, 3);
     }
 
     #[tokio::test]
@@ -721,6 +871,7 @@ mod tests {
         let mut p = Pipeline::new(
             &poison_config(PoisonPolicy::Dlq),
             RecordingSink::default(),
+            no_parking(),
             rx,
         );
         feed(&mut p, encode::relation(1, "public", "outbox", COLS)).await;
@@ -760,6 +911,7 @@ mod tests {
         let mut p = Pipeline::new(
             &poison_config(PoisonPolicy::Halt),
             RecordingSink::default(),
+            no_parking(),
             rx,
         );
         feed(&mut p, encode::relation(1, "public", "outbox", COLS)).await;
@@ -783,5 +935,93 @@ mod tests {
         );
         assert_eq!(p.sink.sent.len(), 1, "nothing dead-lettered under halt");
         assert_eq!(p.flushable(), Lsn::ZERO);
+    }
+
+    #[tokio::test]
+    async fn block_key_parks_later_rows_of_the_aggregate_and_lets_others_flow() {
+        let (parked_tx, mut parked) = mpsc::unbounded_channel();
+        let (_tx, rx) = mpsc::unbounded_channel();
+        let mut p = Pipeline::new(
+            &poison_config(PoisonPolicy::BlockKey),
+            RecordingSink::default(),
+            parked_tx,
+            rx,
+        );
+        let cols = &[
+            "id",
+            "aggregatetype",
+            "aggregateid",
+            "type",
+            "payload",
+            "headers",
+        ];
+        let row = |id: &'static str, aggregate: &'static str, headers: Option<&'static str>| {
+            [
+                Some(id),
+                Some("order"),
+                Some(aggregate),
+                Some("T"),
+                Some("{}"),
+                headers,
+            ]
+        };
+        let (bad, held, other) = (
+            "00000000-0000-0000-0000-000000000001",
+            "00000000-0000-0000-0000-000000000002",
+            "00000000-0000-0000-0000-000000000003",
+        );
+        feed(&mut p, encode::relation(1, "public", "outbox", cols)).await;
+        feed(&mut p, encode::begin(10, 1)).await;
+        feed(
+            &mut p,
+            encode::insert(1, &row(bad, "o-1", Some("{\"n\": 1}"))),
+        )
+        .await;
+        feed(&mut p, encode::insert(1, &row(held, "o-1", None))).await;
+        feed(&mut p, encode::insert(1, &row(other, "o-2", None))).await;
+        feed(&mut p, encode::commit(10, 20)).await;
+
+        assert_eq!(
+            p.sink.sent.len(),
+            1,
+            "only the other aggregate's row is sent"
+        );
+        assert_eq!(p.sink.sent[0].0.id.to_string(), other);
+        assert_eq!(p.in_flight(), 3, "parked rows complete once marked");
+        let mut notes = Vec::new();
+        while let Ok(Delivery::Acked(token)) = parked.try_recv() {
+            notes.push((token.id.to_string(), token.failure.expect("marked failed")));
+        }
+        assert_eq!(notes.len(), 2);
+        assert_eq!(notes[0].0, bad);
+        assert!(
+            notes[0].1.error.contains("object of strings"),
+            "{:?}",
+            notes[0]
+        );
+        assert_eq!(notes[1].0, held);
+        assert!(
+            notes[1].1.error.contains("held back")
+                && notes[1].1.error.contains("order/o-1")
+                && notes[1].1.error.contains(bad),
+            "{:?}",
+            notes[1]
+        );
+        assert_eq!(p.counters.parked, 2);
+        assert_eq!(p.blocked().len(), 1);
+
+        // A redrive sends the (fixed) row although its aggregate is still blocked.
+        let seq = p.begin_batch();
+        let fixed = RawRow {
+            id: Some(Bytes::from_static(bad.as_bytes())),
+            aggregatetype: Some(Bytes::from_static(b"order")),
+            aggregateid: Some(Bytes::from_static(b"o-1")),
+            event_type: Some(Bytes::from_static(b"T")),
+            payload: Some(Bytes::from_static(b"{}")),
+            ..Default::default()
+        };
+        p.redrive_row(seq, fixed).await.unwrap();
+        assert_eq!(p.sink.sent.len(), 2);
+        assert_eq!(p.sink.sent[1].0.id.to_string(), bad);
     }
 }

@@ -6,11 +6,14 @@
 //! duplicates); when it gives up on a transient error (`kafka.message_timeout_ms` > 0) this sink
 //! sends the message again after an exponential backoff with jitter. Errors the broker will never
 //! get over (message too large, invalid topic, authorization) are retried up to
-//! `dead_letter.max_attempts` sends, then reported `Failed` with the message.
+//! `dead_letter.max_attempts` sends, then reported `Failed` with the message. A fatal producer
+//! error (librdkafka's idempotence guard: the producer cannot go on without risking duplicates
+//! or reordering) is not any message's fault: it is reported once as `Broken`, and the relay
+//! replaces the producer.
 
 use std::collections::HashSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
@@ -46,7 +49,13 @@ pub fn producer_config(cfg: &KafkaConfig, max_in_flight: usize) -> ClientConfig 
     for (k, v) in &cfg.properties {
         c.set(k, v);
     }
-    c.set_log_level(RDKafkaLogLevel::Warning);
+    // librdkafka's `debug` contexts log at debug level; without this they would be filtered out.
+    let level = if cfg.properties.contains_key("debug") {
+        RDKafkaLogLevel::Debug
+    } else {
+        RDKafkaLogLevel::Warning
+    };
+    c.set_log_level(level);
     c
 }
 
@@ -77,6 +86,26 @@ pub struct RelayContext {
     retry_pending: Arc<AtomicUsize>,
     /// Sends of a message the broker rejects for good before it is reported `Failed`.
     max_attempts: u32,
+    /// Set once the producer failed fatally and `Broken` was reported.
+    broken: Arc<AtomicBool>,
+}
+
+impl RelayContext {
+    /// Reports the producer broken, once.
+    fn report_broken(&self, reason: String) {
+        report_broken(&self.broken, &self.deliveries, reason);
+    }
+}
+
+fn report_broken(
+    broken: &AtomicBool,
+    deliveries: &mpsc::UnboundedSender<Delivery>,
+    reason: String,
+) {
+    if !broken.swap(true, Ordering::SeqCst) {
+        tracing::error!(%reason, "the Kafka producer failed fatally; it will be replaced");
+        let _ = deliveries.send(Delivery::Broken(reason));
+    }
 }
 
 impl ClientContext for RelayContext {
@@ -95,6 +124,10 @@ impl ClientContext for RelayContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            self.report_broken(reason.to_owned());
+            return;
+        }
         // librdkafka keeps retrying on its own; the relay keeps its position meanwhile.
         tracing::warn!(target: "librdkafka", %error, "broker problem (retrying): {reason}");
     }
@@ -115,7 +148,6 @@ fn is_permanent(code: RDKafkaErrorCode) -> bool {
             | ClusterAuthorizationFailed
             | UnknownTopic
             | InvalidArgument
-            | Fatal
     )
 }
 
@@ -130,6 +162,11 @@ impl ProducerContext for RelayContext {
         let token = *token;
         let report = match result {
             Ok(_) => Delivery::Acked(token),
+            Err((err, _)) if error_code(err) == Some(RDKafkaErrorCode::Fatal) => {
+                // Every outstanding message fails this way; the first one reports it.
+                self.report_broken(err.to_string());
+                return;
+            }
             Err((err, msg)) => {
                 let permanent = error_code(err).is_some_and(is_permanent);
                 if !permanent || token.attempt < self.max_attempts {
@@ -198,6 +235,8 @@ pub struct KafkaSink {
     retry_cfg: RetryConfig,
     known_topics: HashSet<String>,
     retry_pending: Arc<AtomicUsize>,
+    broken: Arc<AtomicBool>,
+    deliveries: mpsc::UnboundedSender<Delivery>,
 }
 
 impl KafkaSink {
@@ -209,11 +248,13 @@ impl KafkaSink {
         let (cfg, retry_cfg) = (&config.kafka, &config.retry);
         let (retry_tx, retry_rx) = mpsc::unbounded_channel();
         let retry_pending = Arc::new(AtomicUsize::new(0));
+        let broken = Arc::new(AtomicBool::new(false));
         let ctx = RelayContext {
             deliveries: deliveries.clone(),
             retries: retry_tx,
             retry_pending: retry_pending.clone(),
             max_attempts: config.dead_letter.max_attempts,
+            broken: broken.clone(),
         };
         let client_config = producer_config(cfg, config.pipeline.max_in_flight);
         let producer: RelayProducer = client_config.create_with_context(ctx)?;
@@ -227,11 +268,12 @@ impl KafkaSink {
         }
         let admin = admin_config.create()?;
         tokio::spawn(retry_loop(
-            producer.clone(),
+            Arc::downgrade(&producer),
             retry_rx,
             backoff(retry_cfg),
             retry_pending.clone(),
-            deliveries,
+            deliveries.clone(),
+            broken.clone(),
         ));
         Ok(KafkaSink {
             producer,
@@ -240,6 +282,8 @@ impl KafkaSink {
             retry_cfg: retry_cfg.clone(),
             known_topics: HashSet::new(),
             retry_pending,
+            broken,
+            deliveries,
         })
     }
 
@@ -387,12 +431,15 @@ async fn enqueue(
 }
 
 /// Sends messages that failed transiently again, in the order they failed, after a backoff.
+/// Ends with the producer (it holds no strong reference: the producer's context holds this
+/// loop's channel, so a strong one would keep both alive forever).
 async fn retry_loop(
-    producer: Arc<RelayProducer>,
+    producer: Weak<RelayProducer>,
     mut items: mpsc::UnboundedReceiver<RetryItem>,
     backoff: ExponentialBuilder,
     pending: Arc<AtomicUsize>,
     deliveries: mpsc::UnboundedSender<Delivery>,
+    broken: Arc<AtomicBool>,
 ) {
     while let Some(item) = items.recv().await {
         let received = tokio::time::Instant::now();
@@ -409,6 +456,9 @@ async fn retry_loop(
             "delivery failed; sending again"
         );
         tokio::time::sleep_until(received + delay).await;
+        let Some(producer) = producer.upgrade() else {
+            return; // the sink was dropped (shutdown, or a broken producer replaced)
+        };
         let mut token = item.token;
         token.attempt += 1;
         let id = token.id;
@@ -424,6 +474,10 @@ async fn retry_loop(
         .await;
         pending.fetch_sub(1, Ordering::SeqCst);
         if let Err((e, token)) = result {
+            if error_code(&e) == Some(RDKafkaErrorCode::Fatal) {
+                report_broken(&broken, &deliveries, fatal_reason(&producer, &e));
+                continue;
+            }
             let message = OutboxMessage {
                 id,
                 topic: item.topic,
@@ -448,8 +502,23 @@ async fn retry_loop(
     }
 }
 
+/// The producer's own account of a fatal error, or `e`.
+fn fatal_reason(producer: &RelayProducer, e: &KafkaError) -> String {
+    producer
+        .client()
+        .fatal_error()
+        .map(|(code, reason)| format!("{code}: {reason}"))
+        .unwrap_or_else(|| e.to_string())
+}
+
 impl Sink for KafkaSink {
     async fn publish(&mut self, msg: &OutboxMessage, token: AckToken) -> Result<(), SinkError> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(SinkError::Broken(fatal_reason(
+                &self.producer,
+                &KafkaError::MessageProduction(RDKafkaErrorCode::Fatal),
+            )));
+        }
         self.ensure_topic(&msg.topic).await?;
         let headers = build_headers(&msg.headers);
         enqueue(
@@ -461,10 +530,18 @@ impl Sink for KafkaSink {
             token,
         )
         .await
-        .map_err(|(e, _)| SinkError::Rejected {
-            id: msg.id,
-            topic: msg.topic.clone(),
-            reason: e.to_string(),
+        .map_err(|(e, _)| {
+            if error_code(&e) == Some(RDKafkaErrorCode::Fatal) {
+                let reason = fatal_reason(&self.producer, &e);
+                report_broken(&self.broken, &self.deliveries, reason.clone());
+                SinkError::Broken(reason)
+            } else {
+                SinkError::Rejected {
+                    id: msg.id,
+                    topic: msg.topic.clone(),
+                    reason: e.to_string(),
+                }
+            }
         })
     }
 

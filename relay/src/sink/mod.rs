@@ -12,6 +12,10 @@
 //! - **Order.** Messages with the same key are handed over in commit order; a sink must not
 //!   reorder them while nothing fails.
 //! - Completions may arrive in any order; the pipeline's watermark restores commit order.
+//! - **A broken sink is not a bad row.** When the client itself can no longer deliver anything
+//!   (librdkafka's fatal idempotence errors), the sink reports [`Delivery::Broken`] once and
+//!   `publish` returns [`SinkError::Broken`]; no message is reported `Failed` for it. The relay
+//!   then drops the sink, builds a new one and re-reads everything unconfirmed from the slot.
 
 pub mod kafka;
 
@@ -32,9 +36,13 @@ pub struct AckToken {
     pub id: Uuid,
     /// Send attempts so far (1 on the first send).
     pub attempt: u32,
-    /// Set on a poison row's dead-letter record: once acknowledged, the row is marked failed
-    /// (not delivered) with this error and attempt count.
-    pub dead_letter: Option<Box<DeadLetterNote>>,
+    /// The inserting transaction's id, for rows read from the WAL (the progress stage asks
+    /// Postgres whether it is still in progress when the row is not visible yet).
+    pub xid: Option<u32>,
+    /// Set when the row is to be marked failed (not delivered) with this note once the report
+    /// comes back: on a poison row's dead-letter record, after the broker confirms it, and on a
+    /// row parked under the `block_key` policy, which is reported at once without a send.
+    pub failure: Option<Box<FailureNote>>,
 }
 
 impl AckToken {
@@ -43,14 +51,15 @@ impl AckToken {
             tx_seq,
             id,
             attempt: 1,
-            dead_letter: None,
+            xid: None,
+            failure: None,
         }
     }
 }
 
-/// Why a row was dead-lettered, recorded on the row once the dead-letter record is confirmed.
+/// Why a row failed (dead-lettered or parked), recorded on the row: `last_error`, `attempts`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetterNote {
+pub struct FailureNote {
     pub error: String,
     pub attempts: u32,
 }
@@ -65,6 +74,9 @@ pub enum Delivery {
         error: String,
         message: Box<OutboxMessage>,
     },
+    /// The sink can deliver nothing more (e.g. the producer hit a fatal error); the reports of
+    /// messages still outstanding will not come. Sent once.
+    Broken(String),
 }
 
 /// A sink could not take a message; retrying the same call will not help.
@@ -84,6 +96,8 @@ pub enum SinkError {
     },
     #[error("the sink has stopped: {0}")]
     Closed(String),
+    #[error("the producer failed and can send nothing more: {0}")]
+    Broken(String),
 }
 
 /// A broker the relay publishes to. See the module documentation for the contract.

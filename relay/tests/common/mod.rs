@@ -354,6 +354,25 @@ fn signal(pid: u32, sig: &str) {
     assert!(ok, "kill {sig} {pid} failed");
 }
 
+/// The usual test bed: a private Postgres with the schema applied, a Tansu broker and a relay
+/// between them (its environment from [`relay_env`] plus `extra`). Fields drop in order: the
+/// relay first, then the broker, then Postgres.
+pub struct Stack {
+    pub relay: Relay,
+    pub broker: Tansu,
+    pub pg: PgCluster,
+}
+
+impl Stack {
+    pub fn start(extra: &[(&str, &str)]) -> Stack {
+        let pg = PgCluster::start();
+        pg.apply_schema();
+        let broker = Tansu::start();
+        let relay = Relay::start(&relay_env(&pg, &broker.brokers(), extra));
+        Stack { relay, broker, pg }
+    }
+}
+
 /// The relay binary in its own process.
 pub struct Relay {
     child: Option<Child>,

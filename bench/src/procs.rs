@@ -1,0 +1,513 @@
+//! The processes a benchmark run owns: a private Postgres cluster, a Tansu broker and the relay,
+//! plus CPU and memory figures read from `/proc`. Everything is stopped on drop, also on error.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// A free TCP port on loopback.
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("looking for a free port on 127.0.0.1")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// The newest PostgreSQL server binaries (`PG_BIN` wins).
+pub fn pg_bin_dir() -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var("PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let v = e.file_name().to_string_lossy().parse().ok()?;
+                    Some((v, e.path().join("bin")))
+                })
+                .filter(|(_, p)| p.join("initdb").exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.sort();
+    versions.pop().map(|(_, p)| p).ok_or_else(|| {
+        anyhow!("PostgreSQL server binaries not found in /usr/lib/postgresql: run scripts/setup or set PG_BIN")
+    })
+}
+
+/// Whether the server has this loadable module (`<pkglibdir>/<name>.so`).
+pub fn pg_has_library(name: &str) -> bool {
+    pg_bin_dir()
+        .ok()
+        .and_then(|bin| {
+            let out = Command::new(bin.join("pg_config"))
+                .arg("--pkglibdir")
+                .output()
+                .ok()?;
+            let dir = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            Some(Path::new(&dir).join(format!("{name}.so")).exists())
+        })
+        .unwrap_or(false)
+}
+
+/// Runs a command to completion; the error names it and carries its output.
+fn run_ok(mut c: Command, what: &str) -> Result<String> {
+    let out = c.output().with_context(|| format!("{what}: cannot run"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// A private Postgres cluster in `dir` (initdb as the `postgres` OS user when we are root).
+pub struct PgCluster {
+    dir: PathBuf,
+    bin: PathBuf,
+    pub port: u16,
+    as_postgres: bool,
+}
+
+impl PgCluster {
+    /// initdb, configure for logical decoding and start. `settings` go to postgresql.conf.
+    pub fn start(dir: &Path, settings: &[(&str, &str)]) -> Result<PgCluster> {
+        let bin = pg_bin_dir()?;
+        let as_postgres = is_root();
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        if as_postgres {
+            let mut c = Command::new("chown");
+            c.arg("-R").arg("postgres:postgres").arg(dir);
+            run_ok(
+                c,
+                "chown postgres (the cluster runs as the postgres OS user)",
+            )?;
+        }
+        let cluster = PgCluster {
+            dir: dir.to_owned(),
+            bin,
+            port: free_port()?,
+            as_postgres,
+        };
+        let mut initdb = cluster.tool("initdb");
+        initdb.arg("-D").arg(cluster.data()).args([
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ]);
+        run_ok(initdb, "initdb")?;
+        let mut conf = format!(
+            "\n# outbox-bench\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n",
+            cluster.port,
+            dir.display()
+        );
+        for (k, v) in settings {
+            conf.push_str(&format!("{k} = '{v}'\n"));
+        }
+        let conf_path = cluster.data().join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).context("reading postgresql.conf")?;
+        text.push_str(&conf);
+        std::fs::write(&conf_path, text).context("writing postgresql.conf")?;
+        let mut start = cluster.tool("pg_ctl");
+        start
+            .arg("-D")
+            .arg(cluster.data())
+            .arg("-l")
+            .arg(cluster.log_path())
+            .args(["-w", "-t", "60", "start"]);
+        run_ok(start, "pg_ctl start")
+            .map_err(|e| anyhow!("{e}\npostgres log:\n{}", tail(&cluster.log_path(), 20)))?;
+        Ok(cluster)
+    }
+
+    /// A server tool, run as the `postgres` OS user when we are root.
+    fn tool(&self, name: &str) -> Command {
+        let path = self.bin.join(name);
+        if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+
+    /// A client tool (run as ourselves).
+    pub fn client_tool(&self, name: &str) -> PathBuf {
+        self.bin.join(name)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("postgres.log")
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// libpq key=value form, for pg_recvlogical.
+    pub fn conninfo(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
+    }
+
+    pub async fn connect(&self) -> Result<tokio_postgres::Client> {
+        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .with_context(|| format!("connecting to the private Postgres at {}", self.url()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// The postmaster's pid, from `postmaster.pid`.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.data().join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// CPU seconds used so far by the server: postmaster, its live children and reaped ones.
+    pub fn cpu_seconds(&self) -> f64 {
+        let Some(pm) = self.postmaster_pid() else {
+            return 0.0;
+        };
+        let mut total = proc_stat(pm).map(|s| s.cpu_all()).unwrap_or(0.0);
+        for pid in children_of(pm) {
+            total += proc_stat(pid).map(|s| s.cpu_self()).unwrap_or(0.0);
+        }
+        total
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let mut c = self.tool("pg_ctl");
+        c.arg("-D")
+            .arg(self.data())
+            .args(["-w", "-t", "60", "-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let _ = c.status();
+    }
+}
+
+/// The last `n` lines of a text file (for error messages).
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The tansu binary: `TANSU_BIN`, then `PATH`, then `~/.cargo/bin`.
+pub fn tansu_bin() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("TANSU_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter()
+        .map(|d| d.join("tansu"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            anyhow!(
+                "tansu not found on PATH or in ~/.cargo/bin: run scripts/setup or set TANSU_BIN"
+            )
+        })
+}
+
+/// A Tansu broker with in-memory storage on a free loopback port.
+pub struct Tansu {
+    child: Child,
+    pub port: u16,
+    pub version: String,
+}
+
+impl Tansu {
+    pub fn start(log: &Path) -> Result<Tansu> {
+        let bin = tansu_bin()?;
+        let version = Command::new(&bin)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_else(|_| "tansu (version unknown)".into());
+        let port = free_port()?;
+        let url = format!("tcp://127.0.0.1:{port}");
+        let out = std::fs::File::create(log).context("creating the tansu log")?;
+        let child = Command::new(&bin)
+            .args(["broker", "--storage-engine", "memory://tansu/"])
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .env_remove("RUST_LOG")
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut tansu = Tansu {
+            child,
+            port,
+            version,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = tansu.child.try_wait() {
+                bail!("tansu exited at start ({status}):\n{}", tail(log, 20));
+            }
+            if Instant::now() > deadline {
+                bail!("tansu did not listen on 127.0.0.1:{port} within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(tansu)
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn cpu_seconds(&self) -> f64 {
+        proc_stat(self.child.id())
+            .map(|s| s.cpu_all())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The relay binary running as a child process, configured through `RELAY_*` variables.
+pub struct RelayProc {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub started: Instant,
+    pub started_wall: std::time::SystemTime,
+}
+
+impl RelayProc {
+    pub fn spawn(bin: &Path, env: &[(String, String)], log: &Path) -> Result<RelayProc> {
+        let out = std::fs::File::create(log).context("creating the relay log")?;
+        let cwd = log.parent().unwrap_or(Path::new("/"));
+        let mut cmd = Command::new(bin);
+        cmd.arg("run")
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("RELAY_") || k == "RUST_LOG" {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        let started_wall = std::time::SystemTime::now();
+        let started = Instant::now();
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting the relay {}", bin.display()))?;
+        Ok(RelayProc {
+            child: Some(child),
+            log: log.to_owned(),
+            started,
+            started_wall,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// An error if the relay exited on its own (with its log's tail).
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(child) = self.child.as_mut()
+            && let Some(status) = child.try_wait()?
+        {
+            self.child = None;
+            bail!(
+                "the relay exited unexpectedly ({status}); last lines of {}:\n{}",
+                self.log.display(),
+                tail(&self.log, 30)
+            );
+        }
+        Ok(())
+    }
+
+    /// CPU seconds (user + system) used by the relay so far.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        proc_stat(self.pid()).map(|s| s.cpu_self())
+    }
+
+    /// Peak resident set size (VmHWM) so far, KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        status_kib(self.pid(), "VmHWM:")
+    }
+
+    /// SIGTERM, then wait (up to `timeout`) for the exit; the relay confirms its position first.
+    pub async fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("the relay is not running");
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "the relay did not exit within {timeout:?} of SIGTERM; last lines of its log:\n{}",
+                    tail(&self.log, 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Clock ticks per second for `/proc/<pid>/stat` times.
+fn clk_tck() -> f64 {
+    static TCK: OnceLock<f64> = OnceLock::new();
+    *TCK.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// The fields of `/proc/<pid>/stat` we use.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcStat {
+    pub ppid: u32,
+    utime: u64,
+    stime: u64,
+    cutime: u64,
+    cstime: u64,
+}
+
+impl ProcStat {
+    /// CPU seconds of the process itself (all its threads).
+    pub fn cpu_self(&self) -> f64 {
+        (self.utime + self.stime) as f64 / clk_tck()
+    }
+
+    /// Plus its reaped children.
+    pub fn cpu_all(&self) -> f64 {
+        (self.utime + self.stime + self.cutime + self.cstime) as f64 / clk_tck()
+    }
+}
+
+pub fn proc_stat(pid: u32) -> Option<ProcStat> {
+    if pid == 0 {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain spaces.
+    let rest = &text[text.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some(ProcStat {
+        ppid: num(1)? as u32,
+        utime: num(11)?,
+        stime: num(12)?,
+        cutime: num(13)?,
+        cstime: num(14)?,
+    })
+}
+
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| proc_stat(*pid).is_some_and(|s| s.ppid == parent))
+        .collect()
+}
+
+/// A `Vm…:` line of `/proc/<pid>/status`, in KiB.
+pub fn status_kib(pid: u32, key: &str) -> Option<u64> {
+    if pid == 0 {
+        return None;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Busy seconds of all CPUs together since boot (`/proc/stat`: user, nice, system, irq,
+/// softirq, steal).
+pub fn system_busy_seconds() -> f64 {
+    let Ok(text) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: u64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|i| v.get(*i)).sum();
+    busy as f64 / clk_tck()
+}
+
+/// CPU seconds of one process (for the walsender, by pid from `pg_stat_replication`).
+pub fn pid_cpu_seconds(pid: u32) -> Option<f64> {
+    proc_stat(pid).map(|s| s.cpu_self())
+}

@@ -1,0 +1,1163 @@
+//! The figures of a run and how they are shown: the printed table, `BENCHMARKS.md` and a
+//! hand-written SVG chart (throughput against the two limits; latency against offered load).
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::kafka::librdkafka_version;
+
+/// The source limit: `pg_recvlogical` reading the backlog off a fresh pgoutput slot.
+pub struct Source {
+    pub rows: u64,
+    pub secs: f64,
+    pub wal_bytes: u64,
+    /// CPU of the whole server (mostly the walsender decoding) while it ran.
+    pub pg_cpu: f64,
+    pub client_cpu: f64,
+}
+
+impl Source {
+    pub fn rate(&self) -> f64 {
+        self.rows as f64 / self.secs
+    }
+}
+
+/// The sink limit: a plain producer with the relay's settings.
+pub struct SinkLimit {
+    pub msgs: u64,
+    pub secs: f64,
+    pub avg_payload: f64,
+    pub tansu_cpu: f64,
+}
+
+impl SinkLimit {
+    pub fn rate(&self) -> f64 {
+        self.msgs as f64 / self.secs
+    }
+}
+
+/// The relay's marking UPDATEs, from pg_stat_statements.
+#[derive(Debug, Clone, Copy)]
+pub struct MarkStats {
+    pub calls: u64,
+    pub rows: u64,
+    /// Server time executing them, milliseconds.
+    pub total_ms: f64,
+}
+
+impl std::fmt::Display for MarkStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.calls == 0 {
+            return write!(f, "no marking UPDATEs");
+        }
+        write!(
+            f,
+            "{} marking UPDATEs of {:.0} rows each, {:.1} ms each ({:.1} s in all)",
+            thousands(self.calls as f64),
+            self.rows as f64 / self.calls as f64,
+            self.total_ms / self.calls as f64,
+            self.total_ms / 1000.0
+        )
+    }
+}
+
+/// The relay draining a backlog from WAL.
+pub struct Drain {
+    pub rows: u64,
+    /// WAL the backlog took (what the walsender decoded).
+    pub wal_bytes: u64,
+    /// WAL written while the relay drained it (its marking UPDATEs).
+    pub wal_written: u64,
+    /// From starting the relay to the last row marked (marking on) or on the broker (off).
+    pub secs: f64,
+    pub startup_secs: f64,
+    /// The relay's CPU over its whole life up to the end of the drain.
+    pub relay_cpu: f64,
+    pub peak_rss_kib: u64,
+    pub pg_cpu: f64,
+    pub walsender_cpu: Option<f64>,
+    pub tansu_cpu: f64,
+    /// CPU used meanwhile by processes that are not part of the benchmark.
+    pub other_cpu: f64,
+    pub marks: Option<MarkStats>,
+}
+
+impl Drain {
+    pub fn rate(&self) -> f64 {
+        self.rows as f64 / self.secs
+    }
+
+    pub fn cpu_per_million(&self) -> f64 {
+        self.relay_cpu / self.rows as f64 * 1e6
+    }
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles.
+    pub fn of(mut v: Vec<f64>) -> Percentiles {
+        if v.is_empty() {
+            return Percentiles::default();
+        }
+        v.sort_by(f64::total_cmp);
+        let at = |p: f64| {
+            let rank = (p * v.len() as f64).ceil() as usize;
+            v[rank.clamp(1, v.len()) - 1]
+        };
+        Percentiles {
+            p50: at(0.50),
+            p99: at(0.99),
+            p999: at(0.999),
+        }
+    }
+}
+
+/// Cores each process kept busy on average over an interval.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cores {
+    pub relay: f64,
+    pub postgres: f64,
+    pub tansu: f64,
+    /// This process: the writer's driver and the latency consumer.
+    pub bench: f64,
+    /// Everything else on the machine (not part of the benchmark: it disturbs it).
+    pub other: f64,
+}
+
+impl std::fmt::Display for Cores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "relay {:.2}, Postgres {:.2}, Tansu {:.2}, bench {:.2}, other processes {:.2}",
+            self.relay, self.postgres, self.tansu, self.bench, self.other
+        )
+    }
+}
+
+/// The highest rate of single-row transactions sustained end to end with the relay running.
+pub struct SteadyMax {
+    pub rows: u64,
+    /// How long the writer wrote (flat out).
+    pub write_secs: f64,
+    /// From the writer's start to the last row marked delivered.
+    pub e2e_secs: f64,
+    pub cores: Cores,
+}
+
+impl SteadyMax {
+    pub fn rate(&self) -> f64 {
+        self.rows as f64 / self.e2e_secs
+    }
+
+    pub fn write_rate(&self) -> f64 {
+        self.rows as f64 / self.write_secs
+    }
+}
+
+/// One offered-load level of the steady-state run.
+pub struct Latency {
+    pub pct: u32,
+    pub target_rate: f64,
+    pub rows: u64,
+    /// How long the writer took to offer them (longer than planned if Postgres fell behind).
+    pub offer_secs: f64,
+    pub to_consumer: Percentiles,
+    pub to_marked: Percentiles,
+    pub cores: Cores,
+}
+
+impl Latency {
+    pub fn offered_rate(&self) -> f64 {
+        self.rows as f64 / self.offer_secs
+    }
+}
+
+/// One huge transaction through the relay.
+pub struct Single {
+    pub rows: u64,
+    /// From the commit to the last row marked delivered.
+    pub secs: f64,
+    pub peak_rss_kib: u64,
+    pub idle_rss_kib: u64,
+    pub relay_cpu: f64,
+}
+
+impl Single {
+    pub fn rate(&self) -> f64 {
+        self.rows as f64 / self.secs
+    }
+}
+
+/// Rows of one phase the relay confirmed to its slot without marking them delivered.
+pub struct Unmarked {
+    pub phase: String,
+    pub rows: u64,
+    /// Up to five of their ids.
+    pub ids: Vec<String>,
+}
+
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub postgres: String,
+    pub tansu: String,
+    pub librdkafka: String,
+    pub commit: String,
+    pub date: String,
+}
+
+fn command_output(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+impl Machine {
+    pub fn collect(repo: &Path, postgres: String, tansu: String) -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|| "unknown CPU".into());
+        let memory_gib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .map(|kib| kib / 1024.0 / 1024.0)
+            .unwrap_or(0.0);
+        let repo_s = repo.to_string_lossy();
+        let commit = match command_output("git", &["-C", &repo_s, "rev-parse", "--short", "HEAD"]) {
+            Some(sha) => {
+                let dirty = command_output(
+                    "git",
+                    &[
+                        "-C",
+                        &repo_s,
+                        "status",
+                        "--porcelain",
+                        "--",
+                        "relay",
+                        "Cargo.lock",
+                    ],
+                )
+                .is_some_and(|s| !s.is_empty());
+                if dirty {
+                    format!("{sha} + uncommitted changes in relay/ or sql/")
+                } else {
+                    sha
+                }
+            }
+            None => "unknown (not a git checkout)".into(),
+        };
+        Machine {
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            cpu_model,
+            memory_gib,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default(),
+            postgres,
+            tansu,
+            librdkafka: librdkafka_version(),
+            commit,
+            date: command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default(),
+        }
+    }
+}
+
+pub struct Results {
+    pub quick: bool,
+    /// Relay settings given with --relay-env.
+    pub relay_env: Vec<(String, String)>,
+    pub rows: u64,
+    pub partitions: i32,
+    pub mix: String,
+    pub write_rate: f64,
+    pub source: Source,
+    pub sink: SinkLimit,
+    pub drain_on: Drain,
+    pub drain_off: Drain,
+    /// VACUUM of the outbox after the marking-on drain: the cleanup marking leaves behind.
+    pub vacuum_after_marking: f64,
+    pub steady_max: SteadyMax,
+    pub latency: Vec<Latency>,
+    pub latency_secs: f64,
+    pub single: Single,
+    pub machine: Machine,
+    pub unmarked: Vec<Unmarked>,
+    /// Cores used on average by processes outside the benchmark during the run.
+    pub other_cores: f64,
+    pub total_secs: f64,
+}
+
+impl Results {
+    /// The relay's drain rate (marking on) against the slower of its two limits.
+    pub fn e2e_vs_limit(&self) -> f64 {
+        self.drain_on.rate() / self.source.rate().min(self.sink.rate())
+    }
+
+    /// Phases during which processes outside the benchmark used noticeable CPU.
+    pub fn disturbed(&self) -> Vec<String> {
+        const LIMIT: f64 = 0.15;
+        let mut out = Vec::new();
+        for (name, d) in [
+            ("drain with marking on", &self.drain_on),
+            ("drain with marking off", &self.drain_off),
+        ] {
+            let cores = d.other_cpu / d.secs;
+            if cores > LIMIT {
+                out.push(format!("{name} ({cores:.2} cores)"));
+            }
+        }
+        if self.steady_max.cores.other > LIMIT {
+            out.push(format!(
+                "steady max ({:.2} cores)",
+                self.steady_max.cores.other
+            ));
+        }
+        for l in &self.latency {
+            if l.cores.other > LIMIT {
+                out.push(format!("{} % load ({:.2} cores)", l.pct, l.cores.other));
+            }
+        }
+        out
+    }
+
+    fn mode(&self) -> &'static str {
+        if self.quick { "quick" } else { "full" }
+    }
+}
+
+/// 1234567.8 → "1,234,568".
+pub fn thousands(v: f64) -> String {
+    if !v.is_finite() {
+        return "?".into();
+    }
+    let n = v.round() as i64;
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+fn mb(kib: u64) -> String {
+    format!("{:.0} MB", kib as f64 / 1024.0)
+}
+
+fn ms(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+/// The rows of the main table: (measure, result, detail).
+fn main_rows(r: &Results) -> Vec<(String, String, String)> {
+    let drain = |d: &Drain| {
+        let mut text = format!(
+            "{} rows ({:.0} MB of WAL) in {:.2} s (incl. {:.2} s start-up); relay CPU {:.1} s = **{:.1} s per 1M rows**; \
+             relay peak RSS **{}**; Postgres CPU {:.1} s (walsender {}); Tansu CPU {:.1} s; \
+             other processes {:.1} s",
+            thousands(d.rows as f64),
+            d.wal_bytes as f64 / 1e6,
+            d.secs,
+            d.startup_secs,
+            d.relay_cpu,
+            d.cpu_per_million(),
+            mb(d.peak_rss_kib),
+            d.pg_cpu,
+            d.walsender_cpu
+                .map(|c| format!("{c:.1} s"))
+                .unwrap_or_else(|| "?".into()),
+            d.tansu_cpu,
+            d.other_cpu
+        );
+        if let Some(m) = d.marks
+            && m.calls > 0
+        {
+            text.push_str(&format!(
+                "; {m}, writing {:.0} MB of WAL",
+                d.wal_written as f64 / 1e6
+            ));
+        }
+        text
+    };
+    vec![
+        (
+            "source limit: `pg_recvlogical`, pgoutput, fresh slot".into(),
+            format!("**{} rows/s**", thousands(r.source.rate())),
+            format!(
+                "{} rows, {:.0} MB of WAL in {:.2} s; Postgres CPU {:.1} s, pg_recvlogical CPU {:.1} s",
+                thousands(r.source.rows as f64),
+                r.source.wal_bytes as f64 / 1e6,
+                r.source.secs,
+                r.source.pg_cpu,
+                r.source.client_cpu
+            ),
+        ),
+        (
+            "sink limit: plain rdkafka producer, relay's settings".into(),
+            format!("**{} msgs/s**", thousands(r.sink.rate())),
+            format!(
+                "the same {} messages (key, payload avg {:.0} B, headers id/type/aggregatetype) in {:.2} s; Tansu CPU {:.1} s",
+                thousands(r.sink.msgs as f64),
+                r.sink.avg_payload,
+                r.sink.secs,
+                r.sink.tansu_cpu
+            ),
+        ),
+        (
+            "relay drains the backlog from WAL, marking delivered **on**".into(),
+            format!("**{} rows/s**", thousands(r.drain_on.rate())),
+            format!(
+                "{}; VACUUM afterwards {:.1} s",
+                drain(&r.drain_on),
+                r.vacuum_after_marking
+            ),
+        ),
+        (
+            "relay drains the backlog from WAL, marking delivered **off**".into(),
+            format!("**{} rows/s**", thousands(r.drain_off.rate())),
+            drain(&r.drain_off),
+        ),
+        (
+            format!(
+                "relay, one transaction of {} rows (marking on)",
+                thousands(r.single.rows as f64)
+            ),
+            format!("peak RSS **{}**", mb(r.single.peak_rss_kib)),
+            format!(
+                "idle RSS {}; commit → last row marked {:.2} s ({} rows/s); relay CPU {:.1} s",
+                mb(r.single.idle_rss_kib),
+                r.single.secs,
+                thousands(r.single.rate()),
+                r.single.relay_cpu
+            ),
+        ),
+        (
+            "relay, single-row transactions written flat out by one session beside it (marking on)"
+                .into(),
+            format!("**{} rows/s**", thousands(r.steady_max.rate())),
+            format!(
+                "{} rows written in {:.1} s ({} rows/s), last one marked {:.2} s after the start; \
+                 cores busy: {}. 25/50/75 % of this are the latency loads below",
+                thousands(r.steady_max.rows as f64),
+                r.steady_max.write_secs,
+                thousands(r.steady_max.write_rate()),
+                r.steady_max.e2e_secs,
+                r.steady_max.cores
+            ),
+        ),
+    ]
+}
+
+fn latency_rows(r: &Results) -> Vec<[String; 7]> {
+    r.latency
+        .iter()
+        .map(|l| {
+            [
+                format!("{} %", l.pct),
+                thousands(l.target_rate),
+                thousands(l.offered_rate()),
+                thousands(l.rows as f64),
+                format!(
+                    "{} / {} / {}",
+                    ms(l.to_consumer.p50),
+                    ms(l.to_consumer.p99),
+                    ms(l.to_consumer.p999)
+                ),
+                format!(
+                    "{} / {} / {}",
+                    ms(l.to_marked.p50),
+                    ms(l.to_marked.p99),
+                    ms(l.to_marked.p999)
+                ),
+                format!(
+                    "{:.2} / {:.2} / {:.2} / {:.2} / {:.2}",
+                    l.cores.relay, l.cores.postgres, l.cores.tansu, l.cores.bench, l.cores.other
+                ),
+            ]
+        })
+        .collect()
+}
+
+const LATENCY_HEAD: [&str; 7] = [
+    "offered load (of the steady max)",
+    "target rows/s",
+    "offered rows/s",
+    "rows",
+    "commit→consumer p50 / p99 / p99.9 ms",
+    "commit→delivered_at p50 / p99 / p99.9 ms",
+    "cores busy: relay / Postgres / Tansu / bench / other processes",
+];
+
+/// The table on stdout.
+pub fn print_table(r: &Results) {
+    println!();
+    println!(
+        "outbox-relay benchmark ({}: {}-row backlog, {} partitions, {} CPUs)",
+        r.mode(),
+        thousands(r.rows as f64),
+        r.partitions,
+        r.machine.cpus
+    );
+    let rows = main_rows(r);
+    let w0 = rows.iter().map(|x| x.0.len()).max().unwrap_or(0);
+    let w1 = rows.iter().map(|x| x.1.len()).max().unwrap_or(0);
+    for (m, v, d) in &rows {
+        let strip = |s: &str| s.replace("**", "").replace('`', "");
+        println!(
+            "  {:<w0$}  {:>w1$}  {}",
+            strip(m),
+            strip(v),
+            strip(d),
+            w0 = w0,
+            w1 = w1
+        );
+    }
+    println!(
+        "  steady state (single-row transactions, marking on, {} s per level):",
+        r.latency_secs
+    );
+    println!(
+        "  {:>6} {:>9} {:>9} {:>8}  {:>24}  {:>24}  cores: relay/pg/tansu/bench/other",
+        "load", "target/s", "offered/s", "rows", "commit→consumer ms", "commit→delivered_at ms",
+    );
+    println!(
+        "  {:>6} {:>9} {:>9} {:>8}  {:>24}  {:>24}",
+        "", "", "", "", "p50 / p99 / p99.9", "p50 / p99 / p99.9"
+    );
+    for l in latency_rows(r) {
+        println!(
+            "  {:>6} {:>9} {:>9} {:>8}  {:>24}  {:>24}  {}",
+            l[0], l[1], l[2], l[3], l[4], l[5], l[6]
+        );
+    }
+    let disturbed = r.disturbed();
+    if !disturbed.is_empty() {
+        println!(
+            "  DISTURBED: other processes on this machine used CPU during: {}",
+            disturbed.join(", ")
+        );
+    }
+    for u in &r.unmarked {
+        println!(
+            "  ANOMALY {}: {} row(s) confirmed to the slot but never marked delivered, e.g. {}",
+            u.phase,
+            u.rows,
+            u.ids.join(", ")
+        );
+    }
+    println!(
+        "  relay (marking on) {} rows/s ÷ min(source {}, sink {}) = {:.2}",
+        thousands(r.drain_on.rate()),
+        thousands(r.source.rate()),
+        thousands(r.sink.rate()),
+        r.e2e_vs_limit()
+    );
+}
+
+/// Writes `BENCHMARKS.md` and `bench/chart.svg` (which it embeds) under `out`.
+pub fn write_files(out: &Path, r: &Results) -> Result<()> {
+    let svg = chart_svg(r);
+    let chart = out.join("bench/chart.svg");
+    if let Some(dir) = chart.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&chart, svg).with_context(|| format!("writing {}", chart.display()))?;
+    let md = markdown(r);
+    let path = out.join("BENCHMARKS.md");
+    std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn markdown(r: &Results) -> String {
+    let m = &r.machine;
+    let mut s = String::new();
+    let _ = writeln!(s, "# outbox-relay benchmarks\n");
+    if r.quick {
+        let _ = writeln!(
+            s,
+            "> **QUICK run** (`scripts/bench --quick`): {}-row backlog, {} s per latency level. \
+             The figures show the shape only; `scripts/bench` (full: 1M rows) gives the real ones.\n",
+            thousands(r.rows as f64),
+            r.latency_secs
+        );
+    }
+    let _ = writeln!(
+        s,
+        "Measured {} with `scripts/bench{}` ({} mode, {:.0} s in all), relay at commit {}.\n",
+        m.date,
+        if r.quick { " --quick" } else { "" },
+        r.mode(),
+        r.total_secs,
+        m.commit
+    );
+    if !r.relay_env.is_empty() {
+        let settings: Vec<String> = r
+            .relay_env
+            .iter()
+            .map(|(k, v)| format!("`{k}={v}`"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "Relay settings changed for this run: {}.\n",
+            settings.join(", ")
+        );
+    }
+    let _ = writeln!(
+        s,
+        "**e2e_vs_limit = {:.2}**: the relay's drain rate with marking on ({} rows/s) divided by the \
+         slower of its two limits (source {} rows/s, sink {} msgs/s).\n",
+        r.e2e_vs_limit(),
+        thousands(r.drain_on.rate()),
+        thousands(r.source.rate()),
+        thousands(r.sink.rate())
+    );
+    let _ = writeln!(
+        s,
+        "![Throughput against the source and sink limits; latency against offered load](bench/chart.svg)\n"
+    );
+    let disturbed = r.disturbed();
+    if !disturbed.is_empty() {
+        let _ = writeln!(
+            s,
+            "**Disturbed run:** processes outside the benchmark used CPU during {} \
+             ({:.2} cores on average over the whole run); those figures are low.\n",
+            disturbed.join(", "),
+            r.other_cores
+        );
+    }
+    if !r.unmarked.is_empty() {
+        let _ = writeln!(
+            s,
+            "**Anomaly: rows published and confirmed to the slot but never marked delivered** \
+             (`delivered_at` still NULL after the relay's slot had passed their commit; the broker has \
+             them). A commit is in the WAL, and decodable, a moment before other sessions can see it; \
+             a marking UPDATE that runs in that moment matches nothing, and the relay confirms the \
+             transaction all the same:\n"
+        );
+        for u in &r.unmarked {
+            let _ = writeln!(
+                s,
+                "- {}: {} row(s), e.g. {}",
+                u.phase,
+                u.rows,
+                u.ids
+                    .iter()
+                    .map(|i| format!("`{i}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(s, "## Throughput and memory\n");
+    let _ = writeln!(s, "| measure | result | detail |\n|---|---|---|");
+    for (a, b, c) in main_rows(r) {
+        let _ = writeln!(s, "| {a} | {b} | {c} |");
+    }
+    let _ = writeln!(
+        s,
+        "\n## Steady-state latency\n\nSingle-row transactions offered at a fixed rate for {} s per level, relay running \
+         with marking on; the loads are 25/50/75 % of the steady max above ({} rows/s).\n",
+        r.latency_secs,
+        thousands(r.steady_max.rate())
+    );
+    let _ = writeln!(s, "| {} |", LATENCY_HEAD.join(" | "));
+    let _ = writeln!(s, "|{}", "---|".repeat(LATENCY_HEAD.len()));
+    for l in latency_rows(r) {
+        let _ = writeln!(s, "| {} |", l.join(" | "));
+    }
+    if let Some(low) = r.latency.first()
+        && low.to_marked.p50 < low.to_consumer.p50
+    {
+        let _ = writeln!(
+            s,
+            "\nAt the lowest load the relay had marked a row (after its acknowledgement) sooner than the \
+             consumer saw it (p50 {} ms against {} ms): the broker's fetch path, not the relay, makes up \
+             the difference, so here commit → `delivered_at` is the tighter upper bound of commit → \
+             broker acknowledgement.",
+            ms(low.to_marked.p50),
+            ms(low.to_consumer.p50)
+        );
+    }
+    let _ = writeln!(
+        s,
+        r#"
+## What was measured
+
+Everything ran on one machine in one run of `outbox-bench`, against one private Postgres cluster and
+one Tansu broker that it started itself and stopped at the end.
+
+- **Workload.** {mix}. `aggregatetype` is `bench` for the backlogs, so every backlog row goes to
+  `outbox.event.bench`; all topics have {parts} partitions (created before the run, replication 1).
+  Backlogs were written at {write} rows/s.
+- **Source limit.** A pgoutput slot (`pg_create_logical_replication_slot('bench_src', 'pgoutput')`)
+  is created before backlog 1 is written; then `pg_recvlogical --start -o proto_version=1
+  -o publication_names=outbox_pub --endpos=<WAL position after the backlog> -f /dev/null` is
+  timed from start to exit: the walsender decoding the backlog and sending every change to a
+  client that throws it away. (pg_recvlogical's own CPU, in the table, comes out of the same cores.)
+- **Sink limit.** The same rows (read back from the table: id, aggregateid, type, payload as text) are
+  sent by a plain rdkafka `ThreadedProducer` built with the relay's own
+  `outbox_relay::sink::kafka::producer_config` (acks=all, idempotence, linger.ms 5,
+  batch.size 1000000) to the fresh topic `bench.sink` with the same partition count, key and headers
+  (`id`, `type`, `aggregatetype`); timed from the first send to the last delivery report.
+- **Relay drain.** The relay (`target/release/outbox-relay`, configured by `RELAY_*` variables only)
+  is started once on the empty table (it creates its slot) and stopped with SIGTERM; then the
+  backlog is written, so the relay reads it from WAL, not from its first-start snapshot. The relay is
+  started again and timed from process start (start-up included) to the last row's `delivered_at`
+  (marking on), or, with `RELAY_PIPELINE__MARK_DELIVERED=false`, to the moment the slot's
+  `confirmed_flush_lsn` reached the WAL position after the backlog (polled every 20 ms; the relay
+  reports within 100 ms of an acknowledgement). Marking off drains backlog 2, written the same way
+  after backlog 1 was drained; before it, the stopped relay's slot is moved past the marking
+  UPDATEs of backlog 1 (`pg_replication_slot_advance`), so both drains decode only their backlog.
+  CPU seconds are the relay process's utime+stime (`/proc/<pid>/stat`, whole life including
+  start-up), peak RSS is its `VmHWM`; the Postgres (all server processes) and Tansu CPU figures are
+  what those servers used over the same interval: on a {cpus}-CPU machine they compete with the relay
+  for the same cores.
+- **Steady max.** With the relay running (marking on), one session commits single-row
+  transactions as fast as it can (a PL/pgSQL loop, `COMMIT` after each row) for {lsecs} s; the
+  rate is rows ÷ (writer start → last row's `delivered_at`). This, not the backlog drain rate, is
+  the base of the offered loads: the drain rate is reached with 90 % of the rows in 100- and
+  10,000-row transactions and with nothing else running, while single-row transactions written on
+  the same {cpus} cores cost Postgres far more per row (a commit each, written and decoded): here
+  the steady max is {smax} rows/s, so 25 % of the drain rate ({quarter} rows/s) would already
+  be more than the machine sustains and every level would measure a growing queue.
+- **Latency.** With the relay running (marking on), the same procedure commits single-row
+  transactions at a fixed rate (open loop: each row is written when due, however late the ones
+  before it were) of 25, 50 and 75 % of the steady max for {lsecs} s each. Latency of a row = the
+  moment an rdkafka consumer in the bench process (assigned to every partition,
+  `fetch.wait.max.ms=5`) got the message, minus the row's commit time (`pg_xact_commit_timestamp`
+  of the inserting transaction, `track_commit_timestamp=on`; the transaction id travels in the
+  row's `headers` as `bench_xid`, since the relay's UPDATE gives the row a new xmin), same clock.
+  A consumer can see a message only after the broker appended it, so this is an upper bound of
+  commit → broker acknowledgement (give or take the consumer's fetch wait). commit →
+  `delivered_at` is the time until the relay marked the row (`now()` of the marking transaction,
+  after the acknowledgement). "offered rows/s" is what the writer achieved; "cores busy" is the
+  CPU each process used from the start of the level until its last row was marked, in cores.
+- **One huge transaction.** {single} rows in one `INSERT … SELECT` transaction while the relay runs
+  (a fresh relay process, so its `VmHWM` is this transaction's); pgoutput protocol 1 sends it after
+  the commit. Peak RSS is the relay's `VmHWM` after the last row was marked.
+- **Postgres settings**: `wal_level=logical`, `track_commit_timestamp=on`, `fsync=off`,
+  `full_page_writes=off` (writing the backlog faster; no effect on decoding), `shared_buffers=512MB`,
+  `autovacuum=off` with `VACUUM (ANALYZE) outbox` run by the bench between phases (an autovacuum
+  worker cleaning a freshly written million-row table takes one of the {cpus} cores away from
+  whatever is being measured, at a moment nobody controls), `checkpoint_timeout=1h`,
+  `pg_stat_statements` loaded (it gives the count and time of the relay's marking UPDATEs),
+  `synchronous_commit` left on (with it off the walsender waits for the WAL writer, adding up to
+  `wal_writer_delay` = 200 ms to every latency). **Broker**: Tansu with in-memory storage.
+  Processes: Postgres, Tansu, the relay and the bench itself all share the same {cpus} CPUs.
+
+## Machine
+
+| | |
+|---|---|
+| CPU | {cpu} × {cpus} |
+| memory | {mem:.1} GiB |
+| kernel | Linux {kernel} |
+| PostgreSQL | {pg} |
+| broker | {tansu} (memory storage) |
+| librdkafka | {rdk} (bundled by rdkafka-sys, also in the relay) |
+| relay | commit {commit} |
+| other processes during the run | {other:.2} cores on average |
+| date | {date} |
+
+## Reproduce
+
+```sh
+scripts/bench            # full run: 1M-row backlogs, 1M-row transaction, 30 s per latency level
+scripts/bench --quick    # the same, small (100k rows, 8 s per level): under 3 minutes after the build
+```
+
+`scripts/bench` runs `scripts/setup`, builds `outbox-relay` and `outbox-bench` in release mode and
+runs `target/release/outbox-bench` (options: `outbox-bench --help`). It prints the table above, ends
+with `e2e_vs_limit=<ratio>` and rewrites this file and `bench/chart.svg`.
+"#,
+        mix = r.mix,
+        parts = r.partitions,
+        write = thousands(r.write_rate),
+        cpus = m.cpus,
+        single = thousands(r.single.rows as f64),
+        lsecs = r.latency_secs,
+        smax = thousands(r.steady_max.rate()),
+        quarter = thousands(r.drain_on.rate() / 4.0),
+        cpu = m.cpu_model,
+        mem = m.memory_gib,
+        kernel = m.kernel,
+        pg = m.postgres,
+        tansu = m.tansu,
+        rdk = m.librdkafka,
+        commit = m.commit,
+        other = r.other_cores,
+        date = m.date,
+    );
+    s
+}
+
+/// A "nice" axis step for about `n` ticks up to `max`.
+fn nice_step(max: f64, n: f64) -> f64 {
+    let raw = (max / n).max(f64::MIN_POSITIVE);
+    let mag = 10f64.powf(raw.log10().floor());
+    let f = raw / mag;
+    let nice = if f <= 1.0 {
+        1.0
+    } else if f <= 2.0 {
+        2.0
+    } else if f <= 5.0 {
+        5.0
+    } else {
+        10.0
+    };
+    nice * mag
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+fn short(v: f64) -> String {
+    let trim = |x: f64, unit: &str| {
+        if (x - x.round()).abs() < 0.05 {
+            format!("{x:.0}{unit}")
+        } else {
+            format!("{x:.1}{unit}")
+        }
+    };
+    if v >= 1e6 {
+        trim(v / 1e6, "M")
+    } else if v >= 1e3 {
+        trim(v / 1e3, "k")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// Two panels: throughput bars against the limits; latency percentiles against offered load.
+pub fn chart_svg(r: &Results) -> String {
+    let (w, h) = (1000.0, 440.0);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="Helvetica, Arial, sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let title = format!(
+        "outbox-relay benchmark{} — {} rows, {} partitions, {} CPUs, e2e_vs_limit = {:.2}",
+        if r.quick { " (QUICK run)" } else { "" },
+        thousands(r.rows as f64),
+        r.partitions,
+        r.machine.cpus,
+        r.e2e_vs_limit()
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="22" text-anchor="middle" font-size="15" font-weight="bold">{}</text>"#,
+        w / 2.0,
+        esc(&title)
+    );
+    throughput_panel(&mut s, r, 60.0, 60.0, 420.0, 300.0);
+    latency_panel(&mut s, r, 590.0, 60.0, 380.0, 300.0);
+    let _ = writeln!(s, "</svg>");
+    s
+}
+
+fn throughput_panel(s: &mut String, r: &Results, x0: f64, y0: f64, pw: f64, ph: f64) {
+    let bars = [
+        ("source limit", "pg_recvlogical", r.source.rate(), "#7f8c8d"),
+        ("sink limit", "rdkafka producer", r.sink.rate(), "#95a5a6"),
+        ("relay", "marking on", r.drain_on.rate(), "#2e86de"),
+        ("relay", "marking off", r.drain_off.rate(), "#54a0ff"),
+    ];
+    let max = bars.iter().map(|b| b.2).fold(0.0, f64::max).max(1.0);
+    let step = nice_step(max, 5.0);
+    let top = (max / step).ceil() * step;
+    let y = |v: f64| y0 + ph - v / top * ph;
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle" font-size="13" font-weight="bold">Throughput, backlog of {} rows (rows/s)</text>"#,
+        x0 + pw / 2.0,
+        y0 - 14.0,
+        thousands(r.rows as f64)
+    );
+    let mut v = 0.0;
+    while v <= top + step / 2.0 {
+        let yy = y(v);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x0}" y1="{yy:.1}" x2="{}" y2="{yy:.1}" stroke="#e0e0e0"/><text x="{}" y="{:.1}" text-anchor="end" fill="#555">{}</text>"##,
+            x0 + pw,
+            x0 - 6.0,
+            yy + 4.0,
+            short(v)
+        );
+        v += step;
+    }
+    let slot = pw / bars.len() as f64;
+    let bw = slot * 0.6;
+    for (i, (l1, l2, val, color)) in bars.iter().enumerate() {
+        let bx = x0 + slot * i as f64 + (slot - bw) / 2.0;
+        let by = y(*val);
+        let _ = writeln!(
+            s,
+            r#"<rect x="{bx:.1}" y="{by:.1}" width="{bw:.1}" height="{:.1}" fill="{color}"/>"#,
+            (y0 + ph - by).max(0.0)
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-weight="bold">{}</text>"#,
+            bx + bw / 2.0,
+            by - 5.0,
+            thousands(*val)
+        );
+        let _ = writeln!(
+            s,
+            r##"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text><text x="{:.1}" y="{:.1}" text-anchor="middle" fill="#555" font-size="11">{}</text>"##,
+            bx + bw / 2.0,
+            y0 + ph + 16.0,
+            l1,
+            bx + bw / 2.0,
+            y0 + ph + 30.0,
+            l2
+        );
+    }
+    // The binding limit as a dashed line across the bars, explained under the axis.
+    let limit = r.source.rate().min(r.sink.rate());
+    let ly = y(limit);
+    let _ = writeln!(
+        s,
+        r##"<line x1="{x0}" y1="{ly:.1}" x2="{}" y2="{ly:.1}" stroke="#c0392b" stroke-dasharray="5,4"/>"##,
+        x0 + pw
+    );
+    let legend_y = y0 + ph + 50.0;
+    let _ = writeln!(
+        s,
+        r##"<line x1="{}" y1="{legend_y}" x2="{}" y2="{legend_y}" stroke="#c0392b" stroke-dasharray="5,4"/><text x="{}" y="{}" fill="#c0392b">min(source, sink) = {} rows/s: the relay's ceiling</text>"##,
+        x0 + 10.0,
+        x0 + 40.0,
+        x0 + 46.0,
+        legend_y + 4.0,
+        thousands(limit)
+    );
+    let _ = writeln!(
+        s,
+        r##"<line x1="{x0}" y1="{}" x2="{}" y2="{}" stroke="#333"/><line x1="{x0}" y1="{y0}" x2="{x0}" y2="{}" stroke="#333"/>"##,
+        y0 + ph,
+        x0 + pw,
+        y0 + ph,
+        y0 + ph
+    );
+}
+
+/// A line of the latency chart: name, colour, dash pattern, value.
+type Series = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Latency) -> f64,
+);
+
+fn latency_panel(s: &mut String, r: &Results, x0: f64, y0: f64, pw: f64, ph: f64) {
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle" font-size="13" font-weight="bold">Latency vs offered load (ms, log scale)</text>"#,
+        x0 + pw / 2.0,
+        y0 - 14.0
+    );
+    if r.latency.is_empty() {
+        return;
+    }
+    let series: [Series; 5] = [
+        ("commit→consumer p50", "#27ae60", "", |l| {
+            l.to_consumer.p50
+        }),
+        ("commit→consumer p99", "#e67e22", "", |l| {
+            l.to_consumer.p99
+        }),
+        ("commit→consumer p99.9", "#c0392b", "", |l| {
+            l.to_consumer.p999
+        }),
+        ("commit→delivered_at p50", "#2980b9", "4,3", |l| {
+            l.to_marked.p50
+        }),
+        ("commit→delivered_at p99", "#8e44ad", "4,3", |l| {
+            l.to_marked.p99
+        }),
+    ];
+    let all: Vec<f64> = r
+        .latency
+        .iter()
+        .flat_map(|l| series.iter().map(move |(_, _, _, f)| f(l)))
+        .filter(|v| *v > 0.0)
+        .collect();
+    let lo = all.iter().copied().fold(f64::INFINITY, f64::min).max(0.01);
+    let hi = all.iter().copied().fold(0.0, f64::max).max(lo * 10.0);
+    let (dlo, dhi) = (lo.log10().floor(), hi.log10().ceil());
+    let y = |v: f64| y0 + ph - (v.max(10f64.powf(dlo)).log10() - dlo) / (dhi - dlo) * ph;
+    let xmax = r
+        .latency
+        .iter()
+        .map(|l| l.target_rate.max(l.offered_rate()))
+        .fold(0.0, f64::max)
+        * 1.1;
+    let x = |v: f64| x0 + v / xmax * pw;
+    let mut d = dlo;
+    while d <= dhi + 0.01 {
+        for m in [1.0, 2.0, 5.0] {
+            let v = m * 10f64.powf(d);
+            if v.log10() > dhi + 1e-9 {
+                break;
+            }
+            let yy = y(v);
+            let label = if v >= 1.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v}")
+            };
+            let stroke = if m == 1.0 { "#d0d0d0" } else { "#eeeeee" };
+            let _ = writeln!(
+                s,
+                r##"<line x1="{x0}" y1="{yy:.1}" x2="{}" y2="{yy:.1}" stroke="{stroke}"/><text x="{}" y="{:.1}" text-anchor="end" fill="#555">{label}</text>"##,
+                x0 + pw,
+                x0 - 6.0,
+                yy + 4.0
+            );
+        }
+        d += 1.0;
+    }
+    for l in &r.latency {
+        let xx = x(l.offered_rate());
+        let _ = writeln!(
+            s,
+            r##"<line x1="{xx:.1}" y1="{}" x2="{xx:.1}" y2="{}" stroke="#333"/><text x="{xx:.1}" y="{}" text-anchor="middle">{} %</text><text x="{xx:.1}" y="{}" text-anchor="middle" fill="#555">{}/s</text>"##,
+            y0 + ph,
+            y0 + ph + 5.0,
+            y0 + ph + 18.0,
+            l.pct,
+            y0 + ph + 32.0,
+            short(l.offered_rate())
+        );
+    }
+    for (name, color, dash, f) in &series {
+        let pts: Vec<String> = r
+            .latency
+            .iter()
+            .map(|l| format!("{:.1},{:.1}", x(l.offered_rate()), y(f(l))))
+            .collect();
+        let _ = writeln!(
+            s,
+            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/>"#,
+            pts.join(" ")
+        );
+        for l in &r.latency {
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{color}"><title>{name} at {} rows/s: {:.1} ms</title></circle>"#,
+                x(l.offered_rate()),
+                y(f(l)),
+                thousands(l.offered_rate()),
+                f(l)
+            );
+        }
+    }
+    // The legend, over the lines.
+    let _ = writeln!(
+        s,
+        r#"<rect x="{}" y="{}" width="190" height="{}" fill="white" fill-opacity="0.85"/>"#,
+        x0 + 4.0,
+        y0 + 1.0,
+        16.0 * series.len() as f64 + 2.0
+    );
+    for (i, (name, color, dash, _)) in series.iter().enumerate() {
+        let ly = y0 + 8.0 + 16.0 * i as f64;
+        let _ = writeln!(
+            s,
+            r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/><text x="{}" y="{}">{}</text>"#,
+            x0 + 10.0,
+            x0 + 30.0,
+            x0 + 36.0,
+            ly + 4.0,
+            esc(name)
+        );
+    }
+    let _ = writeln!(
+        s,
+        r##"<text x="{}" y="{}" text-anchor="middle" fill="#555">offered load: single-row transactions/s (% of the steady max)</text>"##,
+        x0 + pw / 2.0,
+        y0 + ph + 50.0
+    );
+    let _ = writeln!(
+        s,
+        r##"<line x1="{x0}" y1="{}" x2="{}" y2="{}" stroke="#333"/><line x1="{x0}" y1="{y0}" x2="{x0}" y2="{}" stroke="#333"/>"##,
+        y0 + ph,
+        x0 + pw,
+        y0 + ph,
+        y0 + ph
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let p = Percentiles::of((1..=1000).map(f64::from).collect());
+        assert_eq!(p.p50, 500.0);
+        assert_eq!(p.p99, 990.0);
+        assert_eq!(p.p999, 999.0);
+        assert_eq!(Percentiles::of(vec![3.0]).p999, 3.0);
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(1234567.4), "1,234,567");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(0.0), "0");
+    }
+
+    #[test]
+    fn short_numbers() {
+        assert_eq!(short(200_000.0), "200k");
+        assert_eq!(short(7_625.0), "7.6k");
+        assert_eq!(short(1_500_000.0), "1.5M");
+        assert_eq!(short(950.0), "950");
+    }
+
+    #[test]
+    fn nice_steps() {
+        assert_eq!(nice_step(100_000.0, 5.0), 20_000.0);
+        assert_eq!(nice_step(7.0, 5.0), 2.0);
+    }
+}
