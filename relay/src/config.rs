@@ -21,6 +21,7 @@ pub struct Config {
     pub dead_letter: DeadLetterConfig,
     pub retry: RetryConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -269,6 +270,21 @@ impl Default for LogConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve Prometheus metrics at http://<listen>/metrics; empty: no metrics endpoint.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "0.0.0.0:9464".into(),
+        }
+    }
+}
+
 /// The configuration could not be loaded or is invalid; the message names the key and the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -498,6 +514,14 @@ impl Config {
                     "retry.initial_delay_ms ({}) must be at least 1 and at most retry.max_delay_ms",
                     r.initial_delay_ms
                 ),
+            ));
+        }
+        let m = &self.metrics.listen;
+        if !m.is_empty() && m.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "metrics.listen",
+                m,
+                "expected an address and port such as 0.0.0.0:9464 (an IP address, not a host name), or \"\" to turn the metrics endpoint off",
             ));
         }
         if !["text", "json"].contains(&self.log.format.as_str()) {

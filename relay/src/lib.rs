@@ -8,6 +8,7 @@
 pub mod check;
 pub mod config;
 pub mod db;
+pub mod metrics;
 pub mod pipeline;
 pub mod progress;
 pub mod redrive;

@@ -75,6 +75,17 @@ fn main() -> ExitCode {
                 }
             }
             Command::Run => {
+                match outbox_relay::metrics::install(&config.metrics.listen) {
+                    Ok(Some(addr)) => {
+                        tracing::info!(%addr, "serving Prometheus metrics at /metrics")
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        eprintln!("outbox-relay: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
                 let shutdown = CancellationToken::new();
                 tokio::spawn(wait_for_signal(shutdown.clone()));
                 match outbox_relay::runtime::run(config, shutdown).await {

@@ -145,3 +145,61 @@ async fn per_aggregate_order_is_kept_over_10k_rows_on_4_partitions() {
         );
     }
 }
+
+/// GET `path` from `port` on 127.0.0.1 (HTTP/1.0, whole body).
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+/// The value of the sample `name` (exact, labels included) in a Prometheus text page.
+fn sample(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The relay serves Prometheus metrics: every acknowledged row is counted, and each row read from
+/// the WAL adds its commit → acknowledgement time to the histogram.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_acknowledgements_and_commit_to_ack_latency() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let Stack {
+        pg,
+        broker: _broker,
+        relay,
+    } = Stack::start(&[("RELAY_METRICS__LISTEN", &listen)]);
+    let mut db = pg.client().await;
+    wait_streaming(&db, WAIT).await;
+    insert_rows(&mut db, "metered", 2, 25, true).await;
+    insert_rows(&mut db, "metered", 2, 5, false).await;
+    assert!(all_delivered(&db, WAIT).await, "{}", relay.log());
+
+    let page = http_get(port, "/metrics");
+    assert!(page.starts_with("HTTP/1."), "{page}");
+    assert_eq!(
+        sample(&page, "outbox_relay_messages_acked_total"),
+        Some(25.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "outbox_relay_commit_to_ack_seconds_count"),
+        Some(25.0),
+        "{page}"
+    );
+    // Buckets are cumulative and end with every observation.
+    assert_eq!(
+        sample(
+            &page,
+            "outbox_relay_commit_to_ack_seconds_bucket{le=\"+Inf\"}"
+        ),
+        Some(25.0),
+        "{page}"
+    );
+    let sum = sample(&page, "outbox_relay_commit_to_ack_seconds_sum").expect("sum");
+    assert!(sum > 0.0 && sum < 25.0 * 120.0, "sum {sum}");
+}

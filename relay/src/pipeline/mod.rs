@@ -97,6 +97,14 @@ pub struct Counters {
     pub parked: u64,
 }
 
+/// The source transaction of a row read from the WAL.
+#[derive(Debug, Clone, Copy)]
+struct TxOrigin {
+    xid: u32,
+    /// Commit time, microseconds since 2000-01-01 UTC (Postgres' epoch).
+    commit_time: i64,
+}
+
 pub struct Pipeline<S: Sink> {
     sink: S,
     router: Router,
@@ -105,8 +113,8 @@ pub struct Pipeline<S: Sink> {
     relations: HashMap<u32, Option<ColumnMap>>,
     watermark: Watermark,
     open_tx: Option<TxSeq>,
-    /// The open transaction's id (from its Begin message).
-    open_xid: Option<u32>,
+    /// The open transaction's id and commit time (from its Begin message).
+    open_origin: Option<TxOrigin>,
     in_flight: usize,
     progress: mpsc::UnboundedReceiver<Progress>,
     /// The progress stage's input, for rows parked under `block_key` (marked, never sent).
@@ -134,7 +142,7 @@ impl<S: Sink> Pipeline<S> {
             relations: HashMap::new(),
             watermark: Watermark::new(Lsn::ZERO),
             open_tx: None,
-            open_xid: None,
+            open_origin: None,
             in_flight: 0,
             progress,
             parked: deliveries,
@@ -176,7 +184,7 @@ impl<S: Sink> Pipeline<S> {
 
     /// The stream broke: a transaction being read will be read again from the slot.
     pub fn abandon_open_transaction(&mut self) {
-        self.open_xid = None;
+        self.open_origin = None;
         if self.open_tx.take().is_some() {
             self.watermark.abandon_open();
         }
@@ -190,14 +198,17 @@ impl<S: Sink> Pipeline<S> {
                     return Err(PipelineError::Order("Begin inside a transaction".into()));
                 }
                 self.open_tx = Some(self.watermark.begin());
-                self.open_xid = Some(b.xid);
+                self.open_origin = Some(TxOrigin {
+                    xid: b.xid,
+                    commit_time: b.commit_time,
+                });
             }
             PgOutput::Commit(c) => {
                 let seq = self
                     .open_tx
                     .take()
                     .ok_or_else(|| PipelineError::Order("Commit without Begin".into()))?;
-                self.open_xid = None;
+                self.open_origin = None;
                 self.watermark.commit(seq, c.end_lsn);
                 self.counters.transactions += 1;
             }
@@ -230,7 +241,7 @@ impl<S: Sink> Pipeline<S> {
                 let seq = self
                     .open_tx
                     .ok_or_else(|| PipelineError::Order("Insert outside a transaction".into()))?;
-                self.publish_row_of(seq, raw, self.open_xid).await?;
+                self.publish_row_of(seq, raw, self.open_origin).await?;
             }
             PgOutput::Truncate { relation_ids, .. } => {
                 if relation_ids
@@ -259,12 +270,13 @@ impl<S: Sink> Pipeline<S> {
         self.publish_row_of(seq, raw, None).await
     }
 
-    /// [`Pipeline::publish_row`] for a row inserted by transaction `xid` (read from the WAL).
+    /// [`Pipeline::publish_row`] for a row inserted by the transaction `origin` (read from the
+    /// WAL).
     async fn publish_row_of(
         &mut self,
         seq: TxSeq,
         raw: RawRow,
-        xid: Option<u32>,
+        origin: Option<TxOrigin>,
     ) -> Result<(), PipelineError> {
         self.counters.rows += 1;
         if !self.blocked.is_empty() {
@@ -283,7 +295,7 @@ impl<S: Sink> Pipeline<S> {
                 return Ok(());
             }
         }
-        self.send_row(seq, raw, xid).await
+        self.send_row(seq, raw, origin).await
     }
 
     /// Publishes a parked row of a blocked aggregate again (see `crate::redrive`).
@@ -295,7 +307,7 @@ impl<S: Sink> Pipeline<S> {
         &mut self,
         seq: TxSeq,
         raw: RawRow,
-        xid: Option<u32>,
+        origin: Option<TxOrigin>,
     ) -> Result<(), PipelineError> {
         let msg = match self.router.route(&raw) {
             Ok(msg) => msg,
@@ -309,7 +321,8 @@ impl<S: Sink> Pipeline<S> {
         loop {
             let mut token = AckToken::new(seq, msg.id);
             token.attempt = attempt;
-            token.xid = xid;
+            token.xid = origin.map(|o| o.xid);
+            token.commit_time = origin.map(|o| o.commit_time);
             match self.sink.publish(&msg, token).await {
                 Ok(()) => {
                     self.track(seq);

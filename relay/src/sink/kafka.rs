@@ -161,7 +161,10 @@ impl ProducerContext for RelayContext {
     fn delivery(&self, result: &DeliveryResult<'_>, token: Box<AckToken>) {
         let token = *token;
         let report = match result {
-            Ok(_) => Delivery::Acked(token),
+            Ok(_) => {
+                crate::metrics::acked(token.commit_time);
+                Delivery::Acked(token)
+            }
             Err((err, _)) if error_code(err) == Some(RDKafkaErrorCode::Fatal) => {
                 // Every outstanding message fails this way; the first one reports it.
                 self.report_broken(err.to_string());

@@ -39,6 +39,9 @@ pub struct AckToken {
     /// The inserting transaction's id, for rows read from the WAL (the progress stage asks
     /// Postgres whether it is still in progress when the row is not visible yet).
     pub xid: Option<u32>,
+    /// The inserting transaction's commit time (microseconds since 2000-01-01 UTC, Postgres'
+    /// epoch), for rows read from the WAL: the commit → acknowledgement latency metric.
+    pub commit_time: Option<i64>,
     /// Set when the row is to be marked failed (not delivered) with this note once the report
     /// comes back: on a poison row's dead-letter record, after the broker confirms it, and on a
     /// row parked under the `block_key` policy, which is reported at once without a send.
@@ -52,6 +55,7 @@ impl AckToken {
             id,
             attempt: 1,
             xid: None,
+            commit_time: None,
             failure: None,
         }
     }
