@@ -92,6 +92,7 @@ const BACKLOG_AGG: &str = "bench";
 const BACKLOG_TOPIC: &str = "outbox.event.bench";
 const SINK_TOPIC: &str = "bench.sink";
 const LATENCY_AGG: &str = "latency";
+const COMMIT_TO_ACK: &str = outbox_relay::metrics::COMMIT_TO_ACK;
 const LATENCY_TOPIC: &str = "outbox.event.latency";
 const SINGLE_AGG: &str = "bigtx";
 const SINGLE_TOPIC: &str = "outbox.event.bigtx";
@@ -185,6 +186,8 @@ struct Env {
     /// Next row number for payload generation (rows are numbered across the run).
     next_row: u64,
     relay_runs: u32,
+    /// Where every relay of the run serves its Prometheus metrics (127.0.0.1).
+    metrics_port: u16,
     /// pg_stat_statements is loaded.
     statements: bool,
     /// Rows the relay confirmed without marking them delivered.
@@ -338,6 +341,7 @@ async fn run(opts: Opts) -> Result<()> {
         plan,
         next_row: 0,
         relay_runs: 0,
+        metrics_port: procs::free_port()?,
         statements,
         unmarked: Vec::new(),
     };
@@ -577,6 +581,10 @@ impl Env {
             ),
             ("RELAY_PIPELINE__MARK_DELIVERED", mark.to_string()),
             ("RELAY_LOG__LEVEL", "info".into()),
+            (
+                "RELAY_METRICS__LISTEN",
+                format!("127.0.0.1:{}", self.metrics_port),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -1120,14 +1128,24 @@ impl Env {
             println!(
                 "bench:   {pct} % load: offering {rate:.0} single-row transactions/s for {secs} s"
             );
+            let acks_before = report::scrape_histogram(self.metrics_port, COMMIT_TO_ACK)?;
             let o = self.offer(&writer, &consumer, &ev_type, rate, secs).await?;
-            let l = self
+            let acks_after = report::scrape_histogram(self.metrics_port, COMMIT_TO_ACK)?;
+            let mut l = self
                 .latency_stats(&consumer, &ev_type, pct, rate, &o)
                 .await?;
+            l.to_ack = report::Histogram::delta(&acks_before, &acks_after)
+                .percentiles()
+                .ok_or_else(|| {
+                    anyhow!("{ev_type}: the relay's commit→ack histogram did not move")
+                })?;
             println!(
-                "bench:   {pct} % load: offered {:.0} rows/s (target {:.0}); commit→consumer p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms; commit→delivered_at p50 {:.1} ms, p99 {:.1} ms; CPU cores used: {}",
+                "bench:   {pct} % load: offered {:.0} rows/s (target {:.0}); commit→ack p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms; commit→consumer p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms; commit→delivered_at p50 {:.1} ms, p99 {:.1} ms; CPU cores used: {}",
                 l.offered_rate(),
                 l.target_rate,
+                l.to_ack.p50,
+                l.to_ack.p99,
+                l.to_ack.p999,
                 l.to_consumer.p50,
                 l.to_consumer.p99,
                 l.to_consumer.p999,
@@ -1274,6 +1292,7 @@ impl Env {
             target_rate,
             rows: o.rows,
             offer_secs: o.secs,
+            to_ack: Percentiles::default(),
             to_consumer: Percentiles::of(to_consumer),
             to_marked: Percentiles::of(to_marked),
             cores: o.cores,

@@ -122,6 +122,92 @@ impl Percentiles {
     }
 }
 
+/// A Prometheus histogram: cumulative counts per upper bound (seconds), `+Inf` last.
+#[derive(Debug, Clone, Default)]
+pub struct Histogram {
+    pub buckets: Vec<(f64, f64)>,
+}
+
+impl Histogram {
+    /// What was observed between two scrapes of the same histogram.
+    pub fn delta(before: &Histogram, after: &Histogram) -> Histogram {
+        let buckets = after
+            .buckets
+            .iter()
+            .map(|(le, n)| {
+                let was = before
+                    .buckets
+                    .iter()
+                    .find(|(b, _)| b == le)
+                    .map_or(0.0, |(_, n)| *n);
+                (*le, n - was)
+            })
+            .collect();
+        Histogram { buckets }
+    }
+
+    /// Percentiles in milliseconds, interpolated linearly inside the bucket the rank falls in
+    /// (the usual `histogram_quantile` estimate); None if nothing was observed.
+    pub fn percentiles(&self) -> Option<Percentiles> {
+        let total = self.buckets.last()?.1;
+        if total <= 0.0 {
+            return None;
+        }
+        let at = |q: f64| {
+            let rank = q * total;
+            let mut lower = (0.0, 0.0);
+            for &(le, n) in &self.buckets {
+                if n >= rank {
+                    if le.is_infinite() {
+                        return lower.0 * 1000.0; // beyond the last bound: report the bound
+                    }
+                    let inside = (rank - lower.1) / (n - lower.1).max(f64::MIN_POSITIVE);
+                    return (lower.0 + (le - lower.0) * inside) * 1000.0;
+                }
+                lower = (le, n);
+            }
+            lower.0 * 1000.0
+        };
+        Some(Percentiles {
+            p50: at(0.50),
+            p99: at(0.99),
+            p999: at(0.999),
+        })
+    }
+}
+
+/// Reads histogram `name` from the relay's Prometheus endpoint on 127.0.0.1:`port`.
+pub fn scrape_histogram(port: u16, name: &str) -> anyhow::Result<Histogram> {
+    use anyhow::Context;
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port))
+        .with_context(|| format!("connecting to the relay's metrics on port {port}"))?;
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(conn, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut page = String::new();
+    conn.read_to_string(&mut page)?;
+    Ok(parse_histogram(&page, name))
+}
+
+fn parse_histogram(page: &str, name: &str) -> Histogram {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let mut buckets: Vec<(f64, f64)> = page
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, value) = rest.split_once("\"}")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, value.trim().parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Histogram { buckets }
+}
+
 /// Cores each process kept busy on average over an interval.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cores {
@@ -171,6 +257,8 @@ pub struct Latency {
     pub rows: u64,
     /// How long the writer took to offer them (longer than planned if Postgres fell behind).
     pub offer_secs: f64,
+    /// Commit → broker acknowledgement, from the relay's histogram (bucket-interpolated).
+    pub to_ack: Percentiles,
     pub to_consumer: Percentiles,
     pub to_marked: Percentiles,
     pub cores: Cores,
@@ -480,7 +568,7 @@ fn main_rows(r: &Results) -> Vec<(String, String, String)> {
     ]
 }
 
-fn latency_rows(r: &Results) -> Vec<[String; 7]> {
+fn latency_rows(r: &Results) -> Vec<[String; 8]> {
     r.latency
         .iter()
         .map(|l| {
@@ -489,6 +577,12 @@ fn latency_rows(r: &Results) -> Vec<[String; 7]> {
                 thousands(l.target_rate),
                 thousands(l.offered_rate()),
                 thousands(l.rows as f64),
+                format!(
+                    "{} / {} / {}",
+                    ms(l.to_ack.p50),
+                    ms(l.to_ack.p99),
+                    ms(l.to_ack.p999)
+                ),
                 format!(
                     "{} / {} / {}",
                     ms(l.to_consumer.p50),
@@ -510,11 +604,12 @@ fn latency_rows(r: &Results) -> Vec<[String; 7]> {
         .collect()
 }
 
-const LATENCY_HEAD: [&str; 7] = [
+const LATENCY_HEAD: [&str; 8] = [
     "offered load (of the steady max)",
     "target rows/s",
     "offered rows/s",
     "rows",
+    "commit→broker ack p50 / p99 / p99.9 ms",
     "commit→consumer p50 / p99 / p99.9 ms",
     "commit→delivered_at p50 / p99 / p99.9 ms",
     "cores busy: relay / Postgres / Tansu / bench / other processes",
@@ -549,17 +644,23 @@ pub fn print_table(r: &Results) {
         r.latency_secs
     );
     println!(
-        "  {:>6} {:>9} {:>9} {:>8}  {:>24}  {:>24}  cores: relay/pg/tansu/bench/other",
-        "load", "target/s", "offered/s", "rows", "commit→consumer ms", "commit→delivered_at ms",
+        "  {:>6} {:>9} {:>9} {:>8}  {:>22}  {:>22}  {:>22}  cores: relay/pg/tansu/bench/other",
+        "load",
+        "target/s",
+        "offered/s",
+        "rows",
+        "commit→broker ack ms",
+        "commit→consumer ms",
+        "commit→delivered_at ms",
     );
     println!(
-        "  {:>6} {:>9} {:>9} {:>8}  {:>24}  {:>24}",
-        "", "", "", "", "p50 / p99 / p99.9", "p50 / p99 / p99.9"
+        "  {:>6} {:>9} {:>9} {:>8}  {:>22}  {:>22}  {:>22}",
+        "", "", "", "", "p50 / p99 / p99.9", "p50 / p99 / p99.9", "p50 / p99 / p99.9"
     );
     for l in latency_rows(r) {
         println!(
-            "  {:>6} {:>9} {:>9} {:>8}  {:>24}  {:>24}  {}",
-            l[0], l[1], l[2], l[3], l[4], l[5], l[6]
+            "  {:>6} {:>9} {:>9} {:>8}  {:>22}  {:>22}  {:>22}  {}",
+            l[0], l[1], l[2], l[3], l[4], l[5], l[6], l[7]
         );
     }
     let disturbed = r.disturbed();
@@ -755,16 +856,21 @@ one Tansu broker that it started itself and stopped at the end.
   be more than the machine sustains and every level would measure a growing queue.
 - **Latency.** With the relay running (marking on), the same procedure commits single-row
   transactions at a fixed rate (open loop: each row is written when due, however late the ones
-  before it were) of 25, 50 and 75 % of the steady max for {lsecs} s each. Latency of a row = the
-  moment an rdkafka consumer in the bench process (assigned to every partition,
-  `fetch.wait.max.ms=5`) got the message, minus the row's commit time (`pg_xact_commit_timestamp`
-  of the inserting transaction, `track_commit_timestamp=on`; the transaction id travels in the
-  row's `headers` as `bench_xid`, since the relay's UPDATE gives the row a new xmin), same clock.
-  A consumer can see a message only after the broker appended it, so this is an upper bound of
-  commit → broker acknowledgement (give or take the consumer's fetch wait). commit →
-  `delivered_at` is the time until the relay marked the row (`now()` of the marking transaction,
-  after the acknowledgement). "offered rows/s" is what the writer achieved; "cores busy" is the
-  CPU each process used from the start of the level until its last row was marked, in cores.
+  before it were) of 25, 50 and 75 % of the steady max for {lsecs} s each. Three clocks on each
+  row, all from its commit: **commit → broker ack** is the relay's own
+  `outbox_relay_commit_to_ack_seconds` histogram (the commit time pgoutput sends with the
+  transaction, to the moment librdkafka reported the broker's acknowledgement), scraped from the
+  relay's `/metrics` before and after the level; percentiles are interpolated inside its buckets
+  (1 ms wide up to 10 ms, then 12, 15, 20, 25, 30, 40, 50, 75, 100 ms…), as Prometheus'
+  `histogram_quantile` does. **commit → consumer** is the moment an rdkafka consumer in the bench
+  process (assigned to every partition, `fetch.wait.max.ms=5`) got the message, minus the row's
+  commit time (`pg_xact_commit_timestamp` of the inserting transaction,
+  `track_commit_timestamp=on`; the transaction id travels in the row's `headers` as `bench_xid`,
+  since the relay's UPDATE gives the row a new xmin): it adds the broker's fetch path.
+  **commit → `delivered_at`** is the time until the relay marked the row (`now()` of the marking
+  transaction, after the acknowledgement). "offered rows/s" is what the writer achieved; "cores
+  busy" is the CPU each process used from the start of the level until its last row was marked,
+  in cores.
 - **One huge transaction.** {single} rows in one `INSERT … SELECT` transaction while the relay runs
   (a fresh relay process, so its `VmHWM` is this transaction's); pgoutput protocol 1 sends it after
   the commit. Peak RSS is the relay's `VmHWM` after the last row was marked.
@@ -998,7 +1104,13 @@ fn latency_panel(s: &mut String, r: &Results, x0: f64, y0: f64, pw: f64, ph: f64
     if r.latency.is_empty() {
         return;
     }
-    let series: [Series; 5] = [
+    let series: [Series; 7] = [
+        ("commit→broker ack p50", "#16a085", "1,2", |l| {
+            l.to_ack.p50
+        }),
+        ("commit→broker ack p99", "#d35400", "1,2", |l| {
+            l.to_ack.p99
+        }),
         ("commit→consumer p50", "#27ae60", "", |l| {
             l.to_consumer.p50
         }),
@@ -1130,6 +1242,32 @@ fn latency_panel(s: &mut String, r: &Results, x0: f64, y0: f64, pw: f64, ph: f64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histogram_percentiles_interpolate_inside_buckets() {
+        let page = "# TYPE x histogram\n\
+            x_bucket{le=\"0.001\"} 10\n\
+            x_bucket{le=\"0.002\"} 50\n\
+            x_bucket{le=\"0.01\"} 150\n\
+            x_bucket{le=\"+Inf\"} 200\n\
+            x_sum 3\nx_count 200\n";
+        let before = parse_histogram(page, "x");
+        assert_eq!(before.buckets.len(), 4);
+        let after = parse_histogram(
+            &page.replace(" 200\n", " 300\n").replace(" 150\n", " 250\n"),
+            "x",
+        );
+        // Between the scrapes: 100 observations, all in (2 ms, 10 ms].
+        let d = Histogram::delta(&before, &after);
+        let p = d.percentiles().unwrap();
+        assert!((p.p50 - 6.0).abs() < 1e-9, "{p:?}");
+        assert!((p.p99 - 9.92).abs() < 1e-9, "{p:?}");
+        // Nothing observed: no percentiles.
+        assert!(Histogram::delta(&before, &before).percentiles().is_none());
+        // Ranks past the last finite bound report that bound.
+        let tail = parse_histogram("x_bucket{le=\"0.001\"} 1\nx_bucket{le=\"+Inf\"} 100\n", "x");
+        assert_eq!(tail.percentiles().unwrap().p99, 1.0);
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {
