@@ -179,6 +179,8 @@ pub struct PipelineConfig {
     /// Extra wait for more acknowledgements before a partial batch of marks is written, in
     /// milliseconds. 0: write as soon as the previous UPDATE finished (batches grow with load).
     pub mark_interval_ms: u64,
+    /// Marking UPDATEs run at once, each on its own connection.
+    pub mark_connections: usize,
     /// On SIGTERM/SIGINT, how long to wait for in-flight acknowledgements, in milliseconds.
     pub shutdown_timeout_ms: u64,
 }
@@ -190,6 +192,7 @@ impl Default for PipelineConfig {
             mark_delivered: true,
             mark_batch_size: 1_000,
             mark_interval_ms: 0,
+            mark_connections: 1,
             shutdown_timeout_ms: 30_000,
         }
     }
@@ -481,6 +484,13 @@ impl Config {
                 "pipeline.mark_batch_size",
                 0,
                 "must be at least 1 (1000 is usual)",
+            ));
+        }
+        if pl.mark_connections == 0 || pl.mark_connections > 16 {
+            return Err(invalid(
+                "pipeline.mark_connections",
+                pl.mark_connections,
+                "must be between 1 and 16 (2 is usual)",
             ));
         }
         if self.dead_letter.max_attempts == 0 {

@@ -11,9 +11,12 @@
 //! says it is shutting down, the pipeline is told at once so the replication connection lets go.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::BackoffBuilder;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 use uuid::Uuid;
@@ -261,109 +264,174 @@ fn push_completion(done: &mut Vec<(TxSeq, u64)>, seq: TxSeq) {
     }
 }
 
+/// What one batch of deliveries became, reported to the pipeline in the order batches began.
+struct BatchOutcome {
+    marker: Marker,
+    done: Vec<(TxSeq, u64)>,
+    rejected: Vec<Progress>,
+    /// False if the pipeline went away while marking.
+    ok: bool,
+}
+
+/// Deliveries gathered into one batch.
+#[derive(Default)]
+struct Batch {
+    delivered: Vec<Uuid>,
+    failed: Vec<(Uuid, Box<FailureNote>)>,
+    done: Vec<(TxSeq, u64)>,
+    rejected: Vec<Progress>,
+    xids: HashMap<Uuid, u32>,
+}
+
+impl Batch {
+    fn add(&mut self, d: Delivery, mark_delivered: bool) {
+        match d {
+            Delivery::Acked(token) => {
+                if let Some(x) = token.xid {
+                    self.xids.insert(token.id, x);
+                }
+                match token.failure {
+                    Some(note) => self.failed.push((token.id, note)),
+                    None if mark_delivered => self.delivered.push(token.id),
+                    None => {}
+                }
+                push_completion(&mut self.done, token.tx_seq);
+            }
+            Delivery::Failed {
+                token,
+                error,
+                message,
+            } => self.rejected.push(Progress::Failed {
+                token,
+                error,
+                message,
+            }),
+            // After the marks of what was acknowledged before it.
+            Delivery::Broken(why) => self.rejected.push(Progress::SinkBroken(why)),
+        }
+    }
+
+    /// Marks the batch's rows with `marker`.
+    async fn mark(
+        self,
+        mut marker: Marker,
+        config: Arc<Config>,
+        completions: mpsc::UnboundedSender<Progress>,
+    ) -> BatchOutcome {
+        let Batch {
+            delivered,
+            failed,
+            done,
+            rejected,
+            xids,
+        } = self;
+        let mut ok = true;
+        if !delivered.is_empty() {
+            ok = marker
+                .execute_until_done(Mark::Delivered, &delivered, &xids, &config, &completions)
+                .await;
+            tracing::trace!(rows = delivered.len(), "marked delivered");
+        }
+        // Rows with the same note (a blocked aggregate's parked rows) share one UPDATE.
+        let mut rest = &failed[..];
+        while ok && let Some((_, note)) = rest.first() {
+            let n = rest.iter().take_while(|(_, other)| other == note).count();
+            let ids: Vec<Uuid> = rest[..n].iter().map(|(id, _)| *id).collect();
+            ok = marker
+                .execute_until_done(Mark::Failed(note), &ids, &xids, &config, &completions)
+                .await;
+            if ok {
+                tracing::info!(rows = n, first = %ids[0], error = %note.error, attempts = note.attempts, "rows marked failed");
+            }
+            rest = &rest[n..];
+        }
+        BatchOutcome {
+            marker,
+            done,
+            rejected,
+            ok,
+        }
+    }
+}
+
+/// How long acknowledgements are gathered before they are passed on when nothing is marked:
+/// completions only move the slot's confirmed position (reported every 100 ms at most), so a
+/// few milliseconds cost nothing and spare a cross-thread wake-up per message.
+const PASS_THROUGH_GATHER: Duration = Duration::from_millis(5);
+
 /// Runs until `deliveries` closes. With `pipeline.mark_delivered` off, acks pass straight
 /// through as completions (dead-lettered rows are still marked failed).
+///
+/// Up to `pipeline.mark_connections` batches are marked at once, each on its own connection;
+/// their completions (and any failure reports gathered with them) go to the pipeline in the
+/// order the batches began.
 pub async fn run(
     config: Config,
     mut deliveries: mpsc::UnboundedReceiver<Delivery>,
     completions: mpsc::UnboundedSender<Progress>,
 ) {
     let mark_delivered = config.pipeline.mark_delivered;
-    let mut marker = Marker::new(&config);
     let batch_size = config.pipeline.mark_batch_size;
-    let interval = Duration::from_millis(config.pipeline.mark_interval_ms);
-
-    let mut delivered: Vec<Uuid> = Vec::with_capacity(batch_size);
-    let mut failed: Vec<(Uuid, Box<FailureNote>)> = Vec::new();
-    let mut done: Vec<(TxSeq, u64)> = Vec::new();
-    let mut rejected: Vec<Progress> = Vec::new();
-    let mut xids: HashMap<Uuid, u32> = HashMap::new();
+    let interval = if mark_delivered {
+        Duration::from_millis(config.pipeline.mark_interval_ms)
+    } else {
+        PASS_THROUGH_GATHER
+    };
+    let connections = if mark_delivered {
+        config.pipeline.mark_connections.max(1)
+    } else {
+        1
+    };
+    let config = Arc::new(config);
+    let mut idle: Vec<Marker> = (0..connections).map(|_| Marker::new(&config)).collect();
+    let mut marking = FuturesOrdered::new();
+    let mut open = true;
     loop {
-        let Some(first) = deliveries.recv().await else {
-            return;
-        };
-        let mut next = Some(first);
-        let deadline = tokio::time::Instant::now() + interval;
-        loop {
-            match next.take() {
-                Some(Delivery::Acked(token)) => {
-                    if let Some(x) = token.xid {
-                        xids.insert(token.id, x);
-                    }
-                    match token.failure {
-                        Some(note) => failed.push((token.id, note)),
-                        None if mark_delivered => delivered.push(token.id),
-                        None => {}
-                    }
-                    push_completion(&mut done, token.tx_seq);
+        tokio::select! {
+            biased;
+            Some(outcome) = marking.next(), if !marking.is_empty() => {
+                let BatchOutcome { marker, done, rejected, ok } = outcome;
+                if !ok {
+                    return;
                 }
-                Some(Delivery::Failed {
-                    token,
-                    error,
-                    message,
-                }) => rejected.push(Progress::Failed {
-                    token,
-                    error,
-                    message,
-                }),
-                // After the marks of what was acknowledged before it.
-                Some(Delivery::Broken(why)) => rejected.push(Progress::SinkBroken(why)),
-                None => {}
-            }
-            if delivered.len() >= batch_size {
-                break;
-            }
-            match deliveries.try_recv() {
-                Ok(d) => next = Some(d),
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    if !mark_delivered || interval.is_zero() {
-                        break;
-                    }
-                    match tokio::time::timeout_at(deadline, deliveries.recv()).await {
-                        Ok(Some(d)) => next = Some(d),
-                        Ok(None) | Err(_) => break,
+                idle.push(marker);
+                if !done.is_empty() && completions.send(Progress::Completed(done)).is_err() {
+                    return;
+                }
+                for r in rejected {
+                    if completions.send(r).is_err() {
+                        return;
                     }
                 }
             }
-        }
-        if !delivered.is_empty() {
-            let ok = marker
-                .execute_until_done(Mark::Delivered, &delivered, &xids, &config, &completions)
-                .await;
-            if !ok {
-                return;
+            first = deliveries.recv(), if open && !idle.is_empty() => {
+                let Some(first) = first else {
+                    open = false;
+                    continue;
+                };
+                let mut batch = Batch::default();
+                batch.add(first, mark_delivered);
+                let deadline = tokio::time::Instant::now() + interval;
+                while batch.delivered.len() < batch_size {
+                    let next = match deliveries.try_recv() {
+                        Ok(d) => d,
+                        Err(mpsc::error::TryRecvError::Disconnected) => break,
+                        Err(mpsc::error::TryRecvError::Empty) => {
+                            if interval.is_zero() {
+                                break;
+                            }
+                            match tokio::time::timeout_at(deadline, deliveries.recv()).await {
+                                Ok(Some(d)) => d,
+                                Ok(None) | Err(_) => break,
+                            }
+                        }
+                    };
+                    batch.add(next, mark_delivered);
+                }
+                let marker = idle.pop().expect("a marker is idle");
+                marking.push_back(batch.mark(marker, config.clone(), completions.clone()));
             }
-            tracing::trace!(rows = delivered.len(), "marked delivered");
-            delivered.clear();
-        }
-        // Rows with the same note (a blocked aggregate's parked rows) share one UPDATE.
-        let mut rest = &failed[..];
-        while let Some((_, note)) = rest.first() {
-            let n = rest.iter().take_while(|(_, other)| other == note).count();
-            let ids: Vec<Uuid> = rest[..n].iter().map(|(id, _)| *id).collect();
-            if !marker
-                .execute_until_done(Mark::Failed(note), &ids, &xids, &config, &completions)
-                .await
-            {
-                return;
-            }
-            tracing::info!(rows = n, first = %ids[0], error = %note.error, attempts = note.attempts, "rows marked failed");
-            rest = &rest[n..];
-        }
-        failed.clear();
-        xids.clear();
-        if !done.is_empty()
-            && completions
-                .send(Progress::Completed(std::mem::take(&mut done)))
-                .is_err()
-        {
-            return;
-        }
-        for r in rejected.drain(..) {
-            if completions.send(r).is_err() {
-                return;
-            }
+            else => return,
         }
     }
 }

@@ -95,14 +95,19 @@ async fn committed_rows_arrive_once_with_routing_and_rollbacks_publish_nothing()
     assert!(relay.terminate().success(), "clean exit on SIGTERM");
 }
 
-/// Per-aggregate order is kept over 10k rows on a 4-partition topic.
+/// Per-aggregate order is kept over 10k rows on a 4-partition topic (with three marking
+/// connections, so marking batches overlap and complete out of order).
 #[tokio::test(flavor = "multi_thread")]
 async fn per_aggregate_order_is_kept_over_10k_rows_on_4_partitions() {
     let pg = PgCluster::start();
     pg.apply_schema();
     let broker = Tansu::start();
     broker.create_topic("outbox.event.ledger", 4);
-    let _relay = Relay::start(&relay_env(&pg, &broker.brokers(), &[]));
+    let _relay = Relay::start(&relay_env(
+        &pg,
+        &broker.brokers(),
+        &[("RELAY_PIPELINE__MARK_CONNECTIONS", "3")],
+    ));
     let mut db = pg.client().await;
 
     // 100 transactions of 100 rows over 37 aggregates: order within and across transactions.
@@ -110,6 +115,7 @@ async fn per_aggregate_order_is_kept_over_10k_rows_on_4_partitions() {
     for _ in 0..100 {
         ids.extend(insert_rows(&mut db, "ledger", 37, 100, true).await);
     }
+    let end = current_wal(&db).await;
     let got = consume(
         &broker.brokers(),
         &["outbox.event.ledger"],
@@ -143,6 +149,16 @@ async fn per_aggregate_order_is_kept_over_10k_rows_on_4_partitions() {
             "aggregate {:?} out of commit order",
             String::from_utf8_lossy(&key)
         );
+    }
+    // Every row marked, and the slot passes the last commit once the marks are in.
+    assert!(all_delivered(&db, WAIT).await);
+    let deadline = std::time::Instant::now() + WAIT;
+    while confirmed_flush(&db, "outbox_relay").await.unwrap_or(0) < end {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot never reached {end}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
