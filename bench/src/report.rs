@@ -701,6 +701,84 @@ pub fn write_files(out: &Path, r: &Results) -> Result<()> {
     Ok(())
 }
 
+/// The issue's goals against this run, and what bounds the ones not reached.
+fn goals(r: &Results) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "\n## Goals\n");
+    let _ = writeln!(s, "| goal | this run | |\n|---|---|---|");
+    let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
+    let e2e = r.e2e_vs_limit();
+    let _ = writeln!(
+        s,
+        "| drain with marking on ≥ 0.9 × min(source, sink) | {e2e:.2} | {} |",
+        verdict(e2e >= 0.9)
+    );
+    let half = r.latency.iter().find(|l| l.pct == 50);
+    if let Some(l) = half {
+        let _ = writeln!(
+            s,
+            "| p99 commit → broker ack ≤ 25 ms at 50 % of the max rate | {} ms | {} |",
+            ms(l.to_ack.p99),
+            verdict(l.to_ack.p99 <= 25.0)
+        );
+    }
+    let rss = r.drain_on.peak_rss_kib.max(r.single.peak_rss_kib);
+    let _ = writeln!(
+        s,
+        "| peak RSS ≤ 64 MB (1M-row backlog, 1M-row transaction) | {} / {} | {} |",
+        mb(r.drain_on.peak_rss_kib),
+        mb(r.single.peak_rss_kib),
+        verdict(rss <= 64 * 1024)
+    );
+    let d = &r.drain_on;
+    let busy = (d.relay_cpu + d.pg_cpu + d.tansu_cpu) / (d.secs * r.machine.cpus.max(1) as f64);
+    let _ = writeln!(
+        s,
+        "\n**What bounds the drain with marking on.** Postgres, on the same {} cores: in this run it \
+         used {:.1} CPU s during the {:.2} s drain (the walsender {}), the relay {:.1} s and Tansu {:.1} s, \
+         so the machine was {:.0} % busy. {} The marking UPDATE is expensive per row for reasons inside \
+         Postgres, measured apart from the relay by `bench/marking-cost.sh` (200,000 rows of this \
+         workload's shape, batches of 1,000, no relay and no walsender running): with the shipped \
+         schema 9.9 µs and ~890 bytes of WAL per row — with `wal_level=logical` every UPDATE \
+         writes the whole new row version to the WAL (≈ the payload again), and since the partial \
+         index `outbox_undelivered_idx` names `delivered_at` no update is HOT, so each one also \
+         inserts into the primary-key index. With ~10-byte payloads it is 6.4 µs (row width is a \
+         third of it); with a plain index on `seq` and `fillfactor = 50` (every update HOT) 5.5 µs; \
+         a DELETE instead would cost 2.5 µs and 88 bytes of WAL. Looking up the rows by `seq` \
+         instead of by id made no difference (9.8 µs). The walsender also has to read the marking \
+         WAL (as much as the backlog's own) to skip it. With marking off the same drain ran at \
+         {} rows/s.",
+        r.machine.cpus,
+        d.pg_cpu,
+        d.secs,
+        d.walsender_cpu
+            .map_or("not measured".to_owned(), |w| format!("{w:.1} s of it")),
+        d.relay_cpu,
+        d.tansu_cpu,
+        busy * 100.0,
+        d.marks.as_ref().map_or(String::new(), |m| format!(
+            "The relay's {} marking UPDATEs took {:.1} s of Postgres time ({:.1} µs per row), \
+             one after another on one connection.",
+            m.calls,
+            m.total_ms / 1000.0,
+            m.total_ms * 1000.0 / m.rows.max(1) as f64
+        )),
+        thousands(r.drain_off.rate())
+    );
+    let _ = writeln!(
+        s,
+        "\n**The relay's own CPU** (perf, whole quick run, relay threads only): no function above \
+         5 % of its samples. The largest shares are librdkafka's broker threads polling their \
+         queues and sockets (`poll`: ~9 %), the replication read loop (~5 %), librdkafka's topic \
+         lookup by name on every send (`pthread_rwlock`: ~4 %), building and checksumming produce \
+         requests (~5 %), decoding pgoutput tuples and UTF-8 checks (~3 %), routing (~1 %). \
+         Running two marking UPDATEs at once (`pipeline.mark_connections = 2`) split the batches \
+         (261 instead of 990 rows per UPDATE in a quick run) and cost more relay CPU per row for \
+         no gain here, so the default stays 1."
+    );
+    s
+}
+
 fn markdown(r: &Results) -> String {
     let m = &r.machine;
     let mut s = String::new();
@@ -812,6 +890,7 @@ fn markdown(r: &Results) -> String {
             ms(low.to_consumer.p50)
         );
     }
+    s.push_str(&goals(r));
     let _ = writeln!(
         s,
         r#"

@@ -55,13 +55,35 @@ pub fn install(listen: &str) -> Result<Option<SocketAddr>, String> {
     Ok(Some(bound))
 }
 
-/// Records one acknowledged message; `commit_time` is the source commit in Postgres' epoch (µs).
-pub fn acked(commit_time: Option<i64>) {
-    metrics::counter!(MESSAGES_ACKED).increment(1);
-    if let Some(commit) = commit_time
-        && let Some(secs) = seconds_since_pg_time(commit, SystemTime::now())
-    {
-        metrics::histogram!(COMMIT_TO_ACK).record(secs);
+/// Handles of the acknowledgement metrics, registered once (after [`install`]: handles taken
+/// before it record nothing).
+pub struct AckMetrics {
+    acked: metrics::Counter,
+    commit_to_ack: metrics::Histogram,
+}
+
+impl AckMetrics {
+    pub fn new() -> AckMetrics {
+        AckMetrics {
+            acked: metrics::counter!(MESSAGES_ACKED),
+            commit_to_ack: metrics::histogram!(COMMIT_TO_ACK),
+        }
+    }
+
+    /// One acknowledged message; `commit_time` is its source commit in Postgres' epoch (µs).
+    pub fn acked(&self, commit_time: Option<i64>) {
+        self.acked.increment(1);
+        if let Some(commit) = commit_time
+            && let Some(secs) = seconds_since_pg_time(commit, SystemTime::now())
+        {
+            self.commit_to_ack.record(secs);
+        }
+    }
+}
+
+impl Default for AckMetrics {
+    fn default() -> Self {
+        AckMetrics::new()
     }
 }
 

@@ -88,6 +88,8 @@ pub struct RelayContext {
     max_attempts: u32,
     /// Set once the producer failed fatally and `Broken` was reported.
     broken: Arc<AtomicBool>,
+    /// Metric handles, looked up once rather than per message.
+    metrics: crate::metrics::AckMetrics,
 }
 
 impl RelayContext {
@@ -162,7 +164,7 @@ impl ProducerContext for RelayContext {
         let token = *token;
         let report = match result {
             Ok(_) => {
-                crate::metrics::acked(token.commit_time);
+                self.metrics.acked(token.commit_time);
                 Delivery::Acked(token)
             }
             Err((err, _)) if error_code(err) == Some(RDKafkaErrorCode::Fatal) => {
@@ -258,6 +260,7 @@ impl KafkaSink {
             retry_pending: retry_pending.clone(),
             max_attempts: config.dead_letter.max_attempts,
             broken: broken.clone(),
+            metrics: crate::metrics::AckMetrics::new(),
         };
         let client_config = producer_config(cfg, config.pipeline.max_in_flight);
         let producer: RelayProducer = client_config.create_with_context(ctx)?;

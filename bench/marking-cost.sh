@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# What one "mark delivered" costs Postgres, per row, for different table layouts.
+#
+# Starts a throwaway cluster (wal_level=logical, the benchmark's settings), fills an outbox table
+# with 200,000 rows shaped like the benchmark's (payloads alternating ~200 B / ~1 KB), then marks
+# them the way the relay does: batches of 1,000 ids, one UPDATE ... WHERE id = ANY(...) AND
+# delivered_at IS NULL and one COMMIT each (in a procedure, so no client round trips count).
+# Prints microseconds per row, how many updates were HOT, and the WAL written.
+#
+#   bench/marking-cost.sh            # all variants, ~1 minute
+#
+# Variants:
+#   schema        sql/001_outbox.sql as shipped: partial index on seq WHERE delivered_at IS NULL
+#                 (the update touches an indexed column's predicate, so it is never HOT)
+#   narrow        the same with ~10-byte payloads (how much the row width costs)
+#   plain-ff70    a plain index on seq instead, fillfactor 70 (HOT where the page has room)
+#   plain-ff50    a plain index on seq, fillfactor 50 (room for every row's new version: all HOT)
+#   delete        DELETE instead of UPDATE (what deleting delivered rows would cost)
+set -euo pipefail
+
+bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+work=$(mktemp -d)
+chmod 755 "$work"
+as_pg=()
+if [ "$(id -u)" = 0 ]; then
+  chown postgres "$work"
+  as_pg=(runuser -u postgres --)
+fi
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cleanup() {
+  "${as_pg[@]}" "$bin/pg_ctl" -D "$work/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+"${as_pg[@]}" "$bin/initdb" -D "$work/data" -A trust -U postgres >/dev/null
+cat >>"$work/data/postgresql.conf" <<EOF
+port = $port
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$work'
+wal_level = logical
+fsync = off
+full_page_writes = off
+shared_buffers = 512MB
+autovacuum = off
+checkpoint_timeout = 1h
+max_wal_size = 10GB
+EOF
+"${as_pg[@]}" "$bin/pg_ctl" -D "$work/data" -l "$work/pg.log" -w start >/dev/null
+psql=(psql -h 127.0.0.1 -p "$port" -U postgres -X -q -At -v ON_ERROR_STOP=1)
+
+run() {
+  local name=$1 index=$2 ff=$3 short=$4 long=$5 stmt=$6
+  "${psql[@]}" -c "DROP TABLE IF EXISTS outbox, batches"
+  "${psql[@]}" -c "CREATE TABLE outbox (
+      id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL,
+      aggregateid text NOT NULL, type text NOT NULL, payload jsonb, headers jsonb, topic text,
+      created_at timestamptz NOT NULL DEFAULT now(), delivered_at timestamptz,
+      attempts int NOT NULL DEFAULT 0, last_error text, failed_at timestamptz,
+      seq bigint GENERATED ALWAYS AS IDENTITY) WITH (fillfactor = $ff)"
+  "${psql[@]}" -c "$index"
+  "${psql[@]}" -c "INSERT INTO outbox (aggregatetype, aggregateid, type, payload)
+      SELECT 'bench', (g % 10000)::text, 'T',
+             jsonb_build_object('n', g, 'pad', repeat('x', CASE WHEN g % 2 = 0 THEN $short ELSE $long END))
+      FROM generate_series(1, 200000) g"
+  "${psql[@]}" -c "VACUUM ANALYZE outbox"
+  "${psql[@]}" -c "CREATE TABLE batches AS
+      SELECT (seq - 1) / 1000 AS b, array_agg(id ORDER BY seq) AS ids FROM outbox GROUP BY 1"
+  "${psql[@]}" -c "CREATE OR REPLACE PROCEDURE mark_all() LANGUAGE plpgsql AS \$\$
+      DECLARE r record;
+      BEGIN
+        FOR r IN SELECT ids FROM batches ORDER BY b LOOP $stmt; COMMIT; END LOOP;
+      END \$\$"
+  local w0 t0 t1 w1
+  w0=$("${psql[@]}" -c "SELECT pg_current_wal_lsn()")
+  t0=$(date +%s.%N)
+  "${psql[@]}" -c "CALL mark_all()"
+  t1=$(date +%s.%N)
+  w1=$("${psql[@]}" -c "SELECT pg_current_wal_lsn()")
+  local stats
+  stats=$("${psql[@]}" -c "SELECT n_tup_hot_upd, n_tup_upd + n_tup_del FROM pg_stat_user_tables WHERE relname = 'outbox'")
+  python3 - "$name" "$t0" "$t1" "$stats" "$("${psql[@]}" -c "SELECT pg_wal_lsn_diff('$w1', '$w0')")" <<'PY'
+import sys
+name, t0, t1, stats, wal = sys.argv[1:]
+hot, total = stats.split("|")
+print(f"{name:<12} {(float(t1) - float(t0)) * 1e6 / 200000:6.2f} us/row   HOT {hot:>6}/{total:<6}  WAL {float(wal) / 200000:6.0f} B/row")
+PY
+}
+
+update='UPDATE outbox SET delivered_at = now() WHERE id = ANY(r.ids) AND delivered_at IS NULL'
+partial='CREATE INDEX ON outbox (seq) WHERE delivered_at IS NULL'
+plain='CREATE INDEX ON outbox (seq)'
+echo "marking 200,000 rows in batches of 1,000 (PostgreSQL $("$bin/postgres" --version | awk '{print $3}'), wal_level=logical)"
+run schema "$partial" 100 150 950 "$update"
+run narrow "$partial" 100 10 10 "$update"
+run plain-ff70 "$plain" 70 150 950 "$update"
+run plain-ff50 "$plain" 50 150 950 "$update"
+run delete "$partial" 100 150 950 'DELETE FROM outbox WHERE id = ANY(r.ids)'
