@@ -11,6 +11,8 @@ RUN apt-get update \
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY relay ./relay
+# A workspace member: cargo reads its manifest even when only the relay is built.
+COPY bench ./bench
 RUN cargo build --release --locked --bin outbox-relay
 
 FROM debian:bookworm-slim
@@ -23,5 +25,7 @@ COPY --from=build /src/target/release/outbox-relay /usr/local/bin/outbox-relay
 COPY sql ./sql
 COPY config/relay.toml ./config/relay.toml
 USER 10001
+# Prometheus metrics (metrics.listen).
+EXPOSE 9464
 ENTRYPOINT ["/usr/local/bin/outbox-relay"]
 CMD ["run"]

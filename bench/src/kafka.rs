@@ -215,7 +215,7 @@ impl LatencyConsumer {
             .set("bootstrap.servers", brokers)
             .set("group.id", "outbox-bench-latency")
             .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "5")
+            .set("fetch.wait.max.ms", "100")
             .set("fetch.min.bytes", "1")
             .set("fetch.error.backoff.ms", "10")
             .create()
