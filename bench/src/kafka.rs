@@ -41,6 +41,28 @@ pub async fn create_topics(brokers: &str, topics: &[&str], partitions: i32) -> R
     Ok(())
 }
 
+/// Deletes `topics` (a missing one is fine): the phases that wrote them are over, and Tansu's
+/// memory storage keeps every message it was sent, which makes it slower and bigger as a run
+/// goes on.
+pub async fn delete_topics(brokers: &str, topics: &[&str]) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .context("creating a Kafka admin client")?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .delete_topics(topics, &opts)
+        .await
+        .with_context(|| format!("deleting topics {topics:?} on {brokers}"))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((topic, code)) => bail!("deleting topic {topic} on {brokers}: {code}"),
+        }
+    }
+    Ok(())
+}
+
 /// One message to send in the sink-limit run: exactly what the relay sends for a row.
 pub struct Msg {
     pub id: String,

@@ -296,6 +296,11 @@ impl Tansu {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// Resident set size now, KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        status_kib(self.child.id(), "VmRSS:")
+    }
+
     pub fn cpu_seconds(&self) -> f64 {
         proc_stat(self.child.id())
             .map(|s| s.cpu_all())
