@@ -739,12 +739,12 @@ fn goals(r: &Results) -> String {
          so the machine was {:.0} % busy. {} The marking UPDATE is expensive per row for reasons inside \
          Postgres, measured apart from the relay by `bench/marking-cost.sh` (200,000 rows of this \
          workload's shape, batches of 1,000, no relay and no walsender running): with the shipped \
-         schema 9.9 µs and ~890 bytes of WAL per row — with `wal_level=logical` every UPDATE \
+         schema 8.6–9.9 µs and ~886 bytes of WAL per row (two runs) — with `wal_level=logical` every UPDATE \
          writes the whole new row version to the WAL (≈ the payload again), and since the partial \
          index `outbox_undelivered_idx` names `delivered_at` no update is HOT, so each one also \
          inserts into the primary-key index. With ~10-byte payloads it is 6.4 µs (row width is a \
-         third of it); with a plain index on `seq` and `fillfactor = 50` (every update HOT) 5.5 µs; \
-         a DELETE instead would cost 2.5 µs and 88 bytes of WAL. Looking up the rows by `seq` \
+         third of it); with a plain index on `seq` and `fillfactor = 50` (every update HOT) \
+         4.2–5.5 µs; a DELETE instead would cost 2.3–2.5 µs and 88 bytes of WAL. Looking up the rows by `seq` \
          instead of by id made no difference (9.8 µs). The walsender also has to read the marking \
          WAL (as much as the backlog's own) to skip it. With marking off the same drain ran at \
          {} rows/s.",
@@ -765,6 +765,23 @@ fn goals(r: &Results) -> String {
         )),
         thousands(r.drain_off.rate())
     );
+    if let Some(l) = half {
+        let c = &l.cores;
+        let _ = writeln!(
+            s,
+            "\n**What bounds the latency at 50 % load.** The commit → ack median is {} ms, most of it \
+             librdkafka's `linger.ms = 5` batching; the tail is CPU contention: during that level \
+             Postgres used {:.2} cores, Tansu {:.2} and the relay {:.2}, {:.2} of the machine's {} cores, so \
+             each process waits its turn for a CPU (the 50 % level is half of the rate at which \
+             one session's commits saturate Postgres, not half of an idle machine).",
+            ms(l.to_ack.p50),
+            c.postgres,
+            c.tansu,
+            c.relay,
+            c.postgres + c.tansu + c.relay + c.bench,
+            r.machine.cpus
+        );
+    }
     let _ = writeln!(
         s,
         "\n**The relay's own CPU** (perf, whole quick run, relay threads only): no function above \
