@@ -452,6 +452,21 @@ impl Env {
         self.skip_relay_wal().await?;
         let single = self.single_transaction().await?;
 
+        // Last, so every phase above ran on the shipped layout: the optional layout that makes
+        // the marking UPDATE HOT (sql/optional/hot_marking.sql), and a third backlog on it.
+        self.skip_relay_wal().await?;
+        let layout_file = repo.join("sql/optional/hot_marking.sql");
+        let layout = std::fs::read_to_string(&layout_file)
+            .with_context(|| format!("reading {}", layout_file.display()))?;
+        self.sql(&layout).await?;
+        println!(
+            "bench: writing backlog 3 ({} rows) after applying sql/optional/hot_marking.sql",
+            self.plan.rows
+        );
+        let backlog3 = self.write_backlog("backlog 3").await?;
+        self.vacuum("after writing backlog 3").await?;
+        let drain_hot = self.drain(true, &backlog3).await?;
+
         Ok(Results {
             quick: self.plan.quick,
             relay_env: self.plan.relay_env.clone(),
@@ -463,6 +478,7 @@ impl Env {
             sink,
             drain_on,
             drain_off,
+            drain_hot,
             vacuum_after_marking,
             steady_max,
             latency,

@@ -388,6 +388,8 @@ pub struct Results {
     pub sink: SinkLimit,
     pub drain_on: Drain,
     pub drain_off: Drain,
+    /// Marking on, after sql/optional/hot_marking.sql (HOT marking updates).
+    pub drain_hot: Drain,
     /// VACUUM of the outbox after the marking-on drain: the cleanup marking leaves behind.
     pub vacuum_after_marking: f64,
     pub steady_max: SteadyMax,
@@ -414,6 +416,7 @@ impl Results {
         for (name, d) in [
             ("drain with marking on", &self.drain_on),
             ("drain with marking off", &self.drain_off),
+            ("drain with marking on, HOT layout", &self.drain_hot),
         ] {
             let cores = d.other_cpu / d.secs;
             if cores > LIMIT {
@@ -536,6 +539,15 @@ fn main_rows(r: &Results) -> Vec<(String, String, String)> {
             "relay drains the backlog from WAL, marking delivered **off**".into(),
             format!("**{} rows/s**", thousands(r.drain_off.rate())),
             drain(&r.drain_off),
+        ),
+        (
+            "relay drains the backlog from WAL, marking on, table with `sql/optional/hot_marking.sql` (HOT marking)".into(),
+            format!("**{} rows/s**", thousands(r.drain_hot.rate())),
+            format!(
+                "{}; {:.2} × min(source, sink)",
+                drain(&r.drain_hot),
+                r.drain_hot.rate() / r.source.rate().min(r.sink.rate())
+            ),
         ),
         (
             format!(
@@ -713,6 +725,12 @@ fn goals(r: &Results) -> String {
         "| drain with marking on ≥ 0.9 × min(source, sink) | {e2e:.2} | {} |",
         verdict(e2e >= 0.9)
     );
+    let hot = r.drain_hot.rate() / r.source.rate().min(r.sink.rate());
+    let _ = writeln!(
+        s,
+        "| the same with the optional HOT layout (`sql/optional/hot_marking.sql`) | {hot:.2} | {} |",
+        verdict(hot >= 0.9)
+    );
     let half = r.latency.iter().find(|l| l.pct == 50);
     if let Some(l) = half {
         let _ = writeln!(
@@ -747,7 +765,8 @@ fn goals(r: &Results) -> String {
          4.2–5.5 µs; a DELETE instead would cost 2.3–2.5 µs and 88 bytes of WAL. Looking up the rows by `seq` \
          instead of by id made no difference (9.8 µs). The walsender also has to read the marking \
          WAL (as much as the backlog's own) to skip it. With marking off the same drain ran at \
-         {} rows/s.",
+         {} rows/s; with the optional layout (`sql/optional/hot_marking.sql`, applied before a \
+         third backlog at the end of the run) and marking on, {} rows/s{}.",
         r.machine.cpus,
         d.pg_cpu,
         d.secs,
@@ -763,7 +782,17 @@ fn goals(r: &Results) -> String {
             m.total_ms / 1000.0,
             m.total_ms * 1000.0 / m.rows.max(1) as f64
         )),
-        thousands(r.drain_off.rate())
+        thousands(r.drain_off.rate()),
+        thousands(r.drain_hot.rate()),
+        r.drain_hot
+            .marks
+            .as_ref()
+            .map_or(String::new(), |m| format!(
+                ", its {} marking UPDATEs taking {:.1} s ({:.1} µs per row)",
+                m.calls,
+                m.total_ms / 1000.0,
+                m.total_ms * 1000.0 / m.rows.max(1) as f64
+            ))
     );
     if let Some(l) = half {
         let c = &l.cores;
@@ -1098,6 +1127,7 @@ fn throughput_panel(s: &mut String, r: &Results, x0: f64, y0: f64, pw: f64, ph: 
         ("sink limit", "rdkafka producer", r.sink.rate(), "#95a5a6"),
         ("relay", "marking on", r.drain_on.rate(), "#2e86de"),
         ("relay", "marking off", r.drain_off.rate(), "#54a0ff"),
+        ("relay", "on, HOT layout", r.drain_hot.rate(), "#10ac84"),
     ];
     let max = bars.iter().map(|b| b.2).fold(0.0, f64::max).max(1.0);
     let step = nice_step(max, 5.0);
