@@ -190,9 +190,16 @@ pub struct ReplicationClient {
     stream: PgStream,
     rbuf: BytesMut,
     wbuf: BytesMut,
+    /// The last read from the socket brought less than `SMALL_READ` bytes.
+    last_read_small: bool,
 }
 
 const READ_CHUNK: usize = 64 * 1024;
+/// A read smaller than this means the relay is keeping up with the walsender, message by
+/// message: the next read waits `READ_GATHER` first, so one wake-up and one system call carry
+/// many messages instead of one (at most that much latency, only while reads are small).
+const SMALL_READ: usize = 16 * 1024;
+const READ_GATHER: std::time::Duration = std::time::Duration::from_millis(1);
 
 impl ReplicationClient {
     /// Connects with `replication=database` and authenticates, using the host, port, user,
@@ -242,6 +249,7 @@ impl ReplicationClient {
             stream,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::with_capacity(1024),
+            last_read_small: false,
         };
         let params = [
             ("user", user.as_str()),
@@ -497,13 +505,18 @@ impl ReplicationClient {
             } else {
                 self.rbuf.reserve(READ_CHUNK);
             }
-            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+            if self.last_read_small {
+                tokio::time::sleep(READ_GATHER).await;
+            }
+            let n = self.stream.read_buf(&mut self.rbuf).await?;
+            if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "Postgres closed the replication connection",
                 )
                 .into());
             }
+            self.last_read_small = n < SMALL_READ;
         }
     }
 
