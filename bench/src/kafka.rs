@@ -17,12 +17,16 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use outbox_relay::config::{KafkaConfig, PipelineConfig};
 
-/// Creates `topics` with `partitions` partitions (an existing topic is fine).
-pub async fn create_topics(brokers: &str, topics: &[&str], partitions: i32) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+fn admin_client(brokers: &str) -> Result<AdminClient<DefaultClientContext>> {
+    ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
-        .context("creating a Kafka admin client")?;
+        .context("creating a Kafka admin client")
+}
+
+/// Creates `topics` with `partitions` partitions (an existing topic is fine).
+pub async fn create_topics(brokers: &str, topics: &[&str], partitions: i32) -> Result<()> {
+    let admin = admin_client(brokers)?;
     let new: Vec<NewTopic> = topics
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
@@ -45,10 +49,7 @@ pub async fn create_topics(brokers: &str, topics: &[&str], partitions: i32) -> R
 /// memory storage keeps every message it was sent, which makes it slower and bigger as a run
 /// goes on.
 pub async fn delete_topics(brokers: &str, topics: &[&str]) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .context("creating a Kafka admin client")?;
+    let admin = admin_client(brokers)?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin
         .delete_topics(topics, &opts)

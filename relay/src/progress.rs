@@ -162,17 +162,20 @@ impl Marker {
     /// ended (seen by `ended`) still does not find it: it was deleted, or inserted and deleted in
     /// one transaction. Rows whose transaction is unknown (snapshot, redrive) are tried again
     /// for up to `NOT_VISIBLE_LIMIT`, then given up with a warning.
+    ///
+    /// `rows` are (id, inserting transaction if known); the lookup by id is built only when an
+    /// UPDATE misses, which is rare.
     async fn execute_until_done(
         &mut self,
         mark: Mark<'_>,
-        ids: &[Uuid],
-        xids: &HashMap<Uuid, u32>,
+        rows: &[(Uuid, Option<u32>)],
         config: &Config,
         completions: &mpsc::UnboundedSender<Progress>,
     ) -> bool {
         let mut delays = crate::sink::kafka::backoff(&config.retry).build();
         let mut told_stopping = false;
-        let mut pending = ids.to_vec();
+        let mut pending: Vec<Uuid> = rows.iter().map(|(id, _)| *id).collect();
+        let mut xids: Option<HashMap<Uuid, u32>> = None;
         // Rows whose transaction had ended before the latest UPDATE began.
         let mut ended_rows: std::collections::HashSet<Uuid> = std::collections::HashSet::new();
         let mut invisible_since: Option<tokio::time::Instant> = None;
@@ -185,6 +188,11 @@ impl Marker {
                     if rest.is_empty() {
                         return true;
                     }
+                    let xids = xids.get_or_insert_with(|| {
+                        rows.iter()
+                            .filter_map(|(id, x)| x.map(|x| (*id, x)))
+                            .collect()
+                    });
                     let known: Vec<u32> =
                         rest.iter().filter_map(|id| xids.get(id)).copied().collect();
                     let mut waiting = rest.len();
@@ -208,10 +216,7 @@ impl Marker {
                         // Every transaction has ended: one more UPDATE settles these rows.
                         continue;
                     }
-                    if pending
-                        .iter()
-                        .all(|id| xids.contains_key(id) || ended_rows.contains(id))
-                    {
+                    if pending.iter().all(|id| xids.contains_key(id)) {
                         tracing::debug!(
                             rows = waiting,
                             "confirmed rows of transactions whose commit is not visible yet; waiting"
@@ -276,23 +281,20 @@ struct BatchOutcome {
 /// Deliveries gathered into one batch.
 #[derive(Default)]
 struct Batch {
-    delivered: Vec<Uuid>,
-    failed: Vec<(Uuid, Box<FailureNote>)>,
+    /// (id, inserting transaction if known).
+    delivered: Vec<(Uuid, Option<u32>)>,
+    failed: Vec<(Uuid, Option<u32>, Box<FailureNote>)>,
     done: Vec<(TxSeq, u64)>,
     rejected: Vec<Progress>,
-    xids: HashMap<Uuid, u32>,
 }
 
 impl Batch {
     fn add(&mut self, d: Delivery, mark_delivered: bool) {
         match d {
             Delivery::Acked(token) => {
-                if let Some(x) = token.xid {
-                    self.xids.insert(token.id, x);
-                }
                 match token.failure {
-                    Some(note) => self.failed.push((token.id, note)),
-                    None if mark_delivered => self.delivered.push(token.id),
+                    Some(note) => self.failed.push((token.id, token.xid, note)),
+                    None if mark_delivered => self.delivered.push((token.id, token.xid)),
                     None => {}
                 }
                 push_completion(&mut self.done, token.tx_seq);
@@ -323,25 +325,28 @@ impl Batch {
             failed,
             done,
             rejected,
-            xids,
         } = self;
         let mut ok = true;
         if !delivered.is_empty() {
             ok = marker
-                .execute_until_done(Mark::Delivered, &delivered, &xids, &config, &completions)
+                .execute_until_done(Mark::Delivered, &delivered, &config, &completions)
                 .await;
             tracing::trace!(rows = delivered.len(), "marked delivered");
         }
         // Rows with the same note (a blocked aggregate's parked rows) share one UPDATE.
         let mut rest = &failed[..];
-        while ok && let Some((_, note)) = rest.first() {
-            let n = rest.iter().take_while(|(_, other)| other == note).count();
-            let ids: Vec<Uuid> = rest[..n].iter().map(|(id, _)| *id).collect();
+        while ok && let Some((_, _, note)) = rest.first() {
+            let n = rest
+                .iter()
+                .take_while(|(_, _, other)| other == note)
+                .count();
+            let rows: Vec<(Uuid, Option<u32>)> =
+                rest[..n].iter().map(|(id, xid, _)| (*id, *xid)).collect();
             ok = marker
-                .execute_until_done(Mark::Failed(note), &ids, &xids, &config, &completions)
+                .execute_until_done(Mark::Failed(note), &rows, &config, &completions)
                 .await;
             if ok {
-                tracing::info!(rows = n, first = %ids[0], error = %note.error, attempts = note.attempts, "rows marked failed");
+                tracing::info!(rows = n, first = %rows[0].0, error = %note.error, attempts = note.attempts, "rows marked failed");
             }
             rest = &rest[n..];
         }

@@ -22,6 +22,8 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 const WAIT: Duration = Duration::from_secs(300);
+/// Where every chaos writer's rows go.
+const TOPIC: &str = "outbox.event.chaos";
 
 /// A small deterministic generator (xorshift), so a failing schedule can be replayed by seed.
 struct Rng(u64);
@@ -277,13 +279,12 @@ fn wait_all_delivered(pg: &PgCluster) -> bool {
 fn undelivered_report(
     pg: &PgCluster,
     brokers: &str,
-    topic: &str,
     rolled_back: &[String],
     logs: &str,
     name: &str,
 ) -> String {
     // Published but unmarked, or never published at all?
-    let v = verify(pg, brokers, topic, rolled_back);
+    let v = verify(pg, brokers, TOPIC, rolled_back);
     // What the relays warned about, across every process.
     let warnings: Vec<&str> = logs
         .lines()
@@ -407,18 +408,11 @@ fn chaos_with_kills_postgres_restarts_and_broker_outages() {
         logs.push_str(&relay.log());
         panic!(
             "{}",
-            undelivered_report(
-                &pg,
-                &broker.brokers(),
-                "outbox.event.chaos",
-                &rolled_back,
-                &logs,
-                "chaos"
-            )
+            undelivered_report(&pg, &broker.brokers(), &rolled_back, &logs, "chaos")
         );
     }
     peak_rss_kib = peak_rss_kib.max(relay.peak_rss_kib().unwrap_or(0));
-    let v = verify(&pg, &broker.brokers(), "outbox.event.chaos", &rolled_back);
+    let v = verify(&pg, &broker.brokers(), TOPIC, &rolled_back);
     println!(
         "chaos: rows={} kills={kills} pg_restarts={pg_restarts} outages={outages} lost={} leaked={} reordered={} duplicates={} rolled_back_rows={} peak_rss_mib={}",
         v.rows,
@@ -453,8 +447,7 @@ fn chaos_with_broker_failures_from_the_mock_cluster() {
     eprintln!("chaos (mock cluster) seed {seed}");
     let mut rng = Rng::new(seed);
     let mock = MockCluster::new(3).expect("mock cluster");
-    mock.create_topic("outbox.event.chaos", 4, 3)
-        .expect("create topic");
+    mock.create_topic(TOPIC, 4, 3).expect("create topic");
     let brokers = mock.bootstrap_servers();
     let pg = PgCluster::start();
     pg.apply_schema();
@@ -540,17 +533,10 @@ fn chaos_with_broker_failures_from_the_mock_cluster() {
         logs.push_str(&relay.log());
         panic!(
             "{}",
-            undelivered_report(
-                &pg,
-                &brokers,
-                "outbox.event.chaos",
-                &rolled_back,
-                &logs,
-                "chaos-mock"
-            )
+            undelivered_report(&pg, &brokers, &rolled_back, &logs, "chaos-mock")
         );
     }
-    let v = verify(&pg, &brokers, "outbox.event.chaos", &rolled_back);
+    let v = verify(&pg, &brokers, TOPIC, &rolled_back);
     println!(
         "chaos-mock: rows={} kills={kills} outages={outages} error_bursts={error_bursts} lost={} leaked={} reordered={} duplicates={}",
         v.rows, v.lost, v.leaked, v.reordered, v.duplicates

@@ -298,30 +298,18 @@ async fn fatal_producer_error_replaces_the_producer_and_loses_nothing() {
 /// arrives before the row exists at all; the completion must wait for the row and mark it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_row_confirmed_before_it_is_visible_is_marked_once_it_is() {
-    use outbox_relay::pipeline::Progress;
-    use outbox_relay::sink::{AckToken, Delivery};
-
     let pg = PgCluster::start();
     pg.apply_schema();
-    let mut config = outbox_relay::config::Config::default();
-    config.postgres.url = pg.url();
-    let (deliveries, deliveries_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (completions, mut completions_rx) = tokio::sync::mpsc::unbounded_channel();
-    let stage = tokio::spawn(outbox_relay::progress::run(
-        config,
-        deliveries_rx,
-        completions,
-    ));
+    let mut stage = MarkingStage::start(&pg.url());
 
     let id = uuid::Uuid::new_v4();
-    deliveries
-        .send(Delivery::Acked(AckToken::new(7, id)))
-        .unwrap();
-    let early = tokio::time::timeout(Duration::from_millis(500), completions_rx.recv()).await;
-    assert!(
-        early.is_err(),
-        "completed before the row was visible: {early:?}"
-    );
+    stage.ack(7, id, None);
+    stage
+        .expect_nothing_for(
+            Duration::from_millis(500),
+            "completed before the row was visible",
+        )
+        .await;
 
     let db = pg.client().await;
     db.execute(
@@ -330,104 +318,56 @@ async fn a_row_confirmed_before_it_is_visible_is_marked_once_it_is() {
     )
     .await
     .unwrap();
-    let done = tokio::time::timeout(WAIT, completions_rx.recv())
-        .await
-        .expect("the completion never came");
-    assert!(
-        matches!(&done, Some(Progress::Completed(v)) if v == &vec![(7, 1)]),
-        "{done:?}"
-    );
-    assert_eq!(
-        pg.psql(&format!(
-            "SELECT delivered_at IS NOT NULL FROM outbox WHERE id = '{id}'"
-        )),
-        "t"
-    );
-    drop(deliveries);
-    stage.await.unwrap();
+    stage.expect_completed(7).await;
+    assert_eq!(delivered(&pg, id), "t");
+    stage.finish().await;
 }
 
 /// While a commit waits for a synchronous standby, its rows are decoded and published but
 /// invisible to every other session. The relay waits for them to become visible.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_row_whose_commit_awaits_a_synchronous_standby_is_marked_once_visible() {
-    use outbox_relay::pipeline::Progress;
-    use outbox_relay::sink::{AckToken, Delivery};
-
     let pg = PgCluster::start();
     pg.apply_schema();
     // Commits wait for a standby that never comes, until the setting is cleared.
     pg.psql("ALTER SYSTEM SET synchronous_standby_names = 'ghost'");
     pg.psql("SELECT pg_reload_conf()");
-    let mut config = outbox_relay::config::Config::default();
-    // The relay's own writes must not wait for the standby.
-    config.postgres.url = format!("{}?options=-c%20synchronous_commit%3Dlocal", pg.url());
 
     let id = uuid::Uuid::new_v4();
-    let writer = pg.client().await;
-    writer.batch_execute("BEGIN").await.unwrap();
-    writer
-        .execute(
-            "INSERT INTO outbox (id, aggregatetype, aggregateid, type) VALUES ($1, 'sync', '1', 'T')",
-            &[&id],
-        )
-        .await
-        .unwrap();
-    let xid: i64 = writer
-        .query_one("SELECT pg_current_xact_id()::text::bigint", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let (writer, xid) = insert_uncommitted(&pg, id, "sync").await;
     let commit = tokio::spawn(async move { writer.batch_execute("COMMIT").await });
     // The commit is written and waiting for the standby.
-    let deadline = std::time::Instant::now() + WAIT;
-    while pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'") != "1" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the commit never waited for the standby"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_psql(
+        &pg,
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+        "the commit never waited for the standby",
+    )
+    .await;
     assert_eq!(
         pg.psql(&format!("SELECT count(*) FROM outbox WHERE id = '{id}'")),
         "0",
         "the row is visible before its commit ended"
     );
 
-    let (deliveries, deliveries_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (completions, mut completions_rx) = tokio::sync::mpsc::unbounded_channel();
-    let stage = tokio::spawn(outbox_relay::progress::run(
-        config,
-        deliveries_rx,
-        completions,
+    // The relay's own writes must not wait for the standby.
+    let mut stage = MarkingStage::start(&format!(
+        "{}?options=-c%20synchronous_commit%3Dlocal",
+        pg.url()
     ));
-    let mut token = AckToken::new(3, id);
-    token.xid = u32::try_from(xid % (1 << 32)).ok();
-    deliveries.send(Delivery::Acked(token)).unwrap();
-    let early = tokio::time::timeout(Duration::from_secs(1), completions_rx.recv()).await;
-    assert!(
-        early.is_err(),
-        "completed while the row was not visible: {early:?}"
-    );
+    stage.ack(3, id, Some(xid));
+    stage
+        .expect_nothing_for(
+            Duration::from_secs(1),
+            "completed while the row was not visible",
+        )
+        .await;
 
     pg.psql("ALTER SYSTEM RESET synchronous_standby_names");
     pg.psql("SELECT pg_reload_conf()");
     commit.await.unwrap().expect("commit");
-    let done = tokio::time::timeout(WAIT, completions_rx.recv())
-        .await
-        .expect("the completion never came");
-    assert!(
-        matches!(&done, Some(Progress::Completed(v)) if v == &vec![(3, 1)]),
-        "{done:?}"
-    );
-    assert_eq!(
-        pg.psql(&format!(
-            "SELECT delivered_at IS NOT NULL FROM outbox WHERE id = '{id}'"
-        )),
-        "t"
-    );
-    drop(deliveries);
-    stage.await.unwrap();
+    stage.expect_completed(3).await;
+    assert_eq!(delivered(&pg, id), "t");
+    stage.finish().await;
 }
 
 /// The race the chaos suite caught in CI (rows published, never marked, the slot past them): the
@@ -437,9 +377,6 @@ async fn a_row_whose_commit_awaits_a_synchronous_standby_is_marked_once_visible(
 /// conclude it is gone. A statement trigger that sleeps holds the UPDATE open across the commit.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_row_that_becomes_visible_while_its_update_runs_is_marked() {
-    use outbox_relay::pipeline::Progress;
-    use outbox_relay::sink::{AckToken, Delivery};
-
     let pg = PgCluster::start();
     pg.apply_schema();
     pg.psql(
@@ -448,16 +385,96 @@ async fn a_row_that_becomes_visible_while_its_update_runs_is_marked() {
          CREATE TRIGGER slow_update BEFORE UPDATE ON outbox \
          FOR EACH STATEMENT EXECUTE FUNCTION slow_update()",
     );
-    let mut config = outbox_relay::config::Config::default();
-    config.postgres.url = pg.url();
 
     let id = uuid::Uuid::new_v4();
+    let (writer, xid) = insert_uncommitted(&pg, id, "race").await;
+    let mut stage = MarkingStage::start(&pg.url());
+    stage.ack(5, id, Some(xid));
+    // The marking UPDATE has its snapshot and sleeps in the trigger: commit now.
+    wait_for_psql(
+        &pg,
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND query LIKE 'UPDATE%'",
+        "the marking UPDATE never ran",
+    )
+    .await;
+    writer.batch_execute("COMMIT").await.unwrap();
+
+    stage.expect_completed(5).await;
+    assert_eq!(
+        delivered(&pg, id),
+        "t",
+        "completed, but the row was left unmarked"
+    );
+    stage.finish().await;
+}
+
+/// The progress stage (marking) on its own, fed acknowledgements by hand.
+struct MarkingStage {
+    deliveries: tokio::sync::mpsc::UnboundedSender<outbox_relay::sink::Delivery>,
+    completions: tokio::sync::mpsc::UnboundedReceiver<outbox_relay::pipeline::Progress>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MarkingStage {
+    fn start(postgres_url: &str) -> MarkingStage {
+        let mut config = outbox_relay::config::Config::default();
+        config.postgres.url = postgres_url.to_owned();
+        let (deliveries, deliveries_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (completions_tx, completions) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(outbox_relay::progress::run(
+            config,
+            deliveries_rx,
+            completions_tx,
+        ));
+        MarkingStage {
+            deliveries,
+            completions,
+            task,
+        }
+    }
+
+    /// The broker acknowledged row `id` of transaction `seq` (inserted by `xid`, if known).
+    fn ack(&self, seq: u64, id: uuid::Uuid, xid: Option<i64>) {
+        let mut token = outbox_relay::sink::AckToken::new(seq, id);
+        token.xid = xid.and_then(|x| u32::try_from(x % (1 << 32)).ok());
+        self.deliveries
+            .send(outbox_relay::sink::Delivery::Acked(token))
+            .unwrap();
+    }
+
+    async fn expect_nothing_for(&mut self, wait: Duration, why: &str) {
+        let early = tokio::time::timeout(wait, self.completions.recv()).await;
+        assert!(early.is_err(), "{why}: {early:?}");
+    }
+
+    async fn expect_completed(&mut self, seq: u64) {
+        let done = tokio::time::timeout(WAIT, self.completions.recv())
+            .await
+            .expect("the completion never came");
+        assert!(
+            matches!(&done, Some(outbox_relay::pipeline::Progress::Completed(v)) if v == &vec![(seq, 1)]),
+            "{done:?}"
+        );
+    }
+
+    async fn finish(self) {
+        drop(self.deliveries);
+        self.task.await.unwrap();
+    }
+}
+
+/// Inserts row `id` in a transaction left open; returns the session and the transaction's id.
+async fn insert_uncommitted(
+    pg: &PgCluster,
+    id: uuid::Uuid,
+    aggregatetype: &str,
+) -> (tokio_postgres::Client, i64) {
     let writer = pg.client().await;
     writer.batch_execute("BEGIN").await.unwrap();
     writer
         .execute(
-            "INSERT INTO outbox (id, aggregatetype, aggregateid, type) VALUES ($1, 'race', '1', 'T')",
-            &[&id],
+            "INSERT INTO outbox (id, aggregatetype, aggregateid, type) VALUES ($1, $2, '1', 'T')",
+            &[&id, &aggregatetype],
         )
         .await
         .unwrap();
@@ -466,47 +483,23 @@ async fn a_row_that_becomes_visible_while_its_update_runs_is_marked() {
         .await
         .unwrap()
         .get(0);
+    (writer, xid)
+}
 
-    let (deliveries, deliveries_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (completions, mut completions_rx) = tokio::sync::mpsc::unbounded_channel();
-    let stage = tokio::spawn(outbox_relay::progress::run(
-        config,
-        deliveries_rx,
-        completions,
-    ));
-    let mut token = AckToken::new(5, id);
-    token.xid = u32::try_from(xid % (1 << 32)).ok();
-    deliveries.send(Delivery::Acked(token)).unwrap();
-    // The marking UPDATE has its snapshot and sleeps in the trigger: commit now.
+/// Waits until `sql` (a count) returns 1.
+async fn wait_for_psql(pg: &PgCluster, sql: &str, why: &str) {
     let deadline = std::time::Instant::now() + WAIT;
-    while pg.psql(
-        "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND query LIKE 'UPDATE%'",
-    ) != "1"
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the marking UPDATE never ran"
-        );
+    while pg.psql(sql) != "1" {
+        assert!(std::time::Instant::now() < deadline, "{why}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    writer.batch_execute("COMMIT").await.unwrap();
+}
 
-    let done = tokio::time::timeout(WAIT, completions_rx.recv())
-        .await
-        .expect("the completion never came");
-    assert!(
-        matches!(&done, Some(Progress::Completed(v)) if v == &vec![(5, 1)]),
-        "{done:?}"
-    );
-    assert_eq!(
-        pg.psql(&format!(
-            "SELECT delivered_at IS NOT NULL FROM outbox WHERE id = '{id}'"
-        )),
-        "t",
-        "completed, but the row was left unmarked"
-    );
-    drop(deliveries);
-    stage.await.unwrap();
+/// `t` if row `id` is marked delivered.
+fn delivered(pg: &PgCluster, id: uuid::Uuid) -> String {
+    pg.psql(&format!(
+        "SELECT delivered_at IS NOT NULL FROM outbox WHERE id = '{id}'"
+    ))
 }
 
 /// Debezium's outbox pattern may insert and delete the row in one transaction, keeping the table
