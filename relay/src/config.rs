@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// `at_least_once` (default) or `exactly_once` (Kafka transactions; see [`ExactlyOnceConfig`]).
+    pub delivery: DeliveryMode,
     pub postgres: PostgresConfig,
     pub outbox: OutboxConfig,
     pub kafka: KafkaConfig,
@@ -22,6 +24,50 @@ pub struct Config {
     pub retry: RetryConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    pub exactly_once: ExactlyOnceConfig,
+}
+
+/// What the relay promises about each row's message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryMode {
+    /// Every row reaches the broker at least once; after a crash, messages in flight are sent
+    /// again (consumers deduplicate by the `id` header).
+    #[default]
+    AtLeastOnce,
+    /// Messages are produced in Kafka transactions together with the relay's source position, so
+    /// a `read_committed` consumer sees every row exactly once, across crashes.
+    ExactlyOnce,
+}
+
+/// `delivery = "exactly_once"`: Kafka transactions with the source position inside them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExactlyOnceConfig {
+    /// librdkafka `transactional.id`: stable for one relay deployment (one slot). A relay that
+    /// starts with it fences any older one still running and aborts that one's open transaction.
+    pub transactional_id: String,
+    /// Compacted topic (one partition) holding each slot's last committed source position.
+    pub progress_topic: String,
+    /// A Kafka transaction is committed once it holds this many messages (at the end of the
+    /// Postgres transaction that reaches it, or earlier when `pipeline.max_in_flight` is reached).
+    pub batch_max_messages: usize,
+    /// ... or once it has been open this long, in milliseconds.
+    pub batch_max_ms: u64,
+    /// librdkafka `transaction.timeout.ms`: the broker aborts a transaction open longer.
+    pub transaction_timeout_ms: u64,
+}
+
+impl Default for ExactlyOnceConfig {
+    fn default() -> Self {
+        ExactlyOnceConfig {
+            transactional_id: String::new(),
+            progress_topic: "outbox-relay.progress".into(),
+            batch_max_messages: 5_000,
+            batch_max_ms: 100,
+            transaction_timeout_ms: 60_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -466,9 +512,54 @@ impl Config {
                     value: format!("{key}={value}"),
                     fix: format!(
                         "the relay needs acks=all and enable.idempotence=true for confirmed \
-                         sends and does not manage transactions in at-least-once mode; remove '{key}'"
+                         sends, and sets transactional.id itself (from exactly_once.transactional_id \
+                         when delivery = exactly_once); remove '{key}'"
                     ),
                 });
+            }
+        }
+        if self.delivery == DeliveryMode::ExactlyOnce {
+            let e = &self.exactly_once;
+            if e.transactional_id.trim().is_empty() {
+                return Err(invalid(
+                    "exactly_once.transactional_id",
+                    "",
+                    "delivery = exactly_once needs a transactional id that stays the same across \
+                     restarts of this relay (one per slot), e.g. outbox-relay-orders",
+                ));
+            }
+            if e.progress_topic.is_empty() {
+                return Err(invalid(
+                    "exactly_once.progress_topic",
+                    "",
+                    "name the topic that keeps the relay's committed position, e.g. outbox-relay.progress",
+                ));
+            }
+            if e.batch_max_messages == 0 {
+                return Err(invalid(
+                    "exactly_once.batch_max_messages",
+                    0,
+                    "must be at least 1 (5000 is usual; at most half of pipeline.max_in_flight lets \
+                     one transaction fill while the previous one is being marked)",
+                ));
+            }
+            if self.dead_letter.policy == PoisonPolicy::BlockKey {
+                return Err(invalid(
+                    "dead_letter.policy",
+                    "block_key",
+                    "block_key holds rows back and sends them later, out of the WAL's order, which \
+                     exactly-once delivery cannot track; use dlq or halt with delivery = exactly_once",
+                ));
+            }
+            if e.batch_max_ms == 0 || e.batch_max_ms >= e.transaction_timeout_ms {
+                return Err(invalid(
+                    "exactly_once.batch_max_ms",
+                    e.batch_max_ms,
+                    format!(
+                        "must be at least 1 and below exactly_once.transaction_timeout_ms ({}); 100 is usual",
+                        e.transaction_timeout_ms
+                    ),
+                ));
             }
         }
         let pl = &self.pipeline;

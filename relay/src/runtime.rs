@@ -14,13 +14,13 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, redact_url};
+use crate::config::{Config, DeliveryMode, redact_url};
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::replication::pgoutput::PgOutput;
 use crate::replication::protocol::{ServerMessage, StandbyStatusUpdate};
 use crate::replication::{ReplicationClient, ReplicationError, ReplicationStream};
-use crate::sink::Sink;
 use crate::sink::kafka::{KafkaSink, backoff};
+use crate::sink::{Sink, SinkError};
 use crate::slot::{self, SlotError};
 use crate::{db, progress, redrive};
 
@@ -37,6 +37,11 @@ pub enum RunError {
     Replication(#[from] ReplicationError),
     #[error("cannot create the Kafka producer: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(
+        "cannot start exactly-once delivery: {0}; check kafka.brokers and that the broker supports \
+         transactions (Kafka 2.5 or later), or set delivery = \"at_least_once\""
+    )]
+    ExactlyOnce(String),
 }
 
 impl RunError {
@@ -190,9 +195,23 @@ async fn build_pipeline(
 ) -> Result<(Pipeline<KafkaSink>, tokio::task::JoinHandle<()>), RunError> {
     let (deliveries_tx, deliveries_rx) = mpsc::unbounded_channel();
     let (progress_tx, progress_rx) = mpsc::unbounded_channel();
-    let sink = KafkaSink::new(config, deliveries_tx.clone())?;
+    let mut sink = KafkaSink::new(config, deliveries_tx.clone())?;
+    let covered = match sink.init_transactions(config).await {
+        Ok(covered) => covered,
+        Err(SinkError::Fenced(why)) => return Err(PipelineError::Fenced(why).into()),
+        Err(e) => return Err(RunError::ExactlyOnce(e.to_string())),
+    };
     let progress_task = tokio::spawn(progress::run(config.clone(), deliveries_rx, progress_tx));
     let mut pipeline = Pipeline::new(config, sink, deliveries_tx, progress_rx);
+    if config.delivery == DeliveryMode::ExactlyOnce {
+        let covered = covered.unwrap_or_default();
+        tracing::info!(
+            progress_topic = %config.exactly_once.progress_topic,
+            committed = %covered,
+            "exactly-once: rows the committed Kafka transactions hold are not sent again"
+        );
+        pipeline.set_covered(covered);
+    }
     redrive::load_blocked(db, config, &mut pipeline)
         .await
         .map_err(|e| SlotError::query("reading the aggregates blocked by failed rows", e))?;
@@ -279,6 +298,8 @@ async fn stream_until_stopped<S: Sink>(
             break;
         }
         let moved = pipeline.flushable() > reported;
+        // Exactly-once: when the open Kafka transaction is due for commit.
+        let commit_due = pipeline.kafka_transaction_due();
         tokio::select! {
             biased;
             _ = shutdown.cancelled(), if stopping_since.is_none() => {
@@ -311,6 +332,11 @@ async fn stream_until_stopped<S: Sink>(
                 send_status(&mut stream, pipeline.flushable()).await?;
                 reported = pipeline.flushable();
                 reported_at = Instant::now();
+            }
+            _ = tokio::time::sleep_until(commit_due.unwrap_or_else(Instant::now)), if commit_due.is_some() => {
+                if let Err(e) = pipeline.commit_kafka_transaction().await {
+                    return Err(stop_after_error(stream, pipeline, config, e).await);
+                }
             }
             msg = stream.next(), if pipeline.has_capacity() => {
                 paused_logged = false;
@@ -373,7 +399,9 @@ async fn stop_after_error<S: Sink>(
     // Nothing can be confirmed while Postgres stops, and a broken producer confirms nothing more.
     if matches!(
         error,
-        PipelineError::PostgresStopping(_) | PipelineError::SinkBroken(_)
+        PipelineError::PostgresStopping(_)
+            | PipelineError::SinkBroken(_)
+            | PipelineError::Fenced(_)
     ) {
         return error.into();
     }

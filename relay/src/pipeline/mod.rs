@@ -14,6 +14,7 @@
 //! before the slot passes it.
 
 pub mod blocking;
+pub mod position;
 pub mod routing;
 pub mod watermark;
 
@@ -25,11 +26,12 @@ use tokio::sync::mpsc;
 use backon::BackoffBuilder;
 use bytes::Bytes;
 
-use crate::config::{Config, PoisonPolicy};
+use crate::config::{Config, DeliveryMode, PoisonPolicy};
 use crate::replication::Lsn;
 use crate::replication::pgoutput::PgOutput;
 use crate::sink::{AckToken, Delivery, FailureNote, Sink, SinkError};
 use blocking::{Aggregate, Blocked};
+use position::SourcePosition;
 use routing::{ColumnMap, OutboxMessage, RawRow, Router, TopicTemplate};
 use watermark::{TxSeq, Watermark};
 
@@ -84,6 +86,11 @@ pub enum PipelineError {
         "the Kafka producer failed ({0}); a new producer takes over and everything unconfirmed is read again from the slot"
     )]
     SinkBroken(String),
+    #[error(
+        "this relay was fenced: {0}. Another relay started with the same exactly_once.transactional_id \
+         and took over; this one stops. Run one relay per transactional id"
+    )]
+    Fenced(String),
 }
 
 /// Running totals, logged and later exported as metrics.
@@ -95,6 +102,34 @@ pub struct Counters {
     pub dead_lettered: u64,
     /// Rows marked failed or held back under `block_key`.
     pub parked: u64,
+    /// Rows not sent because a committed Kafka transaction already holds them (exactly-once,
+    /// after a restart); they are only marked.
+    pub covered: u64,
+    /// Kafka transactions committed (exactly-once).
+    pub kafka_transactions: u64,
+}
+
+/// The Kafka transaction being filled (exactly-once).
+#[derive(Debug, Clone, Copy)]
+struct OpenBatch {
+    opened: tokio::time::Instant,
+    messages: usize,
+}
+
+/// Exactly-once state: which position the open Kafka transaction will commit, and which rows
+/// committed transactions already hold.
+#[derive(Debug, Default)]
+struct ExactlyOnce {
+    batch: Option<OpenBatch>,
+    /// Rows committed Kafka transactions hold: not sent again, only marked.
+    covered: SourcePosition,
+    /// The last position committed to Kafka by this pipeline (or `covered`, before any).
+    committed: SourcePosition,
+    /// End of the last Postgres transaction whose rows were all handed to the sink.
+    handed_end: Lsn,
+    /// The open Postgres transaction's commit LSN, and its outbox rows read so far.
+    open_final_lsn: Lsn,
+    open_rows: u64,
 }
 
 /// The source transaction of a row read from the WAL.
@@ -120,6 +155,8 @@ pub struct Pipeline<S: Sink> {
     /// The progress stage's input, for rows parked under `block_key` (marked, never sent).
     parked: mpsc::UnboundedSender<Delivery>,
     blocked: Blocked,
+    /// `Some` with `delivery = "exactly_once"`.
+    exactly_once: Option<ExactlyOnce>,
     pub counters: Counters,
 }
 
@@ -149,6 +186,7 @@ impl<S: Sink> Pipeline<S> {
             blocked: Blocked::new(Duration::from_millis(
                 config.dead_letter.block_retry_interval_ms,
             )),
+            exactly_once: (config.delivery == DeliveryMode::ExactlyOnce).then(ExactlyOnce::default),
             counters: Counters::default(),
         }
     }
@@ -202,6 +240,10 @@ impl<S: Sink> Pipeline<S> {
                     xid: b.xid,
                     commit_time: b.commit_time,
                 });
+                if let Some(eo) = &mut self.exactly_once {
+                    eo.open_final_lsn = b.final_lsn;
+                    eo.open_rows = 0;
+                }
             }
             PgOutput::Commit(c) => {
                 let seq = self
@@ -211,6 +253,15 @@ impl<S: Sink> Pipeline<S> {
                 self.open_origin = None;
                 self.watermark.commit(seq, c.end_lsn);
                 self.counters.transactions += 1;
+                if let Some(eo) = &mut self.exactly_once {
+                    eo.handed_end = c.end_lsn;
+                    let full = eo
+                        .batch
+                        .is_some_and(|b| b.messages >= self.config.exactly_once.batch_max_messages);
+                    if full {
+                        self.commit_kafka_transaction().await?;
+                    }
+                }
             }
             PgOutput::Relation(rel) => {
                 let outbox = &self.config.outbox;
@@ -241,6 +292,13 @@ impl<S: Sink> Pipeline<S> {
                 let seq = self
                     .open_tx
                     .ok_or_else(|| PipelineError::Order("Insert outside a transaction".into()))?;
+                if let Some(eo) = &mut self.exactly_once {
+                    eo.open_rows += 1;
+                    if eo.covered.covers(eo.open_final_lsn, eo.open_rows) {
+                        self.mark_covered(seq, &raw);
+                        return Ok(());
+                    }
+                }
                 self.publish_row_of(seq, raw, self.open_origin).await?;
             }
             PgOutput::Truncate { relation_ids, .. } => {
@@ -326,9 +384,11 @@ impl<S: Sink> Pipeline<S> {
             match self.sink.publish(&msg, token).await {
                 Ok(()) => {
                     self.track(seq);
+                    self.handed_to_sink();
                     return Ok(());
                 }
                 Err(SinkError::Broken(why)) => return Err(PipelineError::SinkBroken(why)),
+                Err(SinkError::Fenced(why)) => return Err(PipelineError::Fenced(why)),
                 Err(e) if attempt < self.config.dead_letter.max_attempts => {
                     let wait = delays.next().unwrap_or(Duration::from_secs(1));
                     tracing::warn!(id = %msg.id, topic = %msg.topic, attempt, error = %e, retry_in = ?wait, "the broker refused the message; trying again");
@@ -350,6 +410,85 @@ impl<S: Sink> Pipeline<S> {
     fn track(&mut self, seq: TxSeq) {
         self.watermark.add_message(seq);
         self.in_flight += 1;
+    }
+
+    /// Counts a message handed to the sink into the open Kafka transaction (exactly-once).
+    fn handed_to_sink(&mut self) {
+        if let Some(eo) = &mut self.exactly_once {
+            eo.batch
+                .get_or_insert(OpenBatch {
+                    opened: tokio::time::Instant::now(),
+                    messages: 0,
+                })
+                .messages += 1;
+        }
+    }
+
+    /// A row a committed Kafka transaction already holds (read again after a restart): it is
+    /// not sent, only marked delivered (the relay may have stopped before marking it).
+    fn mark_covered(&mut self, seq: TxSeq, raw: &RawRow) {
+        self.counters.covered += 1;
+        let Some(id) = row_uuid(raw) else {
+            return; // a row without a usable id never made it into a transaction
+        };
+        let mut token = AckToken::new(seq, id);
+        token.xid = self.open_origin.map(|o| o.xid);
+        self.track(seq);
+        // The progress stage outlives the pipeline; a closed channel surfaces as ProgressClosed.
+        let _ = self.parked.send(Delivery::Acked(token));
+    }
+
+    /// Exactly-once: rows that committed Kafka transactions hold (read from the progress topic
+    /// at start, or kept from the pipeline a broken producer left) are not sent again.
+    pub fn set_covered(&mut self, covered: SourcePosition) {
+        if let Some(eo) = &mut self.exactly_once {
+            eo.covered = covered;
+            eo.committed = covered;
+        }
+    }
+
+    /// Exactly-once: the last position committed to Kafka.
+    pub fn committed_position(&self) -> Option<SourcePosition> {
+        self.exactly_once.as_ref().map(|eo| eo.committed)
+    }
+
+    /// Exactly-once: when the open Kafka transaction is due for commit — at once when the
+    /// in-flight bound is reached (its messages complete only after the commit), else
+    /// `exactly_once.batch_max_ms` after it opened. `None` when no transaction is open.
+    pub fn kafka_transaction_due(&self) -> Option<tokio::time::Instant> {
+        let batch = self.exactly_once.as_ref()?.batch?;
+        if self.has_capacity() {
+            Some(batch.opened + Duration::from_millis(self.config.exactly_once.batch_max_ms))
+        } else {
+            Some(tokio::time::Instant::now())
+        }
+    }
+
+    /// Exactly-once: commits the open Kafka transaction with the position it reaches; its
+    /// messages are acknowledged (and marked) only after. Nothing to do without one.
+    pub async fn commit_kafka_transaction(&mut self) -> Result<(), PipelineError> {
+        let in_transaction = self.open_tx.is_some();
+        let Some(eo) = &mut self.exactly_once else {
+            return Ok(());
+        };
+        let Some(batch) = eo.batch.take() else {
+            return Ok(());
+        };
+        let position = SourcePosition {
+            committed_end: eo.handed_end.max(eo.committed.committed_end),
+            partial: in_transaction.then_some((eo.open_final_lsn, eo.open_rows)),
+        };
+        match self.sink.commit(position).await {
+            Ok(()) => {}
+            Err(SinkError::Fenced(why)) => return Err(PipelineError::Fenced(why)),
+            Err(e) => return Err(PipelineError::SinkBroken(e.to_string())),
+        }
+        if let Some(eo) = &mut self.exactly_once {
+            eo.committed = position;
+        }
+        self.counters.kafka_transactions += 1;
+        tracing::debug!(messages = batch.messages, %position, "Kafka transaction committed");
+        Ok(())
     }
 
     /// Marks row `id` failed with `note` without sending it; it completes like a delivery once
@@ -450,8 +589,9 @@ impl<S: Sink> Pipeline<S> {
             attempts,
         }));
         match self.sink.publish(&record, token).await {
-            Ok(()) => {}
+            Ok(()) => self.handed_to_sink(),
             Err(SinkError::Broken(why)) => return Err(PipelineError::SinkBroken(why)),
+            Err(SinkError::Fenced(why)) => return Err(PipelineError::Fenced(why)),
             Err(cause) => return Err(PipelineError::DeadLetter { id, error, cause }),
         }
         if !counted {
@@ -597,12 +737,18 @@ impl<S: Sink> Pipeline<S> {
                 .await
             }
             Some(Progress::PostgresStopping(why)) => Err(PipelineError::PostgresStopping(why)),
-            Some(Progress::SinkBroken(why)) => Err(PipelineError::SinkBroken(why)),
+            Some(Progress::SinkBroken(why)) => Err(match self.sink.fenced() {
+                Some(fenced) => PipelineError::Fenced(fenced),
+                None => PipelineError::SinkBroken(why),
+            }),
         }
     }
 
     /// Processes completions until there is room for another message.
     pub async fn wait_for_capacity(&mut self) -> Result<(), PipelineError> {
+        if !self.has_capacity() {
+            self.commit_kafka_transaction().await?;
+        }
         while !self.has_capacity() {
             let p = self.next_progress().await;
             self.on_progress(p).await?;
@@ -613,6 +759,7 @@ impl<S: Sink> Pipeline<S> {
     /// Processes completions until nothing is in flight or `timeout` passes; returns what is
     /// still in flight.
     pub async fn drain(&mut self, timeout: Duration) -> Result<usize, PipelineError> {
+        self.commit_kafka_transaction().await?;
         let deadline = tokio::time::Instant::now() + timeout;
         while self.in_flight > 0 {
             match tokio::time::timeout_at(deadline, self.next_progress()).await {

@@ -10,6 +10,11 @@
 //! error (librdkafka's idempotence guard: the producer cannot go on without risking duplicates
 //! or reordering) is not any message's fault: it is reported once as `Broken`, and the relay
 //! replaces the producer.
+//!
+//! With `delivery = "exactly_once"` the producer is transactional (see [`super::transactions`]):
+//! messages go into a Kafka transaction that [`Sink::commit`] closes with the progress record;
+//! their delivery reports are held until the commit succeeds and only then passed on. Nothing is
+//! retried inside a transaction: any failure aborts it, and the relay re-reads it from the slot.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -25,8 +30,10 @@ use rdkafka::message::{DeliveryResult, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use tokio::sync::mpsc;
 
+use super::transactions::{self, PROGRESS_RECORD};
 use super::{AckToken, Delivery, Sink, SinkError};
-use crate::config::{Config, KafkaConfig, RetryConfig};
+use crate::config::{Config, DeliveryMode, KafkaConfig, RetryConfig};
+use crate::pipeline::position::SourcePosition;
 use crate::pipeline::routing::OutboxMessage;
 
 /// librdkafka properties the relay derives from its config.
@@ -90,6 +97,8 @@ pub struct RelayContext {
     broken: Arc<AtomicBool>,
     /// Metric handles, looked up once rather than per message.
     metrics: crate::metrics::AckMetrics,
+    /// Exactly-once: every delivery report goes here, to be held until the transaction commits.
+    transactional: Option<mpsc::UnboundedSender<Delivery>>,
 }
 
 impl RelayContext {
@@ -162,6 +171,22 @@ impl ProducerContext for RelayContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, token: Box<AckToken>) {
         let token = *token;
+        if let Some(reports) = &self.transactional {
+            let report = match result {
+                Ok(_) => Delivery::Acked(token),
+                Err((err, _)) if error_code(err) == Some(RDKafkaErrorCode::Fatal) => {
+                    self.report_broken(err.to_string());
+                    Delivery::Broken(err.to_string())
+                }
+                Err((err, msg)) => Delivery::Failed {
+                    message: Box::new(owned_message(token.id, msg)),
+                    token,
+                    error: err.to_string(),
+                },
+            };
+            let _ = reports.send(report);
+            return;
+        }
         let report = match result {
             Ok(_) => {
                 self.metrics.acked(token.commit_time);
@@ -242,6 +267,25 @@ pub struct KafkaSink {
     retry_pending: Arc<AtomicUsize>,
     broken: Arc<AtomicBool>,
     deliveries: mpsc::UnboundedSender<Delivery>,
+    /// `Some` with `delivery = "exactly_once"`.
+    txn: Option<Transactions>,
+}
+
+/// The transactional side of an exactly-once sink.
+struct Transactions {
+    transactional_id: String,
+    progress_topic: String,
+    slot: String,
+    /// Bound of each blocking transaction call (`transaction.timeout.ms`).
+    timeout: Duration,
+    /// Whether a Kafka transaction is open.
+    open: bool,
+    /// Records produced in the open transaction (the progress record included).
+    sent: usize,
+    /// Delivery reports of the open transaction, held until it commits.
+    reports: mpsc::UnboundedReceiver<Delivery>,
+    /// Acknowledgement metrics, recorded when a commit makes messages visible.
+    metrics: crate::metrics::AckMetrics,
 }
 
 impl KafkaSink {
@@ -254,6 +298,8 @@ impl KafkaSink {
         let (retry_tx, retry_rx) = mpsc::unbounded_channel();
         let retry_pending = Arc::new(AtomicUsize::new(0));
         let broken = Arc::new(AtomicBool::new(false));
+        let exactly_once = config.delivery == DeliveryMode::ExactlyOnce;
+        let (reports_tx, reports_rx) = mpsc::unbounded_channel();
         let ctx = RelayContext {
             deliveries: deliveries.clone(),
             retries: retry_tx,
@@ -261,18 +307,25 @@ impl KafkaSink {
             max_attempts: config.dead_letter.max_attempts,
             broken: broken.clone(),
             metrics: crate::metrics::AckMetrics::new(),
+            transactional: exactly_once.then_some(reports_tx),
         };
-        let client_config = producer_config(cfg, config.pipeline.max_in_flight);
+        let mut client_config = producer_config(cfg, config.pipeline.max_in_flight);
+        if exactly_once {
+            transactions::apply_transactional(&mut client_config, config);
+        }
+        let txn = exactly_once.then(|| Transactions {
+            transactional_id: config.exactly_once.transactional_id.clone(),
+            progress_topic: config.exactly_once.progress_topic.clone(),
+            slot: config.postgres.slot.clone(),
+            timeout: Duration::from_millis(config.exactly_once.transaction_timeout_ms),
+            open: false,
+            sent: 0,
+            reports: reports_rx,
+            metrics: crate::metrics::AckMetrics::new(),
+        });
         let producer: RelayProducer = client_config.create_with_context(ctx)?;
         let producer = Arc::new(producer);
-        let mut admin_config = ClientConfig::new();
-        admin_config.set("bootstrap.servers", &cfg.brokers);
-        for (k, v) in &cfg.properties {
-            if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
-                admin_config.set(k, v);
-            }
-        }
-        let admin = admin_config.create()?;
+        let admin = transactions::connection_config(config).create()?;
         tokio::spawn(retry_loop(
             Arc::downgrade(&producer),
             retry_rx,
@@ -290,11 +343,138 @@ impl KafkaSink {
             retry_pending,
             broken,
             deliveries,
+            txn,
         })
+    }
+
+    /// Exactly-once: makes sure the progress topic exists, fences any older relay with the same
+    /// `transactional.id` (aborting its open transaction), then reads back the last position
+    /// committed for this slot. `None` in at-least-once mode or before the first commit.
+    pub async fn init_transactions(
+        &mut self,
+        config: &Config,
+    ) -> Result<Option<SourcePosition>, SinkError> {
+        let Some(t) = &self.txn else {
+            return Ok(None);
+        };
+        let (topic, timeout, id) = (
+            t.progress_topic.clone(),
+            t.timeout,
+            t.transactional_id.clone(),
+        );
+        self.ensure_topic_with(&topic, 1, true).await?;
+        let producer = self.producer.clone();
+        let mut delays = backoff(&self.retry_cfg).with_max_times(8).build();
+        loop {
+            let p = producer.clone();
+            let result = tokio::task::spawn_blocking(move || p.init_transactions(timeout))
+                .await
+                .map_err(|e| SinkError::Broken(format!("init_transactions task: {e}")))?;
+            match result {
+                Ok(()) => break,
+                Err(KafkaError::Transaction(e)) if e.is_retriable() => match delays.next() {
+                    Some(wait) => {
+                        tracing::warn!(transactional_id = %id, error = %e, retry_in = ?wait, "cannot initialise Kafka transactions yet; retrying");
+                        tokio::time::sleep(wait).await;
+                    }
+                    None => return Err(SinkError::Broken(format!("init_transactions: {e}"))),
+                },
+                Err(e) => {
+                    return Err(self.transaction_error("initialising transactions", e));
+                }
+            }
+        }
+        tracing::info!(transactional_id = %id, "Kafka transactions initialised (older relays with this id are fenced)");
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || transactions::read_committed_position(&config, timeout))
+            .await
+            .map_err(|e| SinkError::Broken(format!("progress reader task: {e}")))?
+            .map_err(SinkError::Closed)
+    }
+
+    /// What a failed transactional call means: fenced, or the producer is unusable.
+    fn transaction_error(&self, what: &str, e: KafkaError) -> SinkError {
+        let id = self
+            .txn
+            .as_ref()
+            .map(|t| t.transactional_id.as_str())
+            .unwrap_or_default();
+        if error_code(&e).is_some_and(transactions::is_fencing) || self.fenced().is_some() {
+            return SinkError::Fenced(format!(
+                "{what} failed for transactional id '{id}': {}",
+                fatal_reason(&self.producer, &e)
+            ));
+        }
+        SinkError::Broken(format!("{what}: {}", fatal_reason(&self.producer, &e)))
+    }
+
+    /// Gathers the delivery reports of the open transaction's `sent` records.
+    async fn gather_reports(&mut self) -> Result<Vec<Delivery>, SinkError> {
+        let Some(t) = self.txn.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let mut reports = Vec::with_capacity(t.sent);
+        let deadline = tokio::time::Instant::now() + t.timeout;
+        while reports.len() < t.sent {
+            match tokio::time::timeout_at(deadline, t.reports.recv()).await {
+                Ok(Some(r)) => reports.push(r),
+                Ok(None) | Err(_) => {
+                    return Err(SinkError::Broken(format!(
+                        "{} of {} delivery reports of the transaction did not come",
+                        t.sent - reports.len(),
+                        t.sent
+                    )));
+                }
+            }
+        }
+        t.sent = 0;
+        Ok(reports)
+    }
+
+    /// The open transaction failed with `e`: aborts it (nothing of it becomes visible) and says
+    /// why; fenced and fatal errors cannot be aborted and are reported as such.
+    async fn abort(&mut self, e: KafkaError) -> SinkError {
+        let abortable = matches!(&e, KafkaError::Transaction(r) if r.txn_requires_abort())
+            || !matches!(&e, KafkaError::Transaction(r) if r.is_fatal());
+        if !abortable || self.fenced().is_some() {
+            return self.transaction_error("the Kafka transaction", e);
+        }
+        let Some(t) = &self.txn else {
+            return SinkError::Aborted(e.to_string());
+        };
+        let (producer, timeout) = (self.producer.clone(), t.timeout);
+        tracing::warn!(error = %e, "aborting the Kafka transaction; its messages will be sent again");
+        let aborted =
+            tokio::task::spawn_blocking(move || producer.abort_transaction(timeout)).await;
+        // The reports of an aborted transaction mean nothing; drop them.
+        if let Some(t) = &mut self.txn {
+            t.open = false;
+            t.sent = 0;
+            while t.reports.try_recv().is_ok() {}
+        }
+        match aborted {
+            Ok(Ok(())) => SinkError::Aborted(e.to_string()),
+            Ok(Err(abort_error)) => self.transaction_error(
+                &format!("aborting the Kafka transaction (after: {e})"),
+                abort_error,
+            ),
+            Err(join) => SinkError::Broken(format!("abort task: {join}")),
+        }
     }
 
     /// Makes sure `topic` exists: looks it up, and creates it when missing and allowed.
     async fn ensure_topic(&mut self, topic: &str) -> Result<(), SinkError> {
+        self.ensure_topic_with(topic, self.cfg.topic_partitions, false)
+            .await
+    }
+
+    /// [`KafkaSink::ensure_topic`], creating it with `partitions`, compacted if `compacted`.
+    async fn ensure_topic_with(
+        &mut self,
+        topic: &str,
+        partitions: i32,
+        compacted: bool,
+    ) -> Result<(), SinkError> {
         if self.known_topics.contains(topic) {
             return Ok(());
         }
@@ -332,18 +512,26 @@ impl KafkaSink {
                     topic: topic.to_owned(),
                 });
             }
-            self.create_topic(topic).await?;
+            self.create_topic(topic, partitions, compacted).await?;
         }
         self.known_topics.insert(topic.to_owned());
         Ok(())
     }
 
-    async fn create_topic(&self, topic: &str) -> Result<(), SinkError> {
-        let new = NewTopic::new(
+    async fn create_topic(
+        &self,
+        topic: &str,
+        partitions: i32,
+        compacted: bool,
+    ) -> Result<(), SinkError> {
+        let mut new = NewTopic::new(
             topic,
-            self.cfg.topic_partitions,
+            partitions,
             TopicReplication::Fixed(self.cfg.topic_replication_factor),
         );
+        if compacted {
+            new = new.set("cleanup.policy", "compact");
+        }
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
         let create = || async {
             let results = self
@@ -380,14 +568,16 @@ impl KafkaSink {
             .map_err(|(_, reason)| SinkError::CreateTopic {
                 topic: topic.to_owned(),
                 reason: format!(
-                    "{reason}; create it yourself (partitions {}, replication {}) or check the \
+                    "{reason}; create it yourself (partitions {partitions}, replication {}{}) or check the \
                      broker's permissions",
-                    self.cfg.topic_partitions, self.cfg.topic_replication_factor
+                    self.cfg.topic_replication_factor,
+                    if compacted { ", cleanup.policy=compact" } else { "" }
                 ),
             })?;
         tracing::info!(
             topic,
-            partitions = self.cfg.topic_partitions,
+            partitions,
+            compacted,
             replication = self.cfg.topic_replication_factor,
             "created topic"
         );
@@ -526,8 +716,18 @@ impl Sink for KafkaSink {
             )));
         }
         self.ensure_topic(&msg.topic).await?;
+        if let Some(t) = &mut self.txn
+            && !t.open
+        {
+            self.producer
+                .begin_transaction()
+                .map_err(|e| self.transaction_error("begin_transaction", e))?;
+            if let Some(t) = &mut self.txn {
+                t.open = true;
+            }
+        }
         let headers = build_headers(&msg.headers);
-        enqueue(
+        let result = enqueue(
             &self.producer,
             &msg.topic,
             Some(&msg.key[..]),
@@ -535,19 +735,101 @@ impl Sink for KafkaSink {
             &headers,
             token,
         )
-        .await
-        .map_err(|(e, _)| {
-            if error_code(&e) == Some(RDKafkaErrorCode::Fatal) {
+        .await;
+        match result {
+            Ok(()) => {
+                if let Some(t) = &mut self.txn {
+                    t.sent += 1;
+                }
+                Ok(())
+            }
+            Err((e, _)) if error_code(&e) == Some(RDKafkaErrorCode::Fatal) => {
+                if let Some(why) = self.fenced() {
+                    return Err(SinkError::Fenced(why));
+                }
                 let reason = fatal_reason(&self.producer, &e);
                 report_broken(&self.broken, &self.deliveries, reason.clone());
-                SinkError::Broken(reason)
-            } else {
-                SinkError::Rejected {
-                    id: msg.id,
-                    topic: msg.topic.clone(),
-                    reason: e.to_string(),
-                }
+                Err(SinkError::Broken(reason))
             }
+            Err((e, _)) => Err(SinkError::Rejected {
+                id: msg.id,
+                topic: msg.topic.clone(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    async fn commit(&mut self, position: SourcePosition) -> Result<(), SinkError> {
+        let Some(t) = &self.txn else {
+            return Ok(());
+        };
+        if !t.open {
+            return Ok(());
+        }
+        let (topic, key, timeout) = (t.progress_topic.clone(), t.slot.clone(), t.timeout);
+        let value = position.to_record(&t.slot, &t.transactional_id);
+        let token = AckToken::new(PROGRESS_RECORD, uuid::Uuid::nil());
+        let queued = enqueue(
+            &self.producer,
+            &topic,
+            Some(key.as_bytes()),
+            Some(&value),
+            &OwnedHeaders::new(),
+            token,
+        )
+        .await;
+        if let Err((e, _)) = queued {
+            return Err(self.abort(e).await);
+        }
+        if let Some(t) = &mut self.txn {
+            t.sent += 1;
+        }
+        let mut delays = backoff(&self.retry_cfg).with_max_times(8).build();
+        let committed = loop {
+            let producer = self.producer.clone();
+            let result = tokio::task::spawn_blocking(move || producer.commit_transaction(timeout))
+                .await
+                .map_err(|e| SinkError::Broken(format!("commit task: {e}")))?;
+            match result {
+                Err(KafkaError::Transaction(e)) if e.is_retriable() => match delays.next() {
+                    Some(wait) => {
+                        tracing::warn!(error = %e, retry_in = ?wait, "Kafka transaction commit did not complete; retrying");
+                        tokio::time::sleep(wait).await;
+                    }
+                    None => break Err(KafkaError::Transaction(e)),
+                },
+                other => break other,
+            }
+        };
+        if let Err(e) = committed {
+            return Err(self.abort(e).await);
+        }
+        let reports = self.gather_reports().await?;
+        let Some(t) = &mut self.txn else {
+            return Ok(());
+        };
+        t.open = false;
+        for report in reports {
+            // A commit succeeds only when every record of the transaction was delivered.
+            if let Delivery::Acked(token) = report
+                && token.tx_seq != PROGRESS_RECORD
+            {
+                t.metrics.acked(token.commit_time);
+                // The receiver is gone only while the relay shuts down.
+                let _ = self.deliveries.send(Delivery::Acked(token));
+            }
+        }
+        Ok(())
+    }
+
+    fn fenced(&self) -> Option<String> {
+        let t = self.txn.as_ref()?;
+        let (code, reason) = self.producer.client().fatal_error()?;
+        transactions::is_fencing(code).then(|| {
+            format!(
+                "transactional id '{}' is now used by a newer producer ({reason})",
+                t.transactional_id
+            )
         })
     }
 

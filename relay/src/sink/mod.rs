@@ -16,14 +16,23 @@
 //!   (librdkafka's fatal idempotence errors), the sink reports [`Delivery::Broken`] once and
 //!   `publish` returns [`SinkError::Broken`]; no message is reported `Failed` for it. The relay
 //!   then drops the sink, builds a new one and re-reads everything unconfirmed from the slot.
+//! - **Exactly-once sinks** (`delivery = "exactly_once"`) group what they are handed into broker
+//!   transactions: [`Sink::commit`] commits everything handed over since the previous commit
+//!   together with the source position it reaches, atomically, and only then reports those
+//!   messages `Acked`. A transaction that cannot commit is aborted and `commit` fails: nothing of
+//!   it becomes visible, and the caller re-reads it from its last committed position. A sink
+//!   whose transactional identity was taken over by a newer relay reports [`SinkError::Fenced`];
+//!   it must not be rebuilt (a new producer would fence the newer relay in turn).
 
 pub mod kafka;
+pub mod transactions;
 
 use std::future::Future;
 use std::time::Duration;
 
 use uuid::Uuid;
 
+use crate::pipeline::position::SourcePosition;
 use crate::pipeline::routing::OutboxMessage;
 use crate::pipeline::watermark::TxSeq;
 
@@ -102,6 +111,10 @@ pub enum SinkError {
     Closed(String),
     #[error("the producer failed and can send nothing more: {0}")]
     Broken(String),
+    #[error("the transaction was aborted and will be sent again: {0}")]
+    Aborted(String),
+    #[error("{0}")]
+    Fenced(String),
 }
 
 /// A broker the relay publishes to. See the module documentation for the contract.
@@ -117,4 +130,19 @@ pub trait Sink: Send {
     /// Waits up to `timeout` for every handed-over message to be reported; returns how many
     /// are still outstanding.
     fn flush(&mut self, timeout: Duration) -> impl Future<Output = usize> + Send;
+
+    /// Exactly-once sinks: commits every message handed over since the last commit together
+    /// with `position`; see the module documentation. Others have nothing to commit.
+    fn commit(
+        &mut self,
+        position: SourcePosition,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        let _ = position;
+        async { Ok(()) }
+    }
+
+    /// Why the sink was fenced by a newer instance, if it was.
+    fn fenced(&self) -> Option<String> {
+        None
+    }
 }
