@@ -1,7 +1,9 @@
 //! `delivery = "exactly_once"`: Kafka transactions carrying the relay's source position.
 //!
-//! Tansu 0.6.0 has no EndTxn, so these tests run against librdkafka's mock cluster (in this test
-//! process; the relay reaches it over loopback TCP).
+//! Tansu 0.6.0 has no EndTxn, and librdkafka's mock cluster, though it accepts transactions,
+//! neither hides aborted records from `read_committed` consumers nor fences older producers; see
+//! [`TxnBroker`]. These tests run against a broker that does both, except error injection, which
+//! only the mock cluster offers.
 
 mod common;
 
@@ -46,8 +48,8 @@ fn progress_records(brokers: &str) -> Vec<serde_json::Value> {
 /// naming the slot and the commit LSN reached; after a restart the relay resumes from there.
 #[tokio::test(flavor = "multi_thread")]
 async fn rows_are_published_in_transactions_with_the_source_position() {
-    let mock = MockCluster::new(3).expect("mock cluster");
-    let brokers = mock.bootstrap_servers();
+    let broker = TxnBroker::start();
+    let brokers = broker.brokers();
     let pg = PgCluster::start();
     pg.apply_schema();
     let env = eos_env(&pg, &brokers, "relay-smoke");
@@ -88,5 +90,52 @@ async fn rows_are_published_in_transactions_with_the_source_position() {
         relay.log().contains("exactly-once"),
         "the restarted relay reads its position: {}",
         relay.log()
+    );
+}
+
+/// A second relay with the same transactional id fences the first: the first stops with a
+/// message that says why, the second takes over the slot, and no row is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_relay_with_the_same_transactional_id_fences_the_first() {
+    let broker = TxnBroker::start();
+    let brokers = broker.brokers();
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    let env = eos_env(&pg, &brokers, "relay-fence");
+    let mut first = Relay::start(&env);
+    let mut db = pg.client().await;
+    wait_streaming(&db, WAIT).await;
+    let mut ids = insert_rows(&mut db, "order", 4, 40, true).await;
+    assert!(all_delivered(&db, WAIT).await, "{}", first.log());
+
+    let second = Relay::start(&env);
+    let initialised = eventually(WAIT, || {
+        let log = second.log();
+        async move { log.contains("Kafka transactions initialised") }
+    })
+    .await;
+    assert!(initialised, "second relay: {}", second.log());
+    // The first relay learns it was fenced when it next produces or commits.
+    ids.extend(insert_rows(&mut db, "order", 4, 40, true).await);
+    let status = first
+        .wait_exit(WAIT)
+        .unwrap_or_else(|| panic!("the fenced relay kept running: {}", first.log()));
+    assert!(!status.success(), "a fenced relay exits with an error");
+    let log = first.log();
+    assert!(
+        log.contains("fenced") && log.contains("exactly_once.transactional_id"),
+        "the fenced relay says why: {log}"
+    );
+    assert!(all_delivered(&db, WAIT).await, "{}", second.log());
+    let got = consume(&brokers, &[TOPIC], ids.len(), WAIT, LINGER);
+    let seen: std::collections::HashSet<&str> = got.iter().map(Received::id).collect();
+    let lost: Vec<&String> = ids
+        .iter()
+        .filter(|id| !seen.contains(id.as_str()))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "lost {lost:?}; second relay: {}",
+        second.log()
     );
 }

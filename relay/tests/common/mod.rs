@@ -345,6 +345,79 @@ impl Drop for Tansu {
     }
 }
 
+/// noida-db's Kafka service binary: `NOIDA_DB_BIN`, else the one `pip install noida-db` put in
+/// Python's site-packages.
+fn noida_db_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("NOIDA_DB_BIN") {
+        return PathBuf::from(p);
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import noida_db, os; print(os.path.join(os.path.dirname(noida_db.__file__), 'noida-db'))",
+        ])
+        .output()
+        .expect("python3");
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        out.status.success() && p.exists(),
+        "noida-db not found: pip install noida-db==0.2.3 (scripts/setup), or set NOIDA_DB_BIN"
+    );
+    p
+}
+
+/// A Kafka-protocol broker with transactions (noida-db 0.2.3 from PyPI, its Kafka service only):
+/// commit/abort markers, the last stable offset, aborted-transaction lists for `read_committed`
+/// consumers, and producer fencing by `transactional.id`. Tansu 0.6.0 has no EndTxn; librdkafka's
+/// mock cluster accepts transactions but writes no markers (a `read_committed` consumer sees
+/// aborted records) and gives every `init_transactions` a new producer id (no fencing).
+pub struct TxnBroker {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl TxnBroker {
+    pub fn start() -> TxnBroker {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = Command::new(noida_db_bin())
+            .args(["start", "--only", "kafka", "--host", "127.0.0.1"])
+            .arg("--kafka-port")
+            .arg(port.to_string())
+            .arg("--data-dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start noida-db");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "noida-db did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        TxnBroker {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for TxnBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
         .args([sig, &pid.to_string()])
@@ -544,6 +617,8 @@ pub fn consume(
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "10")
+        // librdkafka's default, stated: records of aborted Kafka transactions are not seen.
+        .set("isolation.level", "read_committed")
         .create()
         .expect("consumer");
     let mut tpl = TopicPartitionList::new();
