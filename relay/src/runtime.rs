@@ -15,6 +15,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DeliveryMode, redact_url};
+use crate::pipeline::position::SourcePosition;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::replication::pgoutput::PgOutput;
 use crate::replication::protocol::{ServerMessage, StandbyStatusUpdate};
@@ -92,7 +93,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     };
     slot::preflight(&db, &config).await?;
 
-    let (mut pipeline, mut progress_task) = build_pipeline(&config, &db).await?;
+    let (mut pipeline, mut progress_task) = build_pipeline(&config, &db, None).await?;
 
     let mut delays = backoff(&config.retry).build();
     let (mut db, mut db_shutdown) = (db, db_shutdown);
@@ -142,9 +143,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         };
         match outcome {
             Ok(()) => break Ok(()),
-            Err(RunError::Pipeline(PipelineError::SinkBroken(why))) if !shutdown.is_cancelled() => {
+            Err(RunError::Pipeline(
+                e @ (PipelineError::SinkBroken(_) | PipelineError::TransactionAborted(_)),
+            )) if !shutdown.is_cancelled() => {
                 // The old producer can deliver nothing more. A new one takes over from the
                 // position confirmed so far; whatever was in flight is read again from the slot.
+                // After a clean abort the last committed Kafka position is known here; after a
+                // broken producer the new one reads it back (a commit may have been cut short).
+                let known = match &e {
+                    PipelineError::TransactionAborted(_) => pipeline.committed_position(),
+                    _ => None,
+                };
+                let why = e.to_string();
                 let confirmed = pipeline.flushable();
                 let wait = delays.next().unwrap_or(Duration::from_secs(30));
                 tracing::error!(error = %why, %confirmed, in_flight = pipeline.in_flight(), retry_in = ?wait,
@@ -153,7 +163,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                     break Ok(());
                 }
                 progress_task.abort();
-                let (mut fresh, task) = build_pipeline(&config, &db).await?;
+                let (mut fresh, task) = build_pipeline(&config, &db, known).await?;
                 fresh.start_at(confirmed);
                 pipeline = fresh;
                 progress_task = task;
@@ -189,14 +199,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 
 /// Builds the sink, the progress stage (a task) and the pipeline that joins them, and loads the
 /// aggregates blocked under `block_key`.
+/// Exactly-once: `known` is the last committed Kafka position when the caller knows it (after a
+/// clean abort); otherwise it is read from the progress topic.
 async fn build_pipeline(
     config: &Config,
     db: &tokio_postgres::Client,
+    known: Option<SourcePosition>,
 ) -> Result<(Pipeline<KafkaSink>, tokio::task::JoinHandle<()>), RunError> {
     let (deliveries_tx, deliveries_rx) = mpsc::unbounded_channel();
     let (progress_tx, progress_rx) = mpsc::unbounded_channel();
     let mut sink = KafkaSink::new(config, deliveries_tx.clone())?;
-    let covered = match sink.init_transactions(config).await {
+    let covered = match sink.init_transactions(config, known.is_none()).await {
         Ok(covered) => covered,
         Err(SinkError::Fenced(why)) => return Err(PipelineError::Fenced(why).into()),
         Err(e) => return Err(RunError::ExactlyOnce(e.to_string())),
@@ -204,7 +217,7 @@ async fn build_pipeline(
     let progress_task = tokio::spawn(progress::run(config.clone(), deliveries_rx, progress_tx));
     let mut pipeline = Pipeline::new(config, sink, deliveries_tx, progress_rx);
     if config.delivery == DeliveryMode::ExactlyOnce {
-        let covered = covered.unwrap_or_default();
+        let covered = known.or(covered).unwrap_or_default();
         tracing::info!(
             progress_topic = %config.exactly_once.progress_topic,
             committed = %covered,
@@ -396,11 +409,13 @@ async fn stop_after_error<S: Sink>(
     config: &Config,
     error: PipelineError,
 ) -> RunError {
-    // Nothing can be confirmed while Postgres stops, and a broken producer confirms nothing more.
+    // Nothing can be confirmed while Postgres stops, and a broken (or fenced) producer or an
+    // aborted transaction confirms nothing more.
     if matches!(
         error,
         PipelineError::PostgresStopping(_)
             | PipelineError::SinkBroken(_)
+            | PipelineError::TransactionAborted(_)
             | PipelineError::Fenced(_)
     ) {
         return error.into();

@@ -139,3 +139,42 @@ async fn a_second_relay_with_the_same_transactional_id_fences_the_first() {
         second.log()
     );
 }
+
+/// Produce requests refused inside a Kafka transaction (injected by librdkafka's mock cluster)
+/// abort it; the relay sends the transaction again and every row arrives once. The topic has one
+/// partition and the errors are armed while no transaction is open, so the refused requests are
+/// the aborted transaction's only data requests: the mock keeps aborted records visible, and this
+/// way there are none.
+#[tokio::test(flavor = "multi_thread")]
+async fn produce_errors_inside_a_transaction_abort_it_and_it_is_sent_again() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let mock = MockCluster::new(1).expect("mock cluster");
+    mock.create_topic(TOPIC, 1, 1).expect("topic");
+    let brokers = mock.bootstrap_servers();
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    let relay = Relay::start(&eos_env(&pg, &brokers, "relay-abort"));
+    let mut db = pg.client().await;
+    wait_streaming(&db, WAIT).await;
+    let mut ids = insert_rows(&mut db, "order", 4, 20, true).await;
+    assert!(all_delivered(&db, WAIT).await, "{}", relay.log());
+
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 2],
+    );
+    ids.extend(insert_rows(&mut db, "order", 4, 50, true).await);
+    assert!(all_delivered(&db, WAIT).await, "{}", relay.log());
+    let log = relay.log();
+    assert!(
+        log.contains("aborting the Kafka transaction"),
+        "the refused sends aborted a transaction: {log}"
+    );
+    let got = consume(&brokers, &[TOPIC], ids.len(), WAIT, LINGER);
+    let seen: std::collections::HashSet<&str> = got.iter().map(Received::id).collect();
+    assert_eq!(got.len(), ids.len(), "no duplicates: {log}");
+    assert!(
+        ids.iter().all(|id| seen.contains(id.as_str())),
+        "none lost: {log}"
+    );
+}

@@ -87,6 +87,10 @@ pub enum PipelineError {
     )]
     SinkBroken(String),
     #[error(
+        "the Kafka transaction was aborted ({0}); a new producer sends it again from the last committed position"
+    )]
+    TransactionAborted(String),
+    #[error(
         "this relay was fenced: {0}. Another relay started with the same exactly_once.transactional_id \
          and took over; this one stops. Run one relay per transactional id"
     )]
@@ -481,6 +485,7 @@ impl<S: Sink> Pipeline<S> {
         match self.sink.commit(position).await {
             Ok(()) => {}
             Err(SinkError::Fenced(why)) => return Err(PipelineError::Fenced(why)),
+            Err(SinkError::Aborted(why)) => return Err(PipelineError::TransactionAborted(why)),
             Err(e) => return Err(PipelineError::SinkBroken(e.to_string())),
         }
         if let Some(eo) = &mut self.exactly_once {

@@ -348,11 +348,13 @@ impl KafkaSink {
     }
 
     /// Exactly-once: makes sure the progress topic exists, fences any older relay with the same
-    /// `transactional.id` (aborting its open transaction), then reads back the last position
-    /// committed for this slot. `None` in at-least-once mode or before the first commit.
+    /// `transactional.id` (aborting its open transaction), then (if `read_position`) reads back
+    /// the last position committed for this slot. `None` in at-least-once mode, before the first
+    /// commit, or when not asked to read.
     pub async fn init_transactions(
         &mut self,
         config: &Config,
+        read_position: bool,
     ) -> Result<Option<SourcePosition>, SinkError> {
         let Some(t) = &self.txn else {
             return Ok(None);
@@ -385,6 +387,9 @@ impl KafkaSink {
             }
         }
         tracing::info!(transactional_id = %id, "Kafka transactions initialised (older relays with this id are fenced)");
+        if !read_position {
+            return Ok(None);
+        }
         let config = config.clone();
         tokio::task::spawn_blocking(move || transactions::read_committed_position(&config, timeout))
             .await
@@ -443,7 +448,17 @@ impl KafkaSink {
             return SinkError::Aborted(e.to_string());
         };
         let (producer, timeout) = (self.producer.clone(), t.timeout);
-        tracing::warn!(error = %e, "aborting the Kafka transaction; its messages will be sent again");
+        // The first refused message says more than the state error a later call returns.
+        let mut cause = e.to_string();
+        if let Some(t) = &mut self.txn {
+            while let Ok(report) = t.reports.try_recv() {
+                if let Delivery::Failed { error, token, .. } = report {
+                    cause = format!("message {} was refused: {error}", token.id);
+                    break;
+                }
+            }
+        }
+        tracing::warn!(error = %cause, "aborting the Kafka transaction; its messages will be sent again");
         let aborted =
             tokio::task::spawn_blocking(move || producer.abort_transaction(timeout)).await;
         // The reports of an aborted transaction mean nothing; drop them.
@@ -453,9 +468,9 @@ impl KafkaSink {
             while t.reports.try_recv().is_ok() {}
         }
         match aborted {
-            Ok(Ok(())) => SinkError::Aborted(e.to_string()),
+            Ok(Ok(())) => SinkError::Aborted(cause),
             Ok(Err(abort_error)) => self.transaction_error(
-                &format!("aborting the Kafka transaction (after: {e})"),
+                &format!("aborting the Kafka transaction (after: {cause})"),
                 abort_error,
             ),
             Err(join) => SinkError::Broken(format!("abort task: {join}")),
