@@ -25,10 +25,10 @@ use clap::Parser;
 use futures_util::TryStreamExt;
 
 use kafka::{LatencyConsumer, Msg};
-use procs::{PgCluster, RelayProc, Tansu};
+use procs::{NoidaDb, PgCluster, RelayProc, Tansu};
 use report::{
-    Cores, Drain, Latency, Machine, MarkStats, Percentiles, Results, Single, SinkLimit, Source,
-    SteadyMax, Unmarked,
+    Cores, DeliveryRun, Drain, Latency, Machine, MarkStats, Percentiles, Results, Single,
+    SinkLimit, Source, SteadyMax, Unmarked,
 };
 use workload::Written;
 
@@ -177,6 +177,10 @@ struct Plan {
 struct Env {
     relay: Option<RelayProc>,
     tansu: Tansu,
+    /// While the delivery-mode comparison runs: the broker with transactions the relay uses.
+    txn_broker: Option<NoidaDb>,
+    /// `delivery` for the relays started now (`at_least_once` but in the comparison).
+    delivery: &'static str,
     pg: PgCluster,
     db: tokio_postgres::Client,
     relay_bin: PathBuf,
@@ -333,6 +337,8 @@ async fn run(opts: Opts) -> Result<()> {
     let mut env = Env {
         relay: None,
         tansu,
+        txn_broker: None,
+        delivery: "at_least_once",
         pg,
         db,
         relay_bin,
@@ -451,6 +457,8 @@ impl Env {
         self.vacuum("after the latency runs").await?;
         self.skip_relay_wal().await?;
         let single = self.single_transaction().await?;
+        self.vacuum("after the single transaction").await?;
+        let delivery = self.delivery_modes(steady_max.rate() * 0.5).await?;
 
         // Last, so every phase above ran on the shipped layout: the optional layout that makes
         // the marking UPDATE HOT (sql/optional/hot_marking.sql), and a third backlog on it.
@@ -484,6 +492,7 @@ impl Env {
             latency,
             latency_secs: self.plan.latency_secs,
             single,
+            delivery,
             machine,
             unmarked: std::mem::take(&mut self.unmarked),
             other_cores: self.cpu_snapshot().cores_since(&cpu_start).other,
@@ -599,7 +608,17 @@ impl Env {
     fn relay_env(&self, mark: bool) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = [
             ("RELAY_POSTGRES__URL", self.pg.url()),
-            ("RELAY_KAFKA__BROKERS", self.tansu.brokers()),
+            (
+                "RELAY_KAFKA__BROKERS",
+                self.txn_broker
+                    .as_ref()
+                    .map_or_else(|| self.tansu.brokers(), NoidaDb::brokers),
+            ),
+            ("RELAY_DELIVERY", self.delivery.into()),
+            (
+                "RELAY_EXACTLY_ONCE__TRANSACTIONAL_ID",
+                "outbox-bench".into(),
+            ),
             ("RELAY_POSTGRES__STATUS_INTERVAL_MS", "1000".into()),
             (
                 "RELAY_KAFKA__TOPIC_PARTITIONS",
@@ -1150,21 +1169,9 @@ impl Env {
         let mut levels = Vec::new();
         for pct in LOAD_LEVELS {
             let rate = max.rate() * f64::from(pct) / 100.0;
-            let ev_type = format!("load{pct}");
-            println!(
-                "bench:   {pct} % load: offering {rate:.0} single-row transactions/s for {secs} s"
-            );
-            let acks_before = report::scrape_histogram(self.metrics_port, COMMIT_TO_ACK)?;
-            let o = self.offer(&writer, &consumer, &ev_type, rate, secs).await?;
-            let acks_after = report::scrape_histogram(self.metrics_port, COMMIT_TO_ACK)?;
-            let mut l = self
-                .latency_stats(&consumer, &ev_type, pct, rate, &o)
+            let l = self
+                .measure_level(&writer, &consumer, &format!("load{pct}"), pct, rate)
                 .await?;
-            l.to_ack = report::Histogram::delta(&acks_before, &acks_after)
-                .percentiles()
-                .ok_or_else(|| {
-                    anyhow!("{ev_type}: the relay's commit→ack histogram did not move")
-                })?;
             println!(
                 "bench:   {pct} % load: offered {:.0} rows/s (target {:.0}); commit→ack p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms; commit→consumer p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms; commit→delivered_at p50 {:.1} ms, p99 {:.1} ms; CPU cores used: {}",
                 l.offered_rate(),
@@ -1188,6 +1195,102 @@ impl Env {
         drop(consumer);
         self.stop_relay().await?;
         Ok((max, levels))
+    }
+
+    /// One latency level: single-row transactions with `type = ev_type` offered at `rate` per
+    /// second for the plan's seconds; commit → ack from the relay's histogram, the rest from the
+    /// consumer and the table.
+    async fn measure_level(
+        &mut self,
+        writer: &tokio_postgres::Client,
+        consumer: &LatencyConsumer,
+        ev_type: &str,
+        pct: u32,
+        rate: f64,
+    ) -> Result<Latency> {
+        let secs = self.plan.latency_secs;
+        println!("bench:   {ev_type}: offering {rate:.0} single-row transactions/s for {secs} s");
+        let acks_before = report::scrape_histogram(self.metrics_port, COMMIT_TO_ACK)?;
+        let o = self.offer(writer, consumer, ev_type, rate, secs).await?;
+        let acks_after = report::scrape_histogram(self.metrics_port, COMMIT_TO_ACK)?;
+        let mut l = self.latency_stats(consumer, ev_type, pct, rate, &o).await?;
+        l.to_ack = report::Histogram::delta(&acks_before, &acks_after)
+            .percentiles()
+            .ok_or_else(|| anyhow!("{ev_type}: the relay's commit→ack histogram did not move"))?;
+        Ok(l)
+    }
+
+    /// At-least-once against exactly-once, each on a fresh broker with transactions (Tansu has
+    /// no EndTxn): a backlog drained with marking on, then single-row transactions at
+    /// `latency_rate` (half the steady max measured on Tansu).
+    async fn delivery_modes(&mut self, latency_rate: f64) -> Result<Vec<DeliveryRun>> {
+        let rows = if self.plan.quick { 20_000 } else { 200_000 };
+        let p = self.plan.partitions;
+        let mut runs = Vec::new();
+        for mode in ["at_least_once", "exactly_once"] {
+            // A checkpoint logs the running transactions, so moving the slot past it also moves
+            // its restart point: the drain then decodes only its own backlog, not the phases
+            // before it again.
+            self.sql("CHECKPOINT").await?;
+            self.skip_relay_wal().await?;
+            let broker = NoidaDb::start(
+                &self.work.join(format!("noida-{mode}")),
+                &self.work.join(format!("noida-{mode}.log")),
+            )?;
+            let brokers = broker.brokers();
+            kafka::create_topics(&brokers, &[BACKLOG_TOPIC, LATENCY_TOPIC], p).await?;
+            self.txn_broker = Some(broker);
+            self.delivery = mode;
+            println!("bench: delivery = {mode} (broker with transactions at {brokers})");
+            let label = format!("backlog {mode}");
+            let w =
+                workload::write_backlog(&self.db, BACKLOG_AGG, self.next_row, rows, &label).await?;
+            self.next_row += w.rows;
+            self.vacuum(&format!("after writing the {mode} backlog"))
+                .await?;
+            let broker_cpu0 = self.txn_broker.as_ref().map_or(0.0, NoidaDb::cpu_seconds);
+            let drain = self.drain(true, &w).await?;
+            let broker_cpu =
+                self.txn_broker.as_ref().map_or(0.0, NoidaDb::cpu_seconds) - broker_cpu0;
+            self.skip_relay_wal().await?;
+            let consumer = LatencyConsumer::start(&brokers, LATENCY_TOPIC, p)?;
+            self.start_relay(true, &format!("latency-{mode}"))?;
+            self.wait_streaming(false).await?;
+            let writer = self.pg.connect().await?;
+            self.offer(&writer, &consumer, &format!("warmup_{mode}"), 200.0, 1.0)
+                .await?;
+            let latency = self
+                .measure_level(
+                    &writer,
+                    &consumer,
+                    &format!("half_{mode}"),
+                    50,
+                    latency_rate,
+                )
+                .await?;
+            println!(
+                "bench:   delivery = {mode}: drain {:.0} rows/s after a {:.2} s start-up (relay CPU {:.1} s per 1M rows, broker CPU {:.1} s); at {:.0} rows/s commit→ack p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms",
+                drain.streaming_rate(),
+                drain.startup_secs,
+                drain.cpu_per_million(),
+                broker_cpu,
+                latency.offered_rate(),
+                latency.to_ack.p50,
+                latency.to_ack.p99,
+                latency.to_ack.p999
+            );
+            drop(consumer);
+            self.stop_relay().await?;
+            self.txn_broker = None;
+            runs.push(DeliveryRun {
+                mode,
+                drain,
+                latency,
+                broker_cpu,
+            });
+        }
+        self.delivery = "at_least_once";
+        Ok(runs)
     }
 
     /// Offers single-row transactions with `type = ev_type` at `rate` per second (0: as fast as

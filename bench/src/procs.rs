@@ -315,6 +315,84 @@ impl Drop for Tansu {
     }
 }
 
+/// noida-db's Kafka service binary: `NOIDA_DB_BIN`, else the one `pip install noida-db` put in
+/// Python's site-packages (scripts/setup installs it).
+fn noida_db_bin() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("NOIDA_DB_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import noida_db, os; print(os.path.join(os.path.dirname(noida_db.__file__), 'noida-db'))",
+        ])
+        .output()
+        .context("running python3 to find noida-db")?;
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if !out.status.success() || !p.is_file() {
+        bail!(
+            "noida-db not found: pip install noida-db==0.2.3 (scripts/setup does), or set NOIDA_DB_BIN"
+        );
+    }
+    Ok(p)
+}
+
+/// A Kafka-protocol broker with transactions (noida-db 0.2.3's Kafka service) on a free loopback
+/// port, for the exactly-once comparison: Tansu 0.6.0 has no EndTxn.
+pub struct NoidaDb {
+    child: Child,
+    pub port: u16,
+}
+
+impl NoidaDb {
+    /// Starts it with its data under `dir` and its output in `log`.
+    pub fn start(dir: &Path, log: &Path) -> Result<NoidaDb> {
+        let bin = noida_db_bin()?;
+        let port = free_port()?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let out = std::fs::File::create(log).context("creating the noida-db log")?;
+        let child = Command::new(&bin)
+            .args(["start", "--only", "kafka", "--host", "127.0.0.1"])
+            .arg("--kafka-port")
+            .arg(port.to_string())
+            .arg("--data-dir")
+            .arg(dir)
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut broker = NoidaDb { child, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = broker.child.try_wait() {
+                bail!("noida-db exited at start ({status}):\n{}", tail(log, 20));
+            }
+            if Instant::now() > deadline {
+                bail!("noida-db did not listen on 127.0.0.1:{port} within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(broker)
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn cpu_seconds(&self) -> f64 {
+        proc_stat(self.child.id())
+            .map(|s| s.cpu_all())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for NoidaDb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The relay binary running as a child process, configured through `RELAY_*` variables.
 pub struct RelayProc {
     child: Option<Child>,

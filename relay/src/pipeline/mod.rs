@@ -482,6 +482,7 @@ impl<S: Sink> Pipeline<S> {
             committed_end: eo.handed_end.max(eo.committed.committed_end),
             partial: in_transaction.then_some((eo.open_final_lsn, eo.open_rows)),
         };
+        let started = tokio::time::Instant::now();
         match self.sink.commit(position).await {
             Ok(()) => {}
             Err(SinkError::Fenced(why)) => return Err(PipelineError::Fenced(why)),
@@ -492,7 +493,13 @@ impl<S: Sink> Pipeline<S> {
             eo.committed = position;
         }
         self.counters.kafka_transactions += 1;
-        tracing::debug!(messages = batch.messages, %position, "Kafka transaction committed");
+        tracing::debug!(
+            messages = batch.messages,
+            %position,
+            open_ms = batch.opened.elapsed().as_millis() as u64,
+            commit_ms = started.elapsed().as_millis() as u64,
+            "Kafka transaction committed"
+        );
         Ok(())
     }
 

@@ -444,10 +444,6 @@ impl KafkaSink {
         if !abortable || self.fenced().is_some() {
             return self.transaction_error("the Kafka transaction", e);
         }
-        let Some(t) = &self.txn else {
-            return SinkError::Aborted(e.to_string());
-        };
-        let (producer, timeout) = (self.producer.clone(), t.timeout);
         // The first refused message says more than the state error a later call returns.
         let mut cause = e.to_string();
         if let Some(t) = &mut self.txn {
@@ -458,6 +454,18 @@ impl KafkaSink {
                 }
             }
         }
+        self.abort_with(cause).await
+    }
+
+    /// Aborts the open transaction, which failed because of `cause`.
+    async fn abort_with(&mut self, cause: String) -> SinkError {
+        if let Some(fenced) = self.fenced() {
+            return SinkError::Fenced(fenced);
+        }
+        let Some(t) = &self.txn else {
+            return SinkError::Aborted(cause);
+        };
+        let (producer, timeout) = (self.producer.clone(), t.timeout);
         tracing::warn!(error = %cause, "aborting the Kafka transaction; its messages will be sent again");
         let aborted =
             tokio::task::spawn_blocking(move || producer.abort_transaction(timeout)).await;
@@ -799,6 +807,23 @@ impl Sink for KafkaSink {
         if let Some(t) = &mut self.txn {
             t.sent += 1;
         }
+        // Every record's report first: a refused one means abort, and once all are in,
+        // commit_transaction has nothing left to flush (rdkafka's flush there polls in steps of
+        // 100 ms while the producer's own thread serves the reports: +100 ms per commit).
+        let reports = self.gather_reports().await?;
+        if let Some(Delivery::Failed { token, error, .. }) = reports
+            .iter()
+            .find(|r| matches!(r, Delivery::Failed { .. }))
+        {
+            let cause = format!("message {} was refused: {error}", token.id);
+            return Err(self.abort_with(cause).await);
+        }
+        // librdkafka may still hold the reports' events for a moment; rdkafka's flush would
+        // then wait out a 100 ms poll.
+        let settle = tokio::time::Instant::now() + Duration::from_secs(1);
+        while self.producer.in_flight_count() > 0 && tokio::time::Instant::now() < settle {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         let mut delays = backoff(&self.retry_cfg).with_max_times(8).build();
         let committed = loop {
             let producer = self.producer.clone();
@@ -819,7 +844,6 @@ impl Sink for KafkaSink {
         if let Err(e) = committed {
             return Err(self.abort(e).await);
         }
-        let reports = self.gather_reports().await?;
         let Some(t) = &mut self.txn else {
             return Ok(());
         };
