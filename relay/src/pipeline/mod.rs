@@ -393,6 +393,7 @@ impl<S: Sink> Pipeline<S> {
                 }
                 Err(SinkError::Broken(why)) => return Err(PipelineError::SinkBroken(why)),
                 Err(SinkError::Fenced(why)) => return Err(PipelineError::Fenced(why)),
+                Err(SinkError::Aborted(why)) => return Err(PipelineError::TransactionAborted(why)),
                 Err(e) if attempt < self.config.dead_letter.max_attempts => {
                     let wait = delays.next().unwrap_or(Duration::from_secs(1));
                     tracing::warn!(id = %msg.id, topic = %msg.topic, attempt, error = %e, retry_in = ?wait, "the broker refused the message; trying again");
@@ -604,6 +605,7 @@ impl<S: Sink> Pipeline<S> {
             Ok(()) => self.handed_to_sink(),
             Err(SinkError::Broken(why)) => return Err(PipelineError::SinkBroken(why)),
             Err(SinkError::Fenced(why)) => return Err(PipelineError::Fenced(why)),
+            Err(SinkError::Aborted(why)) => return Err(PipelineError::TransactionAborted(why)),
             Err(cause) => return Err(PipelineError::DeadLetter { id, error, cause }),
         }
         if !counted {

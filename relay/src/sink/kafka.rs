@@ -162,6 +162,20 @@ fn is_permanent(code: RDKafkaErrorCode) -> bool {
     )
 }
 
+/// Errors librdkafka returns at once for one message, whatever the producer's state.
+fn is_message_error(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        code,
+        MessageSizeTooLarge
+            | InvalidMessageSize
+            | InvalidMessage
+            | UnknownTopic
+            | UnknownPartition
+            | InvalidArgument
+    )
+}
+
 fn error_code(e: &KafkaError) -> Option<RDKafkaErrorCode> {
     e.rdkafka_error_code()
 }
@@ -773,6 +787,11 @@ impl Sink for KafkaSink {
                 let reason = fatal_reason(&self.producer, &e);
                 report_broken(&self.broken, &self.deliveries, reason.clone());
                 Err(SinkError::Broken(reason))
+            }
+            // Inside a transaction, a send refused for anything but the message itself (the
+            // transaction already failed: librdkafka's "Erroneous state") means abort.
+            Err((e, _)) if self.txn.is_some() && !error_code(&e).is_some_and(is_message_error) => {
+                Err(self.abort(e).await)
             }
             Err((e, _)) => Err(SinkError::Rejected {
                 id: msg.id,
