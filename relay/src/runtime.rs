@@ -97,6 +97,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 
     let mut delays = backoff(&config.retry).build();
     let (mut db, mut db_shutdown) = (db, db_shutdown);
+    // A new sink and pipeline to build before streaming again: (the last committed Kafka
+    // position when known, the position confirmed so far).
+    let mut rebuild: Option<(Option<SourcePosition>, crate::replication::Lsn)> = None;
     let result = loop {
         if db.is_closed() {
             match db::connect_watched(&pg).await {
@@ -110,6 +113,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                     continue;
                 }
             }
+        }
+        if let Some((known, confirmed)) = rebuild.take() {
+            progress_task.abort();
+            let (mut fresh, task) = build_pipeline(&config, &db, known).await?;
+            fresh.start_at(confirmed);
+            pipeline = fresh;
+            progress_task = task;
         }
         let attempt = async {
             let mut repl = ReplicationClient::connect(&pg).await?;
@@ -162,14 +172,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                 if sleep_or_shutdown(wait, &shutdown).await {
                     break Ok(());
                 }
-                progress_task.abort();
-                let (mut fresh, task) = build_pipeline(&config, &db, known).await?;
-                fresh.start_at(confirmed);
-                pipeline = fresh;
-                progress_task = task;
+                rebuild = Some((known, confirmed));
             }
             Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
                 pipeline.abandon_open_transaction();
+                if config.delivery == DeliveryMode::ExactlyOnce
+                    && (pipeline.counters.rows > 0 || pipeline.in_flight() > 0)
+                {
+                    // Postgres will send every unconfirmed transaction again; rows already in
+                    // the open Kafka transaction would go into it twice. A new producer aborts it
+                    // (same transactional id) and resumes from the last committed position.
+                    rebuild = Some((pipeline.committed_position(), pipeline.flushable()));
+                }
                 let wait = delays.next().unwrap_or(Duration::from_secs(30));
                 let slot_busy = matches!(&e, RunError::Replication(r) if r.sqlstate() == Some("55006"))
                     || matches!(&e, RunError::Slot(SlotError::Replication(r)) if r.sqlstate() == Some("55006"));

@@ -131,9 +131,12 @@ struct ExactlyOnce {
     committed: SourcePosition,
     /// End of the last Postgres transaction whose rows were all handed to the sink.
     handed_end: Lsn,
-    /// The open Postgres transaction's commit LSN, and its outbox rows read so far.
+    /// The open Postgres transaction's commit LSN, its outbox rows read so far, and how many of
+    /// them were handled (handed to the sink, dead-lettered or found covered): the position a
+    /// commit records, so a row the relay stopped on is never counted as sent.
     open_final_lsn: Lsn,
     open_rows: u64,
+    handled_rows: u64,
 }
 
 /// The source transaction of a row read from the WAL.
@@ -247,6 +250,7 @@ impl<S: Sink> Pipeline<S> {
                 if let Some(eo) = &mut self.exactly_once {
                     eo.open_final_lsn = b.final_lsn;
                     eo.open_rows = 0;
+                    eo.handled_rows = 0;
                 }
             }
             PgOutput::Commit(c) => {
@@ -299,11 +303,15 @@ impl<S: Sink> Pipeline<S> {
                 if let Some(eo) = &mut self.exactly_once {
                     eo.open_rows += 1;
                     if eo.covered.covers(eo.open_final_lsn, eo.open_rows) {
+                        eo.handled_rows = eo.open_rows;
                         self.mark_covered(seq, &raw);
                         return Ok(());
                     }
                 }
                 self.publish_row_of(seq, raw, self.open_origin).await?;
+                if let Some(eo) = &mut self.exactly_once {
+                    eo.handled_rows = eo.open_rows;
+                }
             }
             PgOutput::Truncate { relation_ids, .. } => {
                 if relation_ids
@@ -481,7 +489,7 @@ impl<S: Sink> Pipeline<S> {
         };
         let position = SourcePosition {
             committed_end: eo.handed_end.max(eo.committed.committed_end),
-            partial: in_transaction.then_some((eo.open_final_lsn, eo.open_rows)),
+            partial: in_transaction.then_some((eo.open_final_lsn, eo.handled_rows)),
         };
         let started = tokio::time::Instant::now();
         match self.sink.commit(position).await {

@@ -638,6 +638,7 @@ fn build_headers(headers: &[(String, bytes::Bytes)]) -> OwnedHeaders {
 async fn enqueue(
     producer: &RelayProducer,
     topic: &str,
+    partition: Option<i32>,
     key: Option<&[u8]>,
     payload: Option<&[u8]>,
     headers: &OwnedHeaders,
@@ -646,6 +647,9 @@ async fn enqueue(
     let mut token = Box::new(token);
     loop {
         let mut record = BaseRecord::with_opaque_to(topic, token).headers(headers.clone());
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
         if let Some(k) = key {
             record = record.key(k);
         }
@@ -699,6 +703,7 @@ async fn retry_loop(
         let result = enqueue(
             &producer,
             &item.topic,
+            None,
             item.key.as_deref(),
             item.payload.as_deref(),
             &headers,
@@ -767,6 +772,7 @@ impl Sink for KafkaSink {
         let result = enqueue(
             &self.producer,
             &msg.topic,
+            None,
             Some(&msg.key[..]),
             msg.payload.as_deref(),
             &headers,
@@ -811,9 +817,11 @@ impl Sink for KafkaSink {
         let (topic, key, timeout) = (t.progress_topic.clone(), t.slot.clone(), t.timeout);
         let value = position.to_record(&t.slot, &t.transactional_id);
         let token = AckToken::new(PROGRESS_RECORD, uuid::Uuid::nil());
+        // Partition 0, where the reader looks, whatever the topic's partition count.
         let queued = enqueue(
             &self.producer,
             &topic,
+            Some(0),
             Some(key.as_bytes()),
             Some(&value),
             &OwnedHeaders::new(),
