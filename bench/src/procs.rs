@@ -248,6 +248,22 @@ pub fn tansu_bin() -> Result<PathBuf> {
         })
 }
 
+/// Waits (up to 30 s) until the broker process `child` listens on `port` of 127.0.0.1; fails
+/// with the tail of its `log` if it exits first.
+fn wait_listening(child: &mut Child, port: u16, name: &str, log: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("{name} exited at start ({status}):\n{}", tail(log, 20));
+        }
+        if Instant::now() > deadline {
+            bail!("{name} did not listen on 127.0.0.1:{port} within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// A Tansu broker with in-memory storage on a free loopback port.
 pub struct Tansu {
     child: Child,
@@ -279,16 +295,7 @@ impl Tansu {
             port,
             version,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = tansu.child.try_wait() {
-                bail!("tansu exited at start ({status}):\n{}", tail(log, 20));
-            }
-            if Instant::now() > deadline {
-                bail!("tansu did not listen on 127.0.0.1:{port} within 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_listening(&mut tansu.child, port, "tansu", log)?;
         Ok(tansu)
     }
 
@@ -362,16 +369,7 @@ impl NoidaDb {
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let mut broker = NoidaDb { child, port };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = broker.child.try_wait() {
-                bail!("noida-db exited at start ({status}):\n{}", tail(log, 20));
-            }
-            if Instant::now() > deadline {
-                bail!("noida-db did not listen on 127.0.0.1:{port} within 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_listening(&mut broker.child, port, "noida-db", log)?;
         Ok(broker)
     }
 

@@ -320,6 +320,24 @@ fn chaos_env(pg: &PgCluster, brokers: &str) -> Vec<(String, String)> {
     )
 }
 
+/// [`chaos_env`] with `delivery = "exactly_once"`.
+fn eos_chaos_env(
+    pg: &PgCluster,
+    brokers: &str,
+    transactional_id: &str,
+    batch_max_ms: &str,
+) -> Vec<(String, String)> {
+    let mut env = chaos_env(pg, brokers);
+    for (k, v) in [
+        ("RELAY_DELIVERY", "exactly_once"),
+        ("RELAY_EXACTLY_ONCE__TRANSACTIONAL_ID", transactional_id),
+        ("RELAY_EXACTLY_ONCE__BATCH_MAX_MS", batch_max_ms),
+    ] {
+        env.push((k.into(), v.into()));
+    }
+    env
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Fault {
     KillRelay,
@@ -567,14 +585,7 @@ fn exactly_once_survives_kills() {
     let brokers = broker.brokers();
     let pg = PgCluster::start();
     pg.apply_schema();
-    let mut env = chaos_env(&pg, &brokers);
-    for (k, v) in [
-        ("RELAY_DELIVERY", "exactly_once"),
-        ("RELAY_EXACTLY_ONCE__TRANSACTIONAL_ID", "chaos-eos"),
-        ("RELAY_EXACTLY_ONCE__BATCH_MAX_MS", "50"),
-    ] {
-        env.push((k.into(), v.into()));
-    }
+    let env = eos_chaos_env(&pg, &brokers, "chaos-eos", "50");
     let mut relay = Relay::start(&env);
     let writers = Writers::start(pg.url(), 2, seed, 50);
     let mut kills = 0;
@@ -630,14 +641,7 @@ fn exactly_once_survives_postgres_restarts() {
     let brokers = broker.brokers();
     let pg = PgCluster::start();
     pg.apply_schema();
-    let mut env = chaos_env(&pg, &brokers);
-    for (k, v) in [
-        ("RELAY_DELIVERY", "exactly_once"),
-        ("RELAY_EXACTLY_ONCE__TRANSACTIONAL_ID", "chaos-eos-pg"),
-        ("RELAY_EXACTLY_ONCE__BATCH_MAX_MS", "200"),
-    ] {
-        env.push((k.into(), v.into()));
-    }
+    let env = eos_chaos_env(&pg, &brokers, "chaos-eos-pg", "200");
     let relay = Relay::start(&env);
     let writers = Writers::start(pg.url(), 2, seed, 50);
     for mode in ["fast", "immediate", "fast", "immediate"] {

@@ -289,6 +289,15 @@ fn tansu_bin() -> PathBuf {
     p
 }
 
+/// Waits (up to 30 s) until something listens on `port` of 127.0.0.1.
+fn wait_listening(port: u16, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{name} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A Tansu broker with in-memory storage.
 pub struct Tansu {
     child: Child,
@@ -307,11 +316,7 @@ impl Tansu {
             .stderr(Stdio::null())
             .spawn()
             .expect("start tansu");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_listening(port, "tansu");
         Tansu { child, port }
     }
 
@@ -391,14 +396,7 @@ impl TxnBroker {
             .stderr(Stdio::null())
             .spawn()
             .expect("start noida-db");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "noida-db did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_listening(port, "noida-db");
         TxnBroker {
             child,
             port,
