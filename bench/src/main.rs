@@ -630,6 +630,7 @@ impl Env {
                 "RELAY_METRICS__LISTEN",
                 format!("127.0.0.1:{}", self.metrics_port),
             ),
+            ("RELAY_HTTP__ADDR", "127.0.0.1:0".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

@@ -25,6 +25,101 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub exactly_once: ExactlyOnceConfig,
+    pub http: HttpConfig,
+    pub transactions: TransactionsConfig,
+    pub rocketmq: RocketmqConfig,
+}
+
+/// RocketMQ check-backs: the relay answers them for these producer groups from the oracle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RocketmqConfig {
+    /// Name server `host:port`; "" turns RocketMQ off.
+    pub name_server: String,
+    /// Producer groups whose check-backs the relay answers, comma-separated.
+    pub producer_groups: String,
+    /// The message property holding the transaction key; `KEYS`: the message's first key.
+    pub key_property: String,
+    /// How often the relay re-registers with each broker (ms; brokers forget after 120 s).
+    pub heartbeat_interval_ms: u64,
+    /// The client id the relay registers with; "" for `outbox-relay@<host>-<pid>`.
+    pub client_id: String,
+}
+
+impl Default for RocketmqConfig {
+    fn default() -> Self {
+        RocketmqConfig {
+            name_server: String::new(),
+            producer_groups: String::new(),
+            key_property: "KEYS".into(),
+            heartbeat_interval_ms: 10_000,
+            client_id: String::new(),
+        }
+    }
+}
+
+impl RocketmqConfig {
+    /// The producer groups, trimmed, without empties.
+    pub fn groups(&self) -> Vec<String> {
+        self.producer_groups
+            .split(',')
+            .map(str::trim)
+            .filter(|g| !g.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// `client_id`, or `outbox-relay@<host>-<pid>`.
+    pub fn client_id(&self) -> String {
+        if !self.client_id.is_empty() {
+            return self.client_id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "localhost".into());
+        format!("outbox-relay@{host}-{}", std::process::id())
+    }
+}
+
+/// The relay's admin HTTP listener: transaction checks (`GET /v1/transactions/{key}`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// IP:port to listen on; "" turns the listener off.
+    pub addr: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            addr: "127.0.0.1:8080".into(),
+        }
+    }
+}
+
+/// The transaction oracle (`sql/003_transactions.sql`), asked by broker check-backs and HTTP.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransactionsConfig {
+    /// How long a check waits for a transaction in flight before answering unknown (ms).
+    pub lock_timeout_ms: u64,
+    /// Postgres connections the oracle uses at most (checks beyond wait for one).
+    pub max_connections: usize,
+    /// Keys older than this are purged (hours; 0: never). Must exceed the broker's check horizon.
+    pub retention_hours: u64,
+    /// How often the purge runs (ms).
+    pub purge_interval_ms: u64,
+}
+
+impl Default for TransactionsConfig {
+    fn default() -> Self {
+        TransactionsConfig {
+            lock_timeout_ms: 2_000,
+            max_connections: 4,
+            retention_hours: 24,
+            purge_interval_ms: 60_000,
+        }
+    }
 }
 
 /// What the relay promises about each row's message.
@@ -624,6 +719,67 @@ impl Config {
                 m,
                 "expected an address and port such as 0.0.0.0:9464 (an IP address, not a host name), or \"\" to turn the metrics endpoint off",
             ));
+        }
+        let h = &self.http.addr;
+        if !h.is_empty() && h.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "http.addr",
+                h,
+                "expected an address and port such as 127.0.0.1:8080 (an IP address, not a host name), or \"\" to turn the admin listener off",
+            ));
+        }
+        let t = &self.transactions;
+        if t.lock_timeout_ms == 0 {
+            return Err(invalid(
+                "transactions.lock_timeout_ms",
+                0,
+                "must be at least 1; 2000 is usual (a check waits this long for a transaction in flight)",
+            ));
+        }
+        if t.max_connections == 0 {
+            return Err(invalid(
+                "transactions.max_connections",
+                0,
+                "must be at least 1",
+            ));
+        }
+        if t.purge_interval_ms == 0 {
+            return Err(invalid(
+                "transactions.purge_interval_ms",
+                0,
+                "must be at least 1; 60000 is usual (set transactions.retention_hours = 0 to never purge)",
+            ));
+        }
+        let r = &self.rocketmq;
+        if !r.name_server.is_empty() {
+            if !r.name_server.contains(':') {
+                return Err(invalid(
+                    "rocketmq.name_server",
+                    &r.name_server,
+                    "expected host:port of a RocketMQ name server, e.g. 127.0.0.1:9876",
+                ));
+            }
+            if r.groups().is_empty() {
+                return Err(invalid(
+                    "rocketmq.producer_groups",
+                    &r.producer_groups,
+                    "name the producer groups whose check-backs the relay answers, comma-separated",
+                ));
+            }
+            if r.key_property.is_empty() {
+                return Err(invalid(
+                    "rocketmq.key_property",
+                    "",
+                    "name the message property holding the transaction key (KEYS: the message key)",
+                ));
+            }
+            if !(1_000..=60_000).contains(&r.heartbeat_interval_ms) {
+                return Err(invalid(
+                    "rocketmq.heartbeat_interval_ms",
+                    r.heartbeat_interval_ms,
+                    "must be between 1000 and 60000 (brokers forget a producer after 120 s without one)",
+                ));
+            }
         }
         if !["text", "json"].contains(&self.log.format.as_str()) {
             return Err(invalid(

@@ -5,14 +5,17 @@
 //! ```
 //! See `README.md` for the guarantees and `config/relay.toml` for every setting.
 
+pub mod admin;
 pub mod check;
 pub mod config;
 pub mod db;
 pub mod metrics;
+pub mod oracle;
 pub mod pipeline;
 pub mod progress;
 pub mod redrive;
 pub mod replication;
+pub mod rocketmq;
 pub mod runtime;
 pub mod sink;
 pub mod slot;

@@ -88,6 +88,31 @@ fn main() -> ExitCode {
                 }
                 let shutdown = CancellationToken::new();
                 tokio::spawn(wait_for_signal(shutdown.clone()));
+                let oracle = outbox_relay::admin::oracle(&config);
+                match outbox_relay::admin::start(&config, oracle.clone(), shutdown.clone()).await {
+                    Ok(Some(addr)) => tracing::info!(
+                        %addr,
+                        "admin HTTP listener: GET /v1/transactions/{{key}}"
+                    ),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        eprintln!("outbox-relay: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+                tokio::spawn(outbox_relay::rocketmq::checkback::run(
+                    config.rocketmq.clone(),
+                    oracle.clone(),
+                    shutdown.clone(),
+                ));
+                {
+                    let config = config.clone();
+                    let shutdown = shutdown.clone();
+                    tokio::spawn(async move {
+                        outbox_relay::admin::purge_loop(&config, oracle, shutdown).await
+                    });
+                }
                 match outbox_relay::runtime::run(config, shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {

@@ -271,22 +271,11 @@ pub fn repo_root() -> PathBuf {
 }
 
 fn tansu_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("TANSU_BIN") {
-        return PathBuf::from(p);
-    }
-    if let Ok(out) = Command::new("sh").args(["-c", "command -v tansu"]).output() {
-        let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        if !p.is_empty() {
-            return PathBuf::from(p);
-        }
-    }
-    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    let p = PathBuf::from(home).join(".cargo/bin/tansu");
-    assert!(
-        p.exists(),
-        "tansu not found: cargo install tansu --version 0.6.0 --locked --features dynostore, or set TANSU_BIN"
-    );
-    p
+    cargo_bin(
+        "tansu",
+        "TANSU_BIN",
+        "cargo install tansu --version 0.6.0 --locked --features dynostore",
+    )
 }
 
 /// Waits (up to 30 s) until something listens on `port` of 127.0.0.1.
@@ -416,6 +405,185 @@ impl Drop for TxnBroker {
     }
 }
 
+/// A binary from `$PATH` or `~/.cargo/bin` (where `cargo install` puts it), or `env` if set.
+fn cargo_bin(name: &str, env: &str, install: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env) {
+        return PathBuf::from(p);
+    }
+    if let Ok(out) = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+    {
+        let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if !p.is_empty() {
+            return PathBuf::from(p);
+        }
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let p = PathBuf::from(home).join(".cargo/bin").join(name);
+    assert!(
+        p.exists(),
+        "{name} not found: {install} (scripts/setup), or set {env}"
+    );
+    p
+}
+
+/// A free port `p` whose neighbour `p - 2` is free too (a RocketMQ broker listens on both).
+fn free_port_pair() -> u16 {
+    loop {
+        let p = free_port();
+        if p > 1026 && TcpListener::bind(("127.0.0.1", p - 2)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// A RocketMQ name server and one broker (the Rust implementation, `cargo install
+/// rocketmq-namesrv rocketmq-broker --version 1.0.0`) on loopback, with the transaction check
+/// service running every `check_interval_ms` for half messages older than `timeout_ms`.
+pub struct RocketMq {
+    namesrv: Child,
+    broker: Child,
+    pub namesrv_port: u16,
+    pub broker_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RocketMq {
+    pub fn start(check_interval_ms: u64, timeout_ms: u64) -> RocketMq {
+        let install = "cargo install rocketmq-namesrv rocketmq-broker --version 1.0.0 --locked";
+        let dir = tempfile::Builder::new()
+            .prefix("rocketmq-")
+            .tempdir()
+            .expect("temp dir");
+        let home = dir.path();
+        let namesrv_port = free_port();
+        let namesrv = Command::new(cargo_bin(
+            "rocketmq-namesrv-rust",
+            "ROCKETMQ_NAMESRV_BIN",
+            install,
+        ))
+        .args([
+            "--listenPort",
+            &namesrv_port.to_string(),
+            "--bindAddress",
+            "127.0.0.1",
+        ])
+        .arg("--kvConfigPath")
+        .arg(home.join("kv.json"))
+        .env("ROCKETMQ_HOME", home)
+        .env_remove("RUST_LOG")
+        .current_dir(home)
+        .stdout(std::fs::File::create(home.join("namesrv.out")).expect("log"))
+        .stderr(std::fs::File::create(home.join("namesrv.err")).expect("log"))
+        .spawn()
+        .expect("start rocketmq-namesrv-rust");
+        wait_listening(namesrv_port, "rocketmq name server");
+        let broker_port = free_port_pair();
+        let ha_port = free_port();
+        let store = home.join("store");
+        let conf = format!(
+            r#"[broker]
+listenPort = {broker_port}
+brokerIp1 = "127.0.0.1"
+namesrvAddr = "127.0.0.1:{namesrv_port}"
+storePathRootDir = "{store}"
+autoCreateTopicEnable = true
+autoCreateSubscriptionGroup = true
+transactionCheckInterval = {check_interval_ms}
+transactionTimeout = {timeout_ms}
+transactionCheckMax = 15
+transactionOpBatchInterval = 500
+
+[broker.brokerIdentity]
+brokerName = "broker-a"
+brokerClusterName = "DefaultCluster"
+brokerId = 0
+
+[broker.brokerServerConfig]
+bindAddress = "127.0.0.1"
+
+[store]
+storePathRootDir = "{store}"
+haListenPort = {ha_port}
+mappedFileSizeCommitLog = 67108864
+"#,
+            store = store.display()
+        );
+        let conf_path = home.join("broker.toml");
+        std::fs::write(&conf_path, conf).expect("broker.toml");
+        let broker = Command::new(cargo_bin(
+            "rocketmq-broker-rust",
+            "ROCKETMQ_BROKER_BIN",
+            install,
+        ))
+        .arg("-c")
+        .arg(&conf_path)
+        .env("ROCKETMQ_HOME", home)
+        .env_remove("NAMESRV_ADDR")
+        .env_remove("RUST_LOG")
+        .current_dir(home)
+        .stdout(std::fs::File::create(home.join("broker.out")).expect("log"))
+        .stderr(std::fs::File::create(home.join("broker.err")).expect("log"))
+        .spawn()
+        .expect("start rocketmq-broker-rust");
+        wait_listening(broker_port, "rocketmq broker");
+        RocketMq {
+            namesrv,
+            broker,
+            namesrv_port,
+            broker_port,
+            dir,
+        }
+    }
+
+    pub fn name_server(&self) -> String {
+        format!("127.0.0.1:{}", self.namesrv_port)
+    }
+
+    pub fn broker_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.broker_port)
+    }
+
+    /// Everything the name server and broker wrote (stdout, stderr, log files), for failures.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for entry in walk(self.dir.path()) {
+            let name = entry.display().to_string();
+            if name.ends_with(".out") || name.ends_with(".err") || name.ends_with(".log") {
+                out.push_str(&format!("== {name}\n"));
+                out.push_str(&std::fs::read_to_string(&entry).unwrap_or_default());
+            }
+        }
+        out
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+impl Drop for RocketMq {
+    fn drop(&mut self) {
+        for c in [&mut self.broker, &mut self.namesrv] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
         .args([sig, &pid.to_string()])
@@ -466,6 +634,7 @@ pub fn relay_env(pg: &PgCluster, brokers: &str, extra: &[(&str, &str)]) -> Vec<(
         ),
         // Tests run relays side by side: each serves metrics on a port of its own.
         ("RELAY_METRICS__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+        ("RELAY_HTTP__ADDR".to_owned(), "127.0.0.1:0".to_owned()),
     ];
     for (k, v) in extra {
         env.retain(|(ek, _)| ek != k);
@@ -781,4 +950,27 @@ pub async fn current_wal(client: &tokio_postgres::Client) -> u64 {
         .await
         .map(|r| r.get::<_, i64>(0) as u64)
         .expect("pg_current_wal_lsn")
+}
+
+/// `GET http://{addr}{path}` over a fresh connection: (status, body).
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send request");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.expect("read response");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    (status, body.to_owned())
 }

@@ -1,0 +1,146 @@
+//! The admin HTTP listener (`http.addr`, env `RELAY_HTTP__ADDR`, default `127.0.0.1:8080`).
+//!
+//! `GET /v1/transactions/{key}` asks the transaction oracle what became of a local transaction,
+//! for gateways and coordinators that check over HTTP (DTM's "query prepared" style):
+//! `200 {"key":"…","status":"committed"|"rolled_back"|"unknown"}`, with a `reason` when unknown.
+//! A check settles an undecided key as rolled back, so the listener belongs on loopback or a
+//! private network.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::oracle::{MAX_KEY_BYTES, Oracle, TxStatus};
+
+/// The oracle every check goes through, built from the configuration.
+pub fn oracle(config: &Config) -> Arc<Oracle> {
+    let t = &config.transactions;
+    Arc::new(Oracle::new(
+        config.pg_config(),
+        &config.outbox.schema,
+        Duration::from_millis(t.lock_timeout_ms),
+        t.max_connections,
+    ))
+}
+
+/// Binds `http.addr` (so a port in use fails the start, naming the key) and serves until
+/// `shutdown`. `Ok(None)` when the listener is off.
+pub async fn start(
+    config: &Config,
+    oracle: Arc<Oracle>,
+    shutdown: CancellationToken,
+) -> Result<Option<SocketAddr>, String> {
+    let addr = &config.http.addr;
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        format!(
+            "cannot serve the admin HTTP listener on {addr}: {e}; set http.addr (RELAY_HTTP__ADDR) \
+             to a free port, or \"\" to turn it off"
+        )
+    })?;
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    let app = router(oracle);
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the admin HTTP listener stopped");
+        }
+    });
+    Ok(Some(bound))
+}
+
+/// The routes, for [`start`] and tests.
+pub fn router(oracle: Arc<Oracle>) -> Router {
+    Router::new()
+        .route("/v1/transactions/{key}", get(transaction_status))
+        .with_state(oracle)
+}
+
+#[derive(Serialize)]
+struct StatusBody<'a> {
+    key: &'a str,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+async fn transaction_status(
+    State(oracle): State<Arc<Oracle>>,
+    Path(key): Path<String>,
+) -> Response {
+    if key.len() > MAX_KEY_BYTES {
+        let body = serde_json::json!({
+            "error": format!("the transaction key is {} bytes; at most {MAX_KEY_BYTES} are accepted", key.len())
+        });
+        return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
+    }
+    let status = oracle.check(&key).await;
+    let reason = match &status {
+        TxStatus::Unknown(why) => {
+            tracing::warn!(key = %key, reason = %why, "transaction check answered unknown");
+            Some(why.clone())
+        }
+        _ => None,
+    };
+    let body = StatusBody {
+        key: &key,
+        status: status.as_str(),
+        reason,
+    };
+    (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+/// Deletes oracle keys older than `transactions.retention_hours`, in small batches, every
+/// `transactions.purge_interval_ms`, until `shutdown`. Quiet while the oracle is not installed.
+pub async fn purge_loop(config: &Config, oracle: Arc<Oracle>, shutdown: CancellationToken) {
+    let t = &config.transactions;
+    if t.retention_hours == 0 {
+        return;
+    }
+    let retention = Duration::from_secs(t.retention_hours * 3600);
+    let interval = Duration::from_millis(t.purge_interval_ms);
+    let mut reported = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let mut total = 0;
+        loop {
+            match oracle.purge(retention, 1_000).await {
+                Ok(n) => {
+                    total += n;
+                    if n < 1_000 || shutdown.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    if !reported {
+                        tracing::info!(reason = %e, "not purging transaction keys");
+                        reported = true;
+                    }
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(
+                deleted = total,
+                "purged transaction keys past their retention"
+            );
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The transaction oracle: what became of the local transaction with a given key?
+//!
+//! Brokers that hold a message until its producer's local transaction is decided (RocketMQ half
+//! messages, DTM's "query prepared") ask this when the producer never said. The answer comes
+//! from `sql/003_transactions.sql`: `outbox_tx_check(key)` settles an undecided key as rolled
+//! back (barrier fencing: a business transaction that starts later cannot commit), waits for one
+//! in flight, and reads the outcome. Anything that keeps the check from deciding — the lock
+//! timeout, Postgres down, a missing function — is [`TxStatus::Unknown`], never a rollback: the
+//! broker asks again later.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio_postgres::Client;
+
+use crate::db;
+use crate::replication::client::quote_ident;
+
+/// The oracle's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxStatus {
+    Committed,
+    RolledBack,
+    /// Undecided; the reason, for logs and the HTTP answer.
+    Unknown(String),
+}
+
+impl TxStatus {
+    /// `committed`, `rolled_back` or `unknown`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TxStatus::Committed => "committed",
+            TxStatus::RolledBack => "rolled_back",
+            TxStatus::Unknown(_) => "unknown",
+        }
+    }
+}
+
+/// The longest transaction key accepted (Postgres would store longer ones, but no broker sends
+/// them and a bound keeps the table's index small).
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// Answers checks through a few pooled Postgres connections.
+pub struct Oracle {
+    pg: tokio_postgres::Config,
+    check_sql: String,
+    purge_sql: String,
+    lock_timeout: Duration,
+    idle: Mutex<Vec<Client>>,
+    permits: Semaphore,
+}
+
+impl Oracle {
+    /// `schema` is where `sql/003_transactions.sql` was applied (the outbox's schema);
+    /// `max_connections` bounds the checks running at once (others wait for a connection).
+    pub fn new(
+        pg: tokio_postgres::Config,
+        schema: &str,
+        lock_timeout: Duration,
+        max_connections: usize,
+    ) -> Oracle {
+        let mut pg = pg;
+        // A check must answer while the broker still waits; Postgres down is "unknown" fast.
+        pg.connect_timeout(Duration::from_secs(3));
+        let schema = quote_ident(schema);
+        Oracle {
+            pg,
+            check_sql: format!("SELECT {schema}.outbox_tx_check($1)"),
+            purge_sql: format!("SELECT {schema}.outbox_tx_purge(make_interval(secs => $1), $2)"),
+            lock_timeout,
+            idle: Mutex::new(Vec::new()),
+            permits: Semaphore::new(max_connections.max(1)),
+        }
+    }
+
+    /// What happened to the transaction `key`. Settles it as rolled back if nothing committed it
+    /// (see the module docs); `Unknown` when the check cannot decide.
+    pub async fn check(&self, key: &str) -> TxStatus {
+        if key.is_empty() || key.len() > MAX_KEY_BYTES {
+            return TxStatus::Unknown(format!(
+                "the transaction key must be 1 to {MAX_KEY_BYTES} bytes, got {}",
+                key.len()
+            ));
+        }
+        // The lock timeout bounds the wait on a transaction in flight; the overall deadline
+        // covers everything else (a stalled connection, a slow server).
+        let deadline = self.lock_timeout + Duration::from_secs(5);
+        match tokio::time::timeout(deadline, self.run_check(key)).await {
+            Ok(Ok(status)) => status,
+            Ok(Err(reason)) => TxStatus::Unknown(reason),
+            Err(_) => TxStatus::Unknown(format!(
+                "the check did not finish within {} ms",
+                deadline.as_millis()
+            )),
+        }
+    }
+
+    async fn run_check(&self, key: &str) -> Result<TxStatus, String> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| "the oracle is shutting down".to_owned())?;
+        let mut client = self.take().await?;
+        let result = self.check_on(&mut client, key).await;
+        match &result {
+            // A connection that failed may be in an aborted transaction or broken: drop it.
+            Ok(_) => self.give_back(client),
+            Err(_) => drop(client),
+        }
+        result
+    }
+
+    async fn check_on(&self, client: &mut Client, key: &str) -> Result<TxStatus, String> {
+        let tx = client.transaction().await.map_err(|e| explain(&e))?;
+        let ms = self.lock_timeout.as_millis().max(1);
+        tx.batch_execute(&format!("SET LOCAL lock_timeout = '{ms}ms'"))
+            .await
+            .map_err(|e| explain(&e))?;
+        let row = tx
+            .query_one(&self.check_sql, &[&key])
+            .await
+            .map_err(|e| explain(&e))?;
+        let outcome: String = row.try_get(0).map_err(|e| explain(&e))?;
+        tx.commit().await.map_err(|e| explain(&e))?;
+        match outcome.as_str() {
+            "committed" => Ok(TxStatus::Committed),
+            "rolled_back" => Ok(TxStatus::RolledBack),
+            other => Err(format!(
+                "outbox_tx_check returned {other:?}; re-apply sql/003_transactions.sql"
+            )),
+        }
+    }
+
+    /// Deletes up to `batch` keys older than `retention`; returns how many went.
+    pub async fn purge(&self, retention: Duration, batch: i32) -> Result<i64, String> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| "the oracle is shutting down".to_owned())?;
+        let client = self.take().await?;
+        let secs = retention.as_secs_f64();
+        match client.query_one(&self.purge_sql, &[&secs, &batch]).await {
+            Ok(row) => {
+                let n: i64 = row.try_get(0).map_err(|e| explain(&e))?;
+                self.give_back(client);
+                Ok(n)
+            }
+            Err(e) => Err(explain(&e)),
+        }
+    }
+
+    async fn take(&self) -> Result<Client, String> {
+        let pooled = self.idle.lock().map(|mut v| v.pop()).unwrap_or(None);
+        if let Some(c) = pooled.filter(|c| !c.is_closed()) {
+            return Ok(c);
+        }
+        db::connect(&self.pg).await.map_err(|e| {
+            format!(
+                "cannot reach Postgres to check the transaction: {}",
+                db::describe(&e)
+            )
+        })
+    }
+
+    fn give_back(&self, client: Client) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(client);
+        }
+    }
+}
+
+/// Why a check failed, with the fix where there is one.
+fn explain(e: &tokio_postgres::Error) -> String {
+    let code = e.code().map(|c| c.code());
+    match code {
+        Some("55P03") => {
+            "the transaction is still in flight (lock_timeout reached); ask again later".into()
+        }
+        Some("42883") | Some("42P01") => format!(
+            "{}: the transaction oracle is not installed; apply sql/003_transactions.sql in the outbox's schema",
+            db::describe(e)
+        ),
+        _ => db::describe(e),
+    }
+}

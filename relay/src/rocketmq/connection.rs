@@ -1,0 +1,167 @@
+//! One TCP connection to a RocketMQ name server or broker: requests matched to responses by
+//! `opaque`, one-way sends, and the requests the peer sends us (a broker's check-backs arrive on
+//! the connection its producer heartbeat came on).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use super::remoting::Command;
+
+type Pending = Arc<Mutex<HashMap<i32, oneshot::Sender<Command>>>>;
+
+/// A live connection; cheap to clone. Dropping every clone closes it.
+#[derive(Clone)]
+pub struct Connection {
+    addr: String,
+    out: mpsc::Sender<Bytes>,
+    pending: Pending,
+    next_opaque: Arc<AtomicI32>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Connection {
+    /// Connects to `addr`; requests from the peer go to `incoming` (or are dropped).
+    pub async fn open(
+        addr: &str,
+        incoming: Option<mpsc::Sender<(Connection, Command)>>,
+        timeout: Duration,
+    ) -> Result<Connection, String> {
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| format!("connecting to RocketMQ at {addr} timed out"))?
+            .map_err(|e| format!("cannot connect to RocketMQ at {addr}: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let (mut reader, mut writer) = stream.into_split();
+        let (out, mut out_rx) = mpsc::channel::<Bytes>(256);
+        let conn = Connection {
+            addr: addr.to_owned(),
+            out,
+            pending: Arc::new(Mutex::new(HashMap::new())),
+            next_opaque: Arc::new(AtomicI32::new(1)),
+            closed: Arc::new(AtomicBool::new(false)),
+        };
+        let closed = conn.closed.clone();
+        tokio::spawn(async move {
+            while let Some(frame) = out_rx.recv().await {
+                if writer.write_all(&frame).await.is_err() {
+                    break;
+                }
+            }
+            closed.store(true, Ordering::Release);
+        });
+        // The reader holds only a weak view: the connection lives while a user holds it.
+        let pending = conn.pending.clone();
+        let closed = conn.closed.clone();
+        let weak_out = conn.out.downgrade();
+        let peer = conn.addr.clone();
+        let opaque = conn.next_opaque.clone();
+        tokio::spawn(async move {
+            let mut buf = BytesMut::with_capacity(64 * 1024);
+            'read: loop {
+                loop {
+                    match Command::decode(&mut buf) {
+                        Ok(Some(cmd)) if cmd.is_response() => {
+                            let waiter =
+                                pending.lock().ok().and_then(|mut p| p.remove(&cmd.opaque));
+                            if let Some(w) = waiter {
+                                let _ = w.send(cmd);
+                            }
+                        }
+                        Ok(Some(cmd)) => {
+                            let (Some(incoming), Some(out)) = (&incoming, weak_out.upgrade())
+                            else {
+                                continue;
+                            };
+                            let me = Connection {
+                                addr: peer.clone(),
+                                out,
+                                pending: pending.clone(),
+                                next_opaque: opaque.clone(),
+                                closed: closed.clone(),
+                            };
+                            if incoming.send((me, cmd)).await.is_err() {
+                                break 'read;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(peer = %peer, error = %e, "bad frame from RocketMQ; closing the connection");
+                            break 'read;
+                        }
+                    }
+                }
+                match reader.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            closed.store(true, Ordering::Release);
+            if let Ok(mut p) = pending.lock() {
+                p.clear(); // wakes every waiter with an error
+            }
+        });
+        Ok(conn)
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || self.out.is_closed()
+    }
+
+    /// Sends `cmd` and waits for its response.
+    pub async fn request(&self, mut cmd: Command, timeout: Duration) -> Result<Command, String> {
+        let opaque = self.next_opaque.fetch_add(1, Ordering::Relaxed);
+        cmd.opaque = opaque;
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(opaque, tx);
+        }
+        let sent = self.send_frame(&cmd).await;
+        if let Err(e) = sent {
+            if let Ok(mut p) = self.pending.lock() {
+                p.remove(&opaque);
+            }
+            return Err(e);
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(_)) => Err(format!("RocketMQ at {} closed the connection", self.addr)),
+            Err(_) => {
+                if let Ok(mut p) = self.pending.lock() {
+                    p.remove(&opaque);
+                }
+                Err(format!(
+                    "RocketMQ at {} did not answer request code {} within {} ms",
+                    self.addr,
+                    cmd.code,
+                    timeout.as_millis()
+                ))
+            }
+        }
+    }
+
+    /// Sends `cmd` one-way (no response).
+    pub async fn oneway(&self, cmd: Command) -> Result<(), String> {
+        let mut cmd = cmd.oneway();
+        cmd.opaque = self.next_opaque.fetch_add(1, Ordering::Relaxed);
+        self.send_frame(&cmd).await
+    }
+
+    async fn send_frame(&self, cmd: &Command) -> Result<(), String> {
+        let frame = cmd.encode()?;
+        self.out
+            .send(frame)
+            .await
+            .map_err(|_| format!("the connection to RocketMQ at {} is closed", self.addr))
+    }
+}

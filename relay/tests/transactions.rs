@@ -1,0 +1,370 @@
+//! The transaction oracle (`sql/003_transactions.sql`) and its HTTP endpoint, against a real
+//! Postgres: committed, rolled back, in flight then commit, in flight then abort, a check before
+//! the business transaction (fenced), lock timeout and Postgres down (unknown, never rollback),
+//! and the purge. Every case is asked both directly and over `GET /v1/transactions/{key}`.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use outbox_relay::config::Config;
+use outbox_relay::oracle::{Oracle, TxStatus};
+use tokio_util::sync::CancellationToken;
+
+/// How a case asks: the oracle itself, or the admin listener over HTTP.
+#[derive(Clone, Copy, Debug)]
+enum Ask {
+    Direct,
+    Http,
+}
+
+/// The oracle plus an admin listener serving it.
+struct Checker {
+    oracle: Arc<Oracle>,
+    http: String,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl Checker {
+    async fn new(pg: &PgCluster, lock_timeout: Duration) -> Checker {
+        let mut config = Config::default();
+        config.postgres.url = pg.url();
+        config.http.addr = "127.0.0.1:0".into();
+        config.transactions.lock_timeout_ms = lock_timeout.as_millis() as u64;
+        let oracle = outbox_relay::admin::oracle(&config);
+        let stop = CancellationToken::new();
+        let addr = outbox_relay::admin::start(&config, oracle.clone(), stop.clone())
+            .await
+            .expect("admin listener")
+            .expect("admin listener on");
+        Checker {
+            oracle,
+            http: addr.to_string(),
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    /// The status as a string (`committed`, `rolled_back`, `unknown`) and the unknown reason.
+    async fn ask(&self, how: Ask, key: &str) -> (String, String) {
+        match how {
+            Ask::Direct => {
+                let s = self.oracle.check(key).await;
+                let reason = match &s {
+                    TxStatus::Unknown(r) => r.clone(),
+                    _ => String::new(),
+                };
+                (s.as_str().to_owned(), reason)
+            }
+            Ask::Http => {
+                let (code, body) = http_get(&self.http, &format!("/v1/transactions/{key}")).await;
+                assert_eq!(code, 200, "GET /v1/transactions/{key}: {body}");
+                let v: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+                assert_eq!(v["key"], key, "{body}");
+                (
+                    v["status"].as_str().expect("status").to_owned(),
+                    v["reason"].as_str().unwrap_or_default().to_owned(),
+                )
+            }
+        }
+    }
+}
+
+async fn setup() -> (PgCluster, tokio_postgres::Client) {
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    let client = pg.client().await;
+    client
+        .batch_execute("CREATE TABLE orders (id text PRIMARY KEY, amount int NOT NULL)")
+        .await
+        .expect("business table");
+    (pg, client)
+}
+
+/// A business transaction, as an app writes it: the oracle's barrier first, then its rows.
+const BUSINESS: &str = "SELECT outbox_tx_begin($1)";
+
+async fn begin_business<'a>(
+    client: &'a mut tokio_postgres::Client,
+    key: &str,
+) -> tokio_postgres::Transaction<'a> {
+    let tx = client.transaction().await.expect("begin");
+    tx.execute(BUSINESS, &[&key])
+        .await
+        .expect("outbox_tx_begin");
+    tx.execute("INSERT INTO orders VALUES ($1, 42)", &[&key])
+        .await
+        .expect("business insert");
+    tx
+}
+
+async fn order_exists(client: &tokio_postgres::Client, key: &str) -> bool {
+    client
+        .query_opt("SELECT 1 FROM orders WHERE id = $1", &[&key])
+        .await
+        .expect("query")
+        .is_some()
+}
+
+/// Waits until a session is blocked on a lock (the check waiting for the business transaction).
+async fn wait_blocked(client: &tokio_postgres::Client) {
+    let blocked = eventually(Duration::from_secs(20), || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) > 0)
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(
+        blocked,
+        "the check never waited on the business transaction"
+    );
+}
+
+#[tokio::test]
+async fn committed_and_rolled_back_transactions_are_reported_as_such() {
+    let (pg, mut client) = setup().await;
+    let checker = Checker::new(&pg, Duration::from_secs(5)).await;
+    for how in [Ask::Direct, Ask::Http] {
+        let committed = format!("commit-{how:?}");
+        begin_business(&mut client, &committed)
+            .await
+            .commit()
+            .await
+            .expect("commit");
+        assert_eq!(checker.ask(how, &committed).await.0, "committed", "{how:?}");
+        // Asking again gives the same answer.
+        assert_eq!(checker.ask(how, &committed).await.0, "committed", "{how:?}");
+
+        let aborted = format!("abort-{how:?}");
+        begin_business(&mut client, &aborted)
+            .await
+            .rollback()
+            .await
+            .expect("rollback");
+        assert_eq!(checker.ask(how, &aborted).await.0, "rolled_back", "{how:?}");
+        assert!(!order_exists(&client, &aborted).await);
+    }
+}
+
+#[tokio::test]
+async fn a_check_waits_for_a_transaction_in_flight_and_reports_its_outcome() {
+    let (pg, mut client) = setup().await;
+    let watcher = pg.client().await;
+    let checker = Arc::new(Checker::new(&pg, Duration::from_secs(30)).await);
+    for how in [Ask::Direct, Ask::Http] {
+        for commit in [true, false] {
+            let key = format!("inflight-{how:?}-{commit}");
+            let tx = begin_business(&mut client, &key).await;
+            let c = checker.clone();
+            let k = key.clone();
+            let asked = tokio::spawn(async move { c.ask(how, &k).await });
+            wait_blocked(&watcher).await;
+            assert!(
+                !asked.is_finished(),
+                "the check answered before the transaction ended"
+            );
+            if commit {
+                tx.commit().await.expect("commit");
+            } else {
+                tx.rollback().await.expect("rollback");
+            }
+            let (status, reason) = asked.await.expect("check task");
+            let want = if commit { "committed" } else { "rolled_back" };
+            assert_eq!(status, want, "{how:?} commit={commit}: {reason}");
+            assert_eq!(order_exists(&client, &key).await, commit);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_check_before_the_business_transaction_fences_it() {
+    let (pg, mut client) = setup().await;
+    let checker = Checker::new(&pg, Duration::from_secs(5)).await;
+    for how in [Ask::Direct, Ask::Http] {
+        let key = format!("early-{how:?}");
+        assert_eq!(checker.ask(how, &key).await.0, "rolled_back", "{how:?}");
+        let tx = client.transaction().await.expect("begin");
+        let err = tx
+            .execute(BUSINESS, &[&key])
+            .await
+            .expect_err("the business transaction must fail after a rollback was settled");
+        let db = err.as_db_error().expect("a server error");
+        assert_eq!(db.code().code(), "OB001", "{db:?}");
+        assert!(db.message().contains("rolled back"), "{}", db.message());
+        drop(tx);
+        assert!(!order_exists(&client, &key).await);
+        // The answer stays rolled back.
+        assert_eq!(checker.ask(how, &key).await.0, "rolled_back", "{how:?}");
+    }
+    // A key is single-use: a second transaction with a committed key fails too.
+    begin_business(&mut client, "used")
+        .await
+        .commit()
+        .await
+        .expect("commit");
+    let tx = client.transaction().await.expect("begin");
+    let err = tx
+        .execute(BUSINESS, &[&"used"])
+        .await
+        .expect_err("key reuse");
+    assert_eq!(err.code().map(|c| c.code()), Some("OB002"), "{err:?}");
+    drop(tx);
+    // Calling it twice in one transaction is fine.
+    let tx = client.transaction().await.expect("begin");
+    tx.execute(BUSINESS, &[&"twice"]).await.expect("first call");
+    tx.execute(BUSINESS, &[&"twice"])
+        .await
+        .expect("second call in the same transaction");
+    tx.commit().await.expect("commit");
+    assert_eq!(checker.ask(Ask::Direct, "twice").await.0, "committed");
+}
+
+#[tokio::test]
+async fn a_lock_timeout_is_unknown_and_settles_nothing() {
+    let (pg, mut client) = setup().await;
+    let checker = Checker::new(&pg, Duration::from_millis(300)).await;
+    for how in [Ask::Direct, Ask::Http] {
+        let key = format!("slow-{how:?}");
+        let tx = begin_business(&mut client, &key).await;
+        let (status, reason) = checker.ask(how, &key).await;
+        assert_eq!(status, "unknown", "{how:?}");
+        assert!(reason.contains("in flight"), "{how:?}: {reason}");
+        // The timed-out check left no rollback behind: the transaction still commits, and the
+        // next check sees it.
+        tx.commit().await.expect("commit after a timed-out check");
+        assert_eq!(checker.ask(how, &key).await.0, "committed", "{how:?}");
+    }
+}
+
+#[tokio::test]
+async fn postgres_down_is_unknown_never_rolled_back() {
+    let (pg, mut client) = setup().await;
+    let checker = Checker::new(&pg, Duration::from_secs(2)).await;
+    begin_business(&mut client, "before-down")
+        .await
+        .commit()
+        .await
+        .expect("commit");
+    // Warm the pool, so the checks below meet a dead pooled connection first.
+    assert_eq!(checker.ask(Ask::Direct, "before-down").await.0, "committed");
+    drop(client);
+    pg.stop("fast");
+    for how in [Ask::Direct, Ask::Http] {
+        for key in ["before-down", "never-seen"] {
+            let (status, reason) = checker.ask(how, key).await;
+            assert_eq!(status, "unknown", "{how:?} {key}");
+            assert!(!reason.is_empty(), "{how:?}: an unknown answer says why");
+        }
+    }
+    pg.start_server();
+    let answered = eventually(Duration::from_secs(30), || async {
+        checker.ask(Ask::Http, "before-down").await.0 == "committed"
+    })
+    .await;
+    assert!(answered, "after Postgres came back the check answers again");
+    // "never-seen" was never settled while Postgres was down; now it is.
+    assert_eq!(
+        checker.ask(Ask::Direct, "never-seen").await.0,
+        "rolled_back"
+    );
+}
+
+#[tokio::test]
+async fn missing_oracle_and_bad_keys_are_explained() {
+    let pg = PgCluster::start();
+    // Only the outbox schema, not 003_transactions.sql.
+    pg.psql_file(&repo_root().join("sql/001_outbox.sql"));
+    let checker = Checker::new(&pg, Duration::from_secs(2)).await;
+    let (status, reason) = checker.ask(Ask::Http, "k").await;
+    assert_eq!(status, "unknown");
+    assert!(reason.contains("sql/003_transactions.sql"), "{reason}");
+    let long = "x".repeat(2000);
+    let (code, body) = http_get(&checker.http, &format!("/v1/transactions/{long}")).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("at most 1024"), "{body}");
+}
+
+#[tokio::test]
+async fn the_purge_deletes_only_keys_past_the_retention() {
+    let (pg, mut client) = setup().await;
+    let checker = Checker::new(&pg, Duration::from_secs(5)).await;
+    for i in 0..2500 {
+        client
+            .execute(
+                "INSERT INTO outbox_tx (tx_key, outcome, created_at) VALUES ($1, 'commit', now() - interval '2 days')",
+                &[&format!("old-{i}")],
+            )
+            .await
+            .expect("old key");
+    }
+    begin_business(&mut client, "fresh")
+        .await
+        .commit()
+        .await
+        .expect("commit");
+    let mut deleted = 0;
+    loop {
+        let n = checker
+            .oracle
+            .purge(Duration::from_secs(24 * 3600), 1000)
+            .await
+            .expect("purge");
+        assert!(n <= 1000, "batches are bounded: {n}");
+        deleted += n;
+        if n == 0 {
+            break;
+        }
+    }
+    assert_eq!(deleted, 2500);
+    let left: Vec<String> = client
+        .query("SELECT tx_key FROM outbox_tx", &[])
+        .await
+        .expect("keys")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, vec!["fresh".to_owned()]);
+    assert_eq!(checker.ask(Ask::Direct, "fresh").await.0, "committed");
+}
+
+#[tokio::test]
+async fn the_relay_serves_transaction_checks_on_its_admin_listener() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let stack = Stack::start(&[("RELAY_HTTP__ADDR", &addr)]);
+    let mut client = stack.pg.client().await;
+    client
+        .batch_execute("CREATE TABLE orders (id text PRIMARY KEY, amount int NOT NULL)")
+        .await
+        .expect("business table");
+    begin_business(&mut client, "via-relay")
+        .await
+        .commit()
+        .await
+        .expect("commit");
+    let up = eventually(Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(&addr).await.is_ok()
+    })
+    .await;
+    assert!(
+        up,
+        "the relay did not listen on {addr}: {}",
+        stack.relay.log()
+    );
+    let (code, body) = http_get(&addr, "/v1/transactions/via-relay").await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(
+        v,
+        serde_json::json!({"key": "via-relay", "status": "committed"})
+    );
+    let (_, body) = http_get(&addr, "/v1/transactions/nobody").await;
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["status"], "rolled_back");
+}
