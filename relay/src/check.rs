@@ -3,7 +3,8 @@
 //! Checks: Postgres reachable, `wal_level=logical`, the REPLICATION privilege, free replication
 //! slots and WAL senders, the outbox table with its columns, the state table, the publication, a
 //! replication connection (pg_hba), the slot if it exists (its lag, the WAL it retains,
-//! `wal_status` and `safe_wal_size`: at risk or lost is a failure), and that the broker answers.
+//! `wal_status` and `safe_wal_size`: at risk or lost is a failure), the transaction oracle (a
+//! failure only when RocketMQ check-backs are on), and that the broker answers.
 
 use std::time::Duration;
 
@@ -215,7 +216,35 @@ async fn postgres_checks(c: &tokio_postgres::Client, config: &Config) -> Vec<Che
         }
         Err(e) => fail("replication slot", e.to_string()),
     });
+    out.push(oracle_check(c, config).await);
     out
+}
+
+/// The transaction oracle (`sql/003_transactions.sql`): required when RocketMQ check-backs are
+/// on; otherwise only reported (the HTTP endpoint answers unknown without it).
+async fn oracle_check(c: &tokio_postgres::Client, config: &Config) -> CheckResult {
+    let schema = &config.outbox.schema;
+    let sql = "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+               WHERE n.nspname = $1 AND p.proname IN ('outbox_tx_begin', 'outbox_tx_check', 'outbox_tx_purge')";
+    let needed = !config.rocketmq.name_server.is_empty();
+    match c.query_one(sql, &[schema]).await {
+        Ok(row) if row.get::<_, i64>(0) == 3 => pass(
+            "transaction oracle",
+            format!("outbox_tx_begin/check/purge are installed in schema {schema}"),
+        ),
+        Ok(_) => {
+            let detail = format!(
+                "not installed in schema {schema}: apply sql/003_transactions.sql there \
+                 (needed for RocketMQ check-backs and GET /v1/transactions/{{key}})"
+            );
+            if needed {
+                fail("transaction oracle", detail)
+            } else {
+                pass("transaction oracle", detail)
+            }
+        }
+        Err(e) => fail("transaction oracle", db::describe(&e)),
+    }
 }
 
 async fn broker_check(config: &Config) -> CheckResult {

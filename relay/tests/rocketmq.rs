@@ -155,6 +155,13 @@ async fn check_backs_commit_what_postgres_committed_and_roll_back_the_rest() {
     let rolled_back_answered = answered(&relay.log(), "rolled-back-2", "rolled_back");
     assert!(rolled_back_answered, "{}", relay.log());
     assert!(!keys.iter().any(|k| k == "rolled-back-2"), "{keys:?}");
+    for line in relay
+        .log()
+        .lines()
+        .filter(|l| l.contains("RocketMQ check-back"))
+    {
+        eprintln!("{line}");
+    }
     for k in ["committed-1", "slow-3", "direct-4"] {
         assert_eq!(
             keys.iter().filter(|x| *x == k).count(),

@@ -368,3 +368,51 @@ async fn the_relay_serves_transaction_checks_on_its_admin_listener() {
     let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(v["status"], "rolled_back");
 }
+
+#[tokio::test]
+async fn the_example_business_transaction_is_answered_committed() {
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    pg.psql_file(&repo_root().join("examples/orders_schema.sql"));
+    let out = std::process::Command::new("psql")
+        .arg(pg.url())
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "key=order-request-7f3a",
+            "-v",
+            "customer=alice",
+        ])
+        .args(["-v", "total=42.50", "-f"])
+        .arg(repo_root().join("examples/checked_order.sql"))
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let checker = Checker::new(&pg, Duration::from_secs(2)).await;
+    assert_eq!(
+        checker.ask(Ask::Http, "order-request-7f3a").await.0,
+        "committed"
+    );
+    // Running it again with the same key fails: keys are single-use.
+    let again = std::process::Command::new("psql")
+        .arg(pg.url())
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "key=order-request-7f3a",
+            "-v",
+            "customer=bob",
+        ])
+        .args(["-v", "total=1", "-f"])
+        .arg(repo_root().join("examples/checked_order.sql"))
+        .output()
+        .expect("psql");
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already committed"));
+}
