@@ -23,7 +23,8 @@
 CREATE TABLE IF NOT EXISTS outbox_tx (
     tx_key     text        PRIMARY KEY,
     outcome    text        NOT NULL CHECK (outcome IN ('commit', 'rollback')),
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT now(),
+    owner      xid8        -- the transaction that wrote the row (a second call in it is allowed)
 );
 
 CREATE INDEX IF NOT EXISTS outbox_tx_created_at_idx ON outbox_tx (created_at);
@@ -34,32 +35,41 @@ CREATE INDEX IF NOT EXISTS outbox_tx_created_at_idx ON outbox_tx (created_at);
 -- Calling it twice with the same key in one transaction is allowed.
 CREATE OR REPLACE FUNCTION outbox_tx_begin(p_key text) RETURNS void
 LANGUAGE plpgsql
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     v_outcome text;
-    v_mine    boolean;
+    v_owner   xid8;
+    v_xmin    xid;
 BEGIN
-    IF p_key IS NULL OR p_key = '' THEN
-        RAISE EXCEPTION 'outbox_tx_begin: the transaction key is empty'
+    IF p_key IS NULL OR p_key = '' OR octet_length(p_key) > 1024 THEN
+        RAISE EXCEPTION 'outbox_tx_begin: the transaction key must be 1 to 1024 bytes'
             USING ERRCODE = '22023',
                   HINT = 'pass the key the broker will check back on, e.g. the message key';
     END IF;
-    INSERT INTO outbox_tx (tx_key, outcome) VALUES (p_key, 'commit')
-        ON CONFLICT (tx_key) DO NOTHING;
+    INSERT INTO outbox_tx (tx_key, outcome, owner) VALUES (p_key, 'commit', pg_current_xact_id())
+        ON CONFLICT (tx_key) DO NOTHING
+        RETURNING xmin INTO v_xmin;
     IF FOUND THEN
+        -- Inside a savepoint the row belongs to the subtransaction: rolling back to the savepoint
+        -- would drop the barrier while the transaction goes on to commit. Refuse.
+        IF v_xmin::text <> pg_current_xact_id()::xid::text THEN
+            RAISE EXCEPTION 'outbox_tx_begin(%) ran inside a savepoint (subtransaction)', p_key
+                USING ERRCODE = '25001',
+                      HINT = 'call it as the first statement of the transaction, outside any SAVEPOINT or nested atomic block';
+        END IF;
         RETURN;
     END IF;
     -- The key exists: settled by a check, or written by a transaction that committed (or by
     -- this one, in an earlier call).
-    SELECT outcome, xmin::text = pg_current_xact_id()::xid::text
-      INTO v_outcome, v_mine
-      FROM outbox_tx WHERE tx_key = p_key;
-    IF v_outcome = 'rollback' THEN
+    SELECT outcome, owner INTO v_outcome, v_owner FROM outbox_tx WHERE tx_key = p_key;
+    IF v_outcome IS NULL THEN
+        RAISE EXCEPTION 'outbox transaction % was purged while starting; retry the transaction', p_key
+            USING ERRCODE = '40001';
+    ELSIF v_outcome = 'rollback' THEN
         RAISE EXCEPTION 'outbox transaction % was already settled as rolled back by a check-back', p_key
             USING ERRCODE = 'OB001',
                   HINT = 'the broker dropped this transaction''s message; roll back and retry with a new key';
-    ELSIF v_outcome = 'commit' AND NOT v_mine THEN
+    ELSIF v_owner IS DISTINCT FROM pg_current_xact_id() THEN
         RAISE EXCEPTION 'outbox transaction % already committed', p_key
             USING ERRCODE = 'OB002',
                   HINT = 'transaction keys are single-use; this key''s message was already committed';
@@ -72,7 +82,6 @@ $$;
 -- transaction with a lock_timeout: a timeout means "unknown, ask again".
 CREATE OR REPLACE FUNCTION outbox_tx_check(p_key text) RETURNS text
 LANGUAGE plpgsql
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     v_outcome text;
@@ -80,7 +89,11 @@ BEGIN
     INSERT INTO outbox_tx (tx_key, outcome) VALUES (p_key, 'rollback')
         ON CONFLICT (tx_key) DO NOTHING;
     SELECT outcome INTO v_outcome FROM outbox_tx WHERE tx_key = p_key;
-    RETURN CASE v_outcome WHEN 'commit' THEN 'committed' ELSE 'rolled_back' END;
+    IF v_outcome IS NULL THEN
+        -- Purged between the insert and the read: undecided, ask again.
+        RAISE EXCEPTION 'outbox transaction % vanished during the check', p_key USING ERRCODE = '40001';
+    END IF;
+    RETURN CASE v_outcome WHEN 'commit' THEN 'committed' WHEN 'rollback' THEN 'rolled_back' END;
 END
 $$;
 
@@ -89,7 +102,6 @@ $$;
 CREATE OR REPLACE FUNCTION outbox_tx_purge(p_retention interval, p_batch int DEFAULT 1000)
 RETURNS bigint
 LANGUAGE sql
-SET search_path FROM CURRENT
 AS $$
     WITH doomed AS (
         SELECT tx_key FROM outbox_tx
@@ -101,4 +113,14 @@ AS $$
         DELETE FROM outbox_tx t USING doomed d WHERE t.tx_key = d.tx_key RETURNING 1
     )
     SELECT count(*) FROM gone;
+$$;
+
+-- The functions find outbox_tx in the schema this script was applied in, whatever the caller's
+-- search_path (and never a temporary table of the same name).
+DO $$
+BEGIN
+    EXECUTE format('ALTER FUNCTION outbox_tx_begin(text) SET search_path = %I, pg_catalog, pg_temp', current_schema());
+    EXECUTE format('ALTER FUNCTION outbox_tx_check(text) SET search_path = %I, pg_catalog, pg_temp', current_schema());
+    EXECUTE format('ALTER FUNCTION outbox_tx_purge(interval, int) SET search_path = %I, pg_catalog, pg_temp', current_schema());
+END
 $$;

@@ -1,8 +1,11 @@
 //! The admin HTTP listener (`http.addr`, env `RELAY_HTTP__ADDR`, default `127.0.0.1:8080`).
 //!
 //! `GET /v1/transactions/{key}` asks the transaction oracle what became of a local transaction,
-//! for gateways and coordinators that check over HTTP (DTM's "query prepared" style):
+//! for gateways and coordinators that check over HTTP:
 //! `200 {"key":"…","status":"committed"|"rolled_back"|"unknown"}`, with a `reason` when unknown.
+//! `GET /v1/dtm/query-prepared?gid={key}` answers the same question the way DTM's two-phase
+//! messages expect of a QueryPrepared URL: `200 SUCCESS` (committed), `409 FAILURE` (rolled
+//! back), `425 ONGOING` (unknown: ask again).
 //! A check settles an undecided key as rolled back, so the listener belongs on loopback or a
 //! private network.
 
@@ -11,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -19,7 +22,8 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::oracle::{MAX_KEY_BYTES, Oracle, TxStatus};
+use crate::metrics::TRANSACTION_CHECKS;
+use crate::oracle::{Oracle, TxStatus, validate_key};
 
 /// The oracle every check goes through, built from the configuration.
 pub fn oracle(config: &Config) -> Arc<Oracle> {
@@ -66,6 +70,7 @@ pub async fn start(
 pub fn router(oracle: Arc<Oracle>) -> Router {
     Router::new()
         .route("/v1/transactions/{key}", get(transaction_status))
+        .route("/v1/dtm/query-prepared", get(dtm_query_prepared))
         .with_state(oracle)
 }
 
@@ -77,22 +82,28 @@ struct StatusBody<'a> {
     reason: Option<String>,
 }
 
+/// Asks the oracle on behalf of an HTTP caller; logs and counts the answer.
+async fn ask(oracle: &Oracle, key: &str, source: &'static str) -> TxStatus {
+    let status = oracle.check(key).await;
+    metrics::counter!(TRANSACTION_CHECKS, "source" => source, "status" => status.as_str())
+        .increment(1);
+    if let TxStatus::Unknown(why) = &status {
+        tracing::warn!(key, reason = %why, source, "transaction check answered unknown");
+    }
+    status
+}
+
 async fn transaction_status(
     State(oracle): State<Arc<Oracle>>,
     Path(key): Path<String>,
 ) -> Response {
-    if key.len() > MAX_KEY_BYTES {
-        let body = serde_json::json!({
-            "error": format!("the transaction key is {} bytes; at most {MAX_KEY_BYTES} are accepted", key.len())
-        });
+    if let Err(why) = validate_key(&key) {
+        let body = serde_json::json!({ "error": why });
         return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
     }
-    let status = oracle.check(&key).await;
+    let status = ask(&oracle, &key, "http").await;
     let reason = match &status {
-        TxStatus::Unknown(why) => {
-            tracing::warn!(key = %key, reason = %why, "transaction check answered unknown");
-            Some(why.clone())
-        }
+        TxStatus::Unknown(why) => Some(why.clone()),
         _ => None,
     };
     let body = StatusBody {
@@ -101,6 +112,28 @@ async fn transaction_status(
         reason,
     };
     (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct DtmQuery {
+    #[serde(default)]
+    gid: String,
+}
+
+/// DTM's QueryPrepared contract: the body's SUCCESS / FAILURE / ONGOING decide, with 200 / 409 /
+/// 425 to match.
+async fn dtm_query_prepared(
+    State(oracle): State<Arc<Oracle>>,
+    Query(q): Query<DtmQuery>,
+) -> Response {
+    if let Err(why) = validate_key(&q.gid) {
+        return (StatusCode::BAD_REQUEST, format!("gid: {why}")).into_response();
+    }
+    match ask(&oracle, &q.gid, "dtm").await {
+        TxStatus::Committed => (StatusCode::OK, "SUCCESS").into_response(),
+        TxStatus::RolledBack => (StatusCode::CONFLICT, "FAILURE").into_response(),
+        TxStatus::Unknown(_) => (StatusCode::TOO_EARLY, "ONGOING").into_response(),
+    }
 }
 
 /// Deletes oracle keys older than `transactions.retention_hours`, in small batches, every
@@ -112,7 +145,7 @@ pub async fn purge_loop(config: &Config, oracle: Arc<Oracle>, shutdown: Cancella
     }
     let retention = Duration::from_secs(t.retention_hours * 3600);
     let interval = Duration::from_millis(t.purge_interval_ms);
-    let mut reported = false;
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -122,15 +155,19 @@ pub async fn purge_loop(config: &Config, oracle: Arc<Oracle>, shutdown: Cancella
         loop {
             match oracle.purge(retention, 1_000).await {
                 Ok(n) => {
+                    if failing {
+                        tracing::info!("purging transaction keys again");
+                        failing = false;
+                    }
                     total += n;
                     if n < 1_000 || shutdown.is_cancelled() {
                         break;
                     }
                 }
                 Err(e) => {
-                    if !reported {
-                        tracing::info!(reason = %e, "not purging transaction keys");
-                        reported = true;
+                    if !failing {
+                        tracing::warn!(reason = %e, "cannot purge transaction keys; retrying every purge interval");
+                        failing = true;
                     }
                     break;
                 }

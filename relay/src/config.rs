@@ -38,7 +38,8 @@ pub struct RocketmqConfig {
     pub name_server: String,
     /// Producer groups whose check-backs the relay answers, comma-separated.
     pub producer_groups: String,
-    /// The message property holding the transaction key; `KEYS`: the message's first key.
+    /// The message property holding the transaction key; `KEYS`: the message's first key;
+    /// `TRANSACTION_ID`: RocketMQ's transaction id (the message's unique client id).
     pub key_property: String,
     /// How often the relay re-registers with each broker (ms; brokers forget after 120 s).
     pub heartbeat_interval_ms: u64,
@@ -65,6 +66,16 @@ impl RocketmqConfig {
             .split(',')
             .map(str::trim)
             .filter(|g| !g.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The name servers (`name_server` may list several, separated by `;` or `,`).
+    pub fn name_servers(&self) -> Vec<String> {
+        self.name_server
+            .split([';', ','])
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
             .map(str::to_owned)
             .collect()
     }
@@ -729,11 +740,11 @@ impl Config {
             ));
         }
         let t = &self.transactions;
-        if t.lock_timeout_ms == 0 {
+        if t.lock_timeout_ms == 0 || t.lock_timeout_ms > 600_000 {
             return Err(invalid(
                 "transactions.lock_timeout_ms",
                 0,
-                "must be at least 1; 2000 is usual (a check waits this long for a transaction in flight)",
+                "must be 1 to 600000; 2000 is usual (a check waits this long for a transaction in flight)",
             ));
         }
         if t.max_connections == 0 {
@@ -752,11 +763,17 @@ impl Config {
         }
         let r = &self.rocketmq;
         if !r.name_server.is_empty() {
-            if !r.name_server.contains(':') {
+            let bad = r.name_servers().into_iter().find(|a| {
+                a.rsplit_once(':')
+                    .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+            });
+            if let Some(bad) = bad {
                 return Err(invalid(
                     "rocketmq.name_server",
                     &r.name_server,
-                    "expected host:port of a RocketMQ name server, e.g. 127.0.0.1:9876",
+                    format!(
+                        "{bad:?} is not host:port; list name servers as host:port[;host:port], e.g. 127.0.0.1:9876"
+                    ),
                 ));
             }
             if r.groups().is_empty() {

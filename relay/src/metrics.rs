@@ -14,6 +14,9 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 pub const COMMIT_TO_ACK: &str = "outbox_relay_commit_to_ack_seconds";
 /// Counter: messages the broker acknowledged (dead-letter records included).
 pub const MESSAGES_ACKED: &str = "outbox_relay_messages_acked_total";
+/// Counter: transaction checks answered, by `source` (`http`, `dtm`, `rocketmq`) and `status`
+/// (`committed`, `rolled_back`, `unknown`).
+pub const TRANSACTION_CHECKS: &str = "outbox_relay_transaction_checks_total";
 
 /// Bucket bounds (seconds) of the latency histograms: fine below 100 ms, where the relay's own
 /// share of the latency lives, coarse above.
@@ -52,6 +55,10 @@ pub fn install(listen: &str) -> Result<Option<SocketAddr>, String> {
         "Source transaction commit (Postgres clock) to broker acknowledgement (relay clock)"
     );
     metrics::describe_counter!(MESSAGES_ACKED, "Messages the broker acknowledged");
+    metrics::describe_counter!(
+        TRANSACTION_CHECKS,
+        "Transaction checks answered from the oracle, by source and status"
+    );
     Ok(Some(bound))
 }
 

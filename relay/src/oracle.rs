@@ -77,11 +77,8 @@ impl Oracle {
     /// What happened to the transaction `key`. Settles it as rolled back if nothing committed it
     /// (see the module docs); `Unknown` when the check cannot decide.
     pub async fn check(&self, key: &str) -> TxStatus {
-        if key.is_empty() || key.len() > MAX_KEY_BYTES {
-            return TxStatus::Unknown(format!(
-                "the transaction key must be 1 to {MAX_KEY_BYTES} bytes, got {}",
-                key.len()
-            ));
+        if let Err(why) = validate_key(key) {
+            return TxStatus::Unknown(why);
         }
         // The lock timeout bounds the wait on a transaction in flight; the overall deadline
         // covers everything else (a stalled connection, a slow server).
@@ -113,7 +110,14 @@ impl Oracle {
     }
 
     async fn check_on(&self, client: &mut Client, key: &str) -> Result<TxStatus, String> {
-        let tx = client.transaction().await.map_err(|e| explain(&e))?;
+        // Read committed: the read after the insert must see a transaction that committed while
+        // the check waited (under repeatable read it would be a serialization error).
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+            .start()
+            .await
+            .map_err(|e| explain(&e))?;
         let ms = self.lock_timeout.as_millis().max(1);
         tx.batch_execute(&format!("SET LOCAL lock_timeout = '{ms}ms'"))
             .await
@@ -142,13 +146,17 @@ impl Oracle {
             .map_err(|_| "the oracle is shutting down".to_owned())?;
         let client = self.take().await?;
         let secs = retention.as_secs_f64();
-        match client.query_one(&self.purge_sql, &[&secs, &batch]).await {
-            Ok(row) => {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&secs, &batch];
+        let purge = client.query_one(&self.purge_sql, &params);
+        // Bounded, so a stuck purge cannot hold a connection permit away from checks.
+        match tokio::time::timeout(Duration::from_secs(60), purge).await {
+            Ok(Ok(row)) => {
                 let n: i64 = row.try_get(0).map_err(|e| explain(&e))?;
                 self.give_back(client);
                 Ok(n)
             }
-            Err(e) => Err(explain(&e)),
+            Ok(Err(e)) => Err(explain(&e)),
+            Err(_) => Err("the purge did not finish within 60 s".into()),
         }
     }
 
@@ -172,6 +180,18 @@ impl Oracle {
     }
 }
 
+/// A key the oracle accepts: 1 to [`MAX_KEY_BYTES`] bytes (as `outbox_tx_begin` enforces).
+pub fn validate_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        Err(format!(
+            "the transaction key is {} bytes; keys are 1 to {MAX_KEY_BYTES} bytes",
+            key.len()
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 /// Why a check failed, with the fix where there is one.
 fn explain(e: &tokio_postgres::Error) -> String {
     let code = e.code().map(|c| c.code());
@@ -179,6 +199,7 @@ fn explain(e: &tokio_postgres::Error) -> String {
         Some("55P03") => {
             "the transaction is still in flight (lock_timeout reached); ask again later".into()
         }
+        Some("40001") => "the key changed during the check (a concurrent purge); ask again".into(),
         Some("42883") | Some("42P01") => format!(
             "{}: the transaction oracle is not installed; apply sql/003_transactions.sql in the outbox's schema",
             db::describe(e)

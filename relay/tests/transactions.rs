@@ -287,7 +287,7 @@ async fn missing_oracle_and_bad_keys_are_explained() {
     let long = "x".repeat(2000);
     let (code, body) = http_get(&checker.http, &format!("/v1/transactions/{long}")).await;
     assert_eq!(code, 400, "{body}");
-    assert!(body.contains("at most 1024"), "{body}");
+    assert!(body.contains("1 to 1024 bytes"), "{body}");
 }
 
 #[tokio::test]
@@ -415,4 +415,91 @@ async fn the_example_business_transaction_is_answered_committed() {
         .expect("psql");
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already committed"));
+}
+
+#[tokio::test]
+async fn the_barrier_refuses_savepoints_and_oversized_keys() {
+    let (pg, mut client) = setup().await;
+    let checker = Checker::new(&pg, Duration::from_secs(5)).await;
+    // Inside a savepoint, rolling back to it would drop the barrier while the transaction
+    // commits: refused.
+    let mut tx = client.transaction().await.expect("begin");
+    let sp = tx.savepoint("business_step").await.expect("savepoint");
+    let err = sp
+        .execute(BUSINESS, &[&"in-savepoint"])
+        .await
+        .expect_err("a barrier inside a savepoint");
+    assert_eq!(err.code().map(|c| c.code()), Some("25001"), "{err:?}");
+    drop(sp);
+    drop(tx);
+    assert_eq!(
+        checker.ask(Ask::Direct, "in-savepoint").await.0,
+        "rolled_back"
+    );
+    let long = "k".repeat(1025);
+    let err = client
+        .execute(BUSINESS, &[&long])
+        .await
+        .expect_err("long key");
+    assert_eq!(err.code().map(|c| c.code()), Some("22023"), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_repeatable_read_business_transaction_is_fenced_or_reported_consistently() {
+    let (pg, mut client) = setup().await;
+    let watcher = pg.client().await;
+    let checker = Arc::new(Checker::new(&pg, Duration::from_secs(30)).await);
+    // In flight under REPEATABLE READ, then committed: the check waits and reports committed.
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .expect("begin");
+    tx.execute(BUSINESS, &[&"rr-1"]).await.expect("barrier");
+    let c = checker.clone();
+    let asked = tokio::spawn(async move { c.ask(Ask::Direct, "rr-1").await });
+    wait_blocked(&watcher).await;
+    tx.commit().await.expect("commit");
+    assert_eq!(asked.await.expect("check").0, "committed");
+    // A check that settles rollback after the transaction took its snapshot: the barrier fails
+    // (OB001 or a serialization failure), so the transaction cannot commit.
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .expect("begin");
+    tx.query_one("SELECT 1", &[]).await.expect("snapshot taken");
+    assert_eq!(checker.ask(Ask::Direct, "rr-2").await.0, "rolled_back");
+    let err = tx.execute(BUSINESS, &[&"rr-2"]).await.expect_err("fenced");
+    let code = err.code().map(|c| c.code().to_owned()).unwrap_or_default();
+    assert!(code == "OB001" || code == "40001", "{err:?}");
+}
+
+#[tokio::test]
+async fn dtm_query_prepared_answers_success_failure_or_ongoing() {
+    let (pg, mut client) = setup().await;
+    let checker = Checker::new(&pg, Duration::from_millis(300)).await;
+    begin_business(&mut client, "dtm-ok")
+        .await
+        .commit()
+        .await
+        .expect("commit");
+    let (code, body) = http_get(
+        &checker.http,
+        "/v1/dtm/query-prepared?gid=dtm-ok&trans_type=msg",
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (200, "SUCCESS"));
+    let (code, body) = http_get(&checker.http, "/v1/dtm/query-prepared?gid=dtm-never").await;
+    assert_eq!((code, body.as_str()), (409, "FAILURE"));
+    let tx = begin_business(&mut client, "dtm-running").await;
+    let (code, body) = http_get(&checker.http, "/v1/dtm/query-prepared?gid=dtm-running").await;
+    assert_eq!((code, body.as_str()), (425, "ONGOING"));
+    tx.commit().await.expect("commit");
+    let (code, _) = http_get(&checker.http, "/v1/dtm/query-prepared?gid=dtm-running").await;
+    assert_eq!(code, 200);
+    let (code, _) = http_get(&checker.http, "/v1/dtm/query-prepared").await;
+    assert_eq!(code, 400);
 }

@@ -19,44 +19,74 @@ use super::connection::Connection;
 use super::message::{MessageExt, prop};
 use super::remoting::{Command, code};
 use crate::config::RocketmqConfig;
+use crate::metrics::TRANSACTION_CHECKS;
 use crate::oracle::{Oracle, TxStatus};
 
-/// Counter of check-backs answered, labelled `status` (committed, rolled_back, unknown).
-pub const CHECKBACKS: &str = "outbox_relay_checkbacks_total";
-
-/// The transaction key of a checked message: `key_property` (`KEYS` means the first key).
+/// The transaction key of a checked message: `key_property` (`KEYS`: the first key;
+/// `TRANSACTION_ID`: RocketMQ's transaction id, the message's unique client id).
 pub fn transaction_key<'a>(message: &'a MessageExt, key_property: &str) -> Option<&'a str> {
-    if key_property == prop::KEYS {
-        message.key()
-    } else {
-        message.property(key_property).filter(|k| !k.is_empty())
+    match key_property {
+        prop::KEYS => message.key(),
+        "TRANSACTION_ID" => message.property(prop::UNIQ_KEY),
+        other => message.property(other),
     }
+    .filter(|k| !k.is_empty())
 }
 
-/// Runs until `shutdown`: keeps a registered connection to every master broker and answers
-/// the check-backs that arrive on them.
+/// Runs until `shutdown`: keeps a registered connection to every master broker (in a task of
+/// its own) and answers the check-backs that arrive on them.
 pub async fn run(config: RocketmqConfig, oracle: Arc<Oracle>, shutdown: CancellationToken) {
     let groups = config.groups();
     if config.name_server.is_empty() || groups.is_empty() {
         return;
     }
+    tracing::info!(name_server = %config.name_server, groups = ?groups, "answering RocketMQ check-backs");
+    let (tx, mut incoming) = mpsc::channel::<(Connection, Command)>(1024);
+    tokio::spawn(keep_registered(
+        config.clone(),
+        groups,
+        tx,
+        shutdown.clone(),
+    ));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            got = incoming.recv() => match got {
+                Some((conn, cmd)) if cmd.code == code::CHECK_TRANSACTION_STATE => {
+                    let oracle = oracle.clone();
+                    let key_property = config.key_property.clone();
+                    tokio::spawn(async move { answer(conn, cmd, &oracle, &key_property).await });
+                }
+                Some((_, cmd)) => tracing::debug!(code = cmd.code, "ignoring a RocketMQ request"),
+                None => return,
+            }
+        }
+    }
+}
+
+/// Lists the master brokers and heartbeats each every `heartbeat_interval_ms`, reconnecting
+/// what broke; requests the brokers send arrive on `incoming`.
+async fn keep_registered(
+    config: RocketmqConfig,
+    groups: Vec<String>,
+    incoming: mpsc::Sender<(Connection, Command)>,
+    shutdown: CancellationToken,
+) {
     let client_id = config.client_id();
     let interval = Duration::from_millis(config.heartbeat_interval_ms);
-    let (tx, mut incoming) = mpsc::channel::<(Connection, Command)>(1024);
     let mut brokers: HashMap<String, Connection> = HashMap::new();
     let mut name_server: Option<Connection> = None;
     let mut reported_down = false;
-    tracing::info!(name_server = %config.name_server, groups = ?groups, "answering RocketMQ check-backs");
     loop {
-        // Refresh the brokers and heartbeat each; drop the ones that fail (reconnected next time).
-        match refresh(&config.name_server, &mut name_server).await {
+        match list_brokers(&config.name_servers(), &mut name_server).await {
             Ok(addrs) => {
                 reported_down = false;
                 for addr in addrs {
                     if brokers.get(&addr).is_none_or(Connection::is_closed) {
-                        match Connection::open(&addr, Some(tx.clone()), client::TIMEOUT).await {
+                        match Connection::open(&addr, Some(incoming.clone()), client::TIMEOUT).await
+                        {
                             Ok(c) => {
-                                brokers.insert(addr.clone(), c);
+                                brokers.insert(addr, c);
                             }
                             Err(e) => {
                                 tracing::warn!(broker = %addr, error = %e, "cannot reach a RocketMQ broker")
@@ -75,43 +105,47 @@ pub async fn run(config: RocketmqConfig, oracle: Arc<Oracle>, shutdown: Cancella
         let mut dead = Vec::new();
         for (addr, conn) in &brokers {
             if let Err(e) = client::heartbeat(conn, &client_id, &groups).await {
-                tracing::warn!(broker = %addr, error = %e, "RocketMQ heartbeat failed");
+                tracing::warn!(broker = %addr, error = %e, "RocketMQ heartbeat failed; reconnecting");
                 dead.push(addr.clone());
             }
         }
         for addr in dead {
             brokers.remove(&addr);
         }
-        let next_heartbeat = tokio::time::sleep(interval);
-        tokio::pin!(next_heartbeat);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = &mut next_heartbeat => break,
-                Some((conn, cmd)) = incoming.recv() => {
-                    if cmd.code == code::CHECK_TRANSACTION_STATE {
-                        let oracle = oracle.clone();
-                        let key_property = config.key_property.clone();
-                        tokio::spawn(async move { answer(conn, cmd, &oracle, &key_property).await });
-                    } else {
-                        tracing::debug!(code = cmd.code, "ignoring a RocketMQ request");
-                    }
-                }
-            }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
         }
     }
 }
 
-async fn refresh(addr: &str, name_server: &mut Option<Connection>) -> Result<Vec<String>, String> {
-    if name_server.as_ref().is_none_or(Connection::is_closed) {
-        *name_server = Some(Connection::open(addr, None, client::TIMEOUT).await?);
+/// The master brokers, from the first name server that answers (reusing its connection).
+async fn list_brokers(
+    addrs: &[String],
+    name_server: &mut Option<Connection>,
+) -> Result<Vec<String>, String> {
+    if let Some(ns) = name_server.as_ref().filter(|c| !c.is_closed()) {
+        match client::master_brokers(ns).await {
+            Ok(list) => return Ok(list),
+            Err(_) => *name_server = None,
+        }
     }
-    let ns = name_server.as_ref().ok_or("no name server connection")?;
-    let result = client::master_brokers(ns).await;
-    if result.is_err() {
-        *name_server = None;
+    let mut last = String::from("no name server configured");
+    for addr in addrs {
+        let attempt = async {
+            let ns = Connection::open(addr, None, client::TIMEOUT).await?;
+            let list = client::master_brokers(&ns).await?;
+            Ok::<_, String>((ns, list))
+        };
+        match attempt.await {
+            Ok((ns, list)) => {
+                *name_server = Some(ns);
+                return Ok(list);
+            }
+            Err(e) => last = e,
+        }
     }
-    result
+    Err(last)
 }
 
 /// Answers one check-back on the connection it came on.
@@ -123,31 +157,43 @@ pub async fn answer(conn: Connection, cmd: Command, oracle: &Oracle, key_propert
             return;
         }
     };
-    let (resolution, status, remark) = match transaction_key(&check.message, key_property) {
+    if check.half.producer_group.is_empty() {
+        tracing::warn!(broker = %conn.addr(), "a RocketMQ check-back without the PGROUP property; ignored");
+        return;
+    }
+    let key = transaction_key(&check.message, key_property);
+    let (resolution, status) = match key {
         None => (
             Resolution::Unknown,
-            "unknown",
-            Some(format!(
+            TxStatus::Unknown(format!(
                 "the message has no {key_property} property to look the transaction up by; \
                  set rocketmq.key_property to the property the producer puts the key in"
             )),
         ),
-        Some(key) => match oracle.check(key).await {
-            TxStatus::Committed => (Resolution::Commit, "committed", None),
-            TxStatus::RolledBack => (Resolution::Rollback, "rolled_back", None),
-            TxStatus::Unknown(why) => (Resolution::Unknown, "unknown", Some(why)),
-        },
+        Some(key) => {
+            let status = oracle.check(key).await;
+            let resolution = match status {
+                TxStatus::Committed => Resolution::Commit,
+                TxStatus::RolledBack => Resolution::Rollback,
+                TxStatus::Unknown(_) => Resolution::Unknown,
+            };
+            (resolution, status)
+        }
     };
-    let key = transaction_key(&check.message, key_property).unwrap_or("");
-    metrics::counter!(CHECKBACKS, "status" => status).increment(1);
-    match &remark {
-        Some(why) => {
-            tracing::warn!(group = %check.half.producer_group, key, status, reason = %why, "answered a RocketMQ check-back")
+    let key = key.unwrap_or("");
+    let group = &check.half.producer_group;
+    metrics::counter!(TRANSACTION_CHECKS, "source" => "rocketmq", "status" => status.as_str())
+        .increment(1);
+    let remark = match &status {
+        TxStatus::Unknown(why) => {
+            tracing::warn!(group = %group, key, status = status.as_str(), reason = %why, "answered a RocketMQ check-back");
+            Some(why.clone())
         }
-        None => {
-            tracing::info!(group = %check.half.producer_group, key, status, "answered a RocketMQ check-back")
+        _ => {
+            tracing::info!(group = %group, key, status = status.as_str(), "answered a RocketMQ check-back");
+            None
         }
-    }
+    };
     if let Err(e) = client::end_transaction(&conn, &check.half, resolution, true, remark).await {
         tracing::warn!(broker = %conn.addr(), error = %e, "could not answer a RocketMQ check-back; the broker asks again");
     }

@@ -59,7 +59,7 @@ pub async fn master_brokers(name_server: &Connection) -> Result<Vec<String>, Str
         #[serde(rename = "brokerAddrTable", default)]
         brokers: std::collections::HashMap<String, BrokerData>,
     }
-    let info: ClusterInfo = parse_json(&resp.body, "cluster info")?;
+    let info: ClusterInfo = parse_json(&quote_numeric_keys(&resp.body), "cluster info")?;
     let mut out = BTreeSet::new();
     for b in info.brokers.values() {
         out.extend(b.master());

@@ -48,6 +48,10 @@ impl Connection {
             closed: Arc::new(AtomicBool::new(false)),
         };
         let closed = conn.closed.clone();
+        // The reader stops when the writer does (every user gone, or the socket broken), even
+        // if the peer never closes its side.
+        let writer_done = Arc::new(tokio::sync::Notify::new());
+        let done = writer_done.clone();
         tokio::spawn(async move {
             while let Some(frame) = out_rx.recv().await {
                 if writer.write_all(&frame).await.is_err() {
@@ -55,6 +59,7 @@ impl Connection {
                 }
             }
             closed.store(true, Ordering::Release);
+            done.notify_one();
         });
         // The reader holds only a weak view: the connection lives while a user holds it.
         let pending = conn.pending.clone();
@@ -86,8 +91,13 @@ impl Connection {
                                 next_opaque: opaque.clone(),
                                 closed: closed.clone(),
                             };
-                            if incoming.send((me, cmd)).await.is_err() {
-                                break 'read;
+                            // Never block reading responses on a slow consumer: a dropped
+                            // check-back is asked again by the broker.
+                            if let Err(e) = incoming.try_send((me, cmd)) {
+                                if matches!(e, mpsc::error::TrySendError::Closed(_)) {
+                                    break 'read;
+                                }
+                                tracing::warn!(peer = %peer, "too many RocketMQ requests queued; dropped one (the broker asks again)");
                             }
                         }
                         Ok(None) => break,
@@ -97,9 +107,12 @@ impl Connection {
                         }
                     }
                 }
-                match reader.read_buf(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+                tokio::select! {
+                    read = reader.read_buf(&mut buf) => match read {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    },
+                    _ = writer_done.notified() => break,
                 }
             }
             closed.store(true, Ordering::Release);

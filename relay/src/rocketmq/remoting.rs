@@ -150,7 +150,8 @@ impl Command {
     pub fn encode(&self) -> Result<Bytes, String> {
         let header = JsonHeader {
             code: self.code,
-            language: "RUST".into(),
+            // OTHER: known to every broker (Java 4.x has no RUST).
+            language: "OTHER".into(),
             version: VERSION,
             opaque: self.opaque,
             flag: self.flag,
