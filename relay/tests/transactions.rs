@@ -99,6 +99,15 @@ async fn begin_business<'a>(
     tx
 }
 
+/// A whole business transaction under `key`, committed.
+async fn commit_business(client: &mut tokio_postgres::Client, key: &str) {
+    begin_business(client, key)
+        .await
+        .commit()
+        .await
+        .expect("commit");
+}
+
 async fn order_exists(client: &tokio_postgres::Client, key: &str) -> bool {
     client
         .query_opt("SELECT 1 FROM orders WHERE id = $1", &[&key])
@@ -132,11 +141,7 @@ async fn committed_and_rolled_back_transactions_are_reported_as_such() {
     let checker = Checker::new(&pg, Duration::from_secs(5)).await;
     for how in [Ask::Direct, Ask::Http] {
         let committed = format!("commit-{how:?}");
-        begin_business(&mut client, &committed)
-            .await
-            .commit()
-            .await
-            .expect("commit");
+        commit_business(&mut client, &committed).await;
         assert_eq!(checker.ask(how, &committed).await.0, "committed", "{how:?}");
         // Asking again gives the same answer.
         assert_eq!(checker.ask(how, &committed).await.0, "committed", "{how:?}");
@@ -203,11 +208,7 @@ async fn a_check_before_the_business_transaction_fences_it() {
         assert_eq!(checker.ask(how, &key).await.0, "rolled_back", "{how:?}");
     }
     // A key is single-use: a second transaction with a committed key fails too.
-    begin_business(&mut client, "used")
-        .await
-        .commit()
-        .await
-        .expect("commit");
+    commit_business(&mut client, "used").await;
     let tx = client.transaction().await.expect("begin");
     let err = tx
         .execute(BUSINESS, &[&"used"])
@@ -246,11 +247,7 @@ async fn a_lock_timeout_is_unknown_and_settles_nothing() {
 async fn postgres_down_is_unknown_never_rolled_back() {
     let (pg, mut client) = setup().await;
     let checker = Checker::new(&pg, Duration::from_secs(2)).await;
-    begin_business(&mut client, "before-down")
-        .await
-        .commit()
-        .await
-        .expect("commit");
+    commit_business(&mut client, "before-down").await;
     // Warm the pool, so the checks below meet a dead pooled connection first.
     assert_eq!(checker.ask(Ask::Direct, "before-down").await.0, "committed");
     drop(client);
@@ -303,11 +300,7 @@ async fn the_purge_deletes_only_keys_past_the_retention() {
             .await
             .expect("old key");
     }
-    begin_business(&mut client, "fresh")
-        .await
-        .commit()
-        .await
-        .expect("commit");
+    commit_business(&mut client, "fresh").await;
     let mut deleted = 0;
     loop {
         let n = checker
@@ -343,11 +336,7 @@ async fn the_relay_serves_transaction_checks_on_its_admin_listener() {
         .batch_execute("CREATE TABLE orders (id text PRIMARY KEY, amount int NOT NULL)")
         .await
         .expect("business table");
-    begin_business(&mut client, "via-relay")
-        .await
-        .commit()
-        .await
-        .expect("commit");
+    commit_business(&mut client, "via-relay").await;
     let up = eventually(Duration::from_secs(30), || async {
         tokio::net::TcpStream::connect(&addr).await.is_ok()
     })
@@ -369,25 +358,29 @@ async fn the_relay_serves_transaction_checks_on_its_admin_listener() {
     assert_eq!(v["status"], "rolled_back");
 }
 
+/// Runs `examples/checked_order.sql` with psql as an app would.
+fn run_example(pg: &PgCluster, key: &str, customer: &str) -> std::process::Output {
+    std::process::Command::new("psql")
+        .arg(pg.url())
+        .args(["-X", "-q", "-v", &format!("key={key}")])
+        .args([
+            "-v",
+            &format!("customer={customer}"),
+            "-v",
+            "total=42.50",
+            "-f",
+        ])
+        .arg(repo_root().join("examples/checked_order.sql"))
+        .output()
+        .expect("psql")
+}
+
 #[tokio::test]
 async fn the_example_business_transaction_is_answered_committed() {
     let pg = PgCluster::start();
     pg.apply_schema();
     pg.psql_file(&repo_root().join("examples/orders_schema.sql"));
-    let out = std::process::Command::new("psql")
-        .arg(pg.url())
-        .args([
-            "-X",
-            "-q",
-            "-v",
-            "key=order-request-7f3a",
-            "-v",
-            "customer=alice",
-        ])
-        .args(["-v", "total=42.50", "-f"])
-        .arg(repo_root().join("examples/checked_order.sql"))
-        .output()
-        .expect("psql");
+    let out = run_example(&pg, "order-request-7f3a", "alice");
     assert!(
         out.status.success(),
         "{}",
@@ -399,20 +392,7 @@ async fn the_example_business_transaction_is_answered_committed() {
         "committed"
     );
     // Running it again with the same key fails: keys are single-use.
-    let again = std::process::Command::new("psql")
-        .arg(pg.url())
-        .args([
-            "-X",
-            "-q",
-            "-v",
-            "key=order-request-7f3a",
-            "-v",
-            "customer=bob",
-        ])
-        .args(["-v", "total=1", "-f"])
-        .arg(repo_root().join("examples/checked_order.sql"))
-        .output()
-        .expect("psql");
+    let again = run_example(&pg, "order-request-7f3a", "bob");
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already committed"));
 }
@@ -481,11 +461,7 @@ async fn a_repeatable_read_business_transaction_is_fenced_or_reported_consistent
 async fn dtm_query_prepared_answers_success_failure_or_ongoing() {
     let (pg, mut client) = setup().await;
     let checker = Checker::new(&pg, Duration::from_millis(300)).await;
-    begin_business(&mut client, "dtm-ok")
-        .await
-        .commit()
-        .await
-        .expect("commit");
+    commit_business(&mut client, "dtm-ok").await;
     let (code, body) = http_get(
         &checker.http,
         "/v1/dtm/query-prepared?gid=dtm-ok&trans_type=msg",
