@@ -5,6 +5,8 @@ use std::collections::HashMap;
 
 use bytes::{Buf, Bytes};
 
+use super::remoting::need;
+
 /// Property names used here.
 pub mod prop {
     /// The message key(s), space-separated.
@@ -104,13 +106,6 @@ pub fn decode_messages(mut buf: Bytes) -> Result<Vec<MessageExt>, String> {
 
 /// Decodes one stored message.
 pub fn decode_message(mut b: Bytes) -> Result<MessageExt, String> {
-    fn need(b: &Bytes, n: usize, what: &str) -> Result<(), String> {
-        if b.remaining() < n {
-            Err(format!("message truncated at {what}"))
-        } else {
-            Ok(())
-        }
-    }
     need(&b, 4 + 4 + 4 + 4 + 4 + 8 + 8 + 4 + 8, "the fixed header")?;
     let _total = b.get_i32();
     let magic = b.get_i32();

@@ -225,19 +225,12 @@ impl Command {
 /// remark (i32 length + bytes), extFields (i32 length + (i16 key length, key, i32 value
 /// length, value)*).
 fn decode_binary_header(mut h: Bytes) -> Result<Command, String> {
-    fn need(h: &Bytes, n: usize) -> Result<(), String> {
-        if h.remaining() < n {
-            Err("truncated RocketMQ binary header".into())
-        } else {
-            Ok(())
-        }
-    }
     fn take_str(h: &mut Bytes, n: usize) -> Result<String, String> {
-        need(h, n)?;
+        need(h, n, "the binary header")?;
         let b = h.split_to(n);
         String::from_utf8(b.to_vec()).map_err(|_| "RocketMQ header field is not UTF-8".to_owned())
     }
-    need(&h, 2 + 1 + 2 + 4 + 4 + 4)?;
+    need(&h, 2 + 1 + 2 + 4 + 4 + 4, "the binary header")?;
     let code = h.get_i16() as i32;
     let _language = h.get_u8();
     let _version = h.get_i16();
@@ -249,16 +242,16 @@ fn decode_binary_header(mut h: Bytes) -> Result<Command, String> {
     } else {
         None
     };
-    need(&h, 4)?;
+    need(&h, 4, "the binary header")?;
     let ext_len = h.get_i32().max(0) as usize;
-    need(&h, ext_len)?;
+    need(&h, ext_len, "the binary header")?;
     let mut ext_bytes = h.split_to(ext_len);
     let mut ext = HashMap::new();
     while ext_bytes.has_remaining() {
-        need(&ext_bytes, 2)?;
+        need(&ext_bytes, 2, "the binary header")?;
         let kl = ext_bytes.get_i16().max(0) as usize;
         let k = take_str(&mut ext_bytes, kl)?;
-        need(&ext_bytes, 4)?;
+        need(&ext_bytes, 4, "the binary header")?;
         let vl = ext_bytes.get_i32().max(0) as usize;
         let v = take_str(&mut ext_bytes, vl)?;
         ext.insert(k, v);
@@ -271,6 +264,15 @@ fn decode_binary_header(mut h: Bytes) -> Result<Command, String> {
         ext,
         body: Bytes::new(),
     })
+}
+
+/// `Ok` if `b` holds at least `n` more bytes; else an error naming `what` was cut short.
+pub(super) fn need(b: &Bytes, n: usize, what: &str) -> Result<(), String> {
+    if b.remaining() < n {
+        Err(format!("RocketMQ data truncated at {what}"))
+    } else {
+        Ok(())
+    }
 }
 
 /// Header fields from pairs.
