@@ -248,6 +248,9 @@ async fn oracle_check(c: &tokio_postgres::Client, config: &Config) -> CheckResul
 }
 
 async fn broker_check(config: &Config) -> CheckResult {
+    if config.sink == crate::config::SinkKind::Rocketmq {
+        return rocketmq_check(config).await;
+    }
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &config.kafka.brokers);
     for (k, v) in &config.kafka.properties {
@@ -272,6 +275,40 @@ async fn broker_check(config: &Config) -> CheckResult {
         ),
         Err(e) => fail("broker", e.to_string()),
     }
+}
+
+/// `sink = "rocketmq"`: a name server answers and lists at least one master broker.
+async fn rocketmq_check(config: &Config) -> CheckResult {
+    use crate::rocketmq::{client, connection::Connection};
+    let mut last = String::from("no name server configured");
+    for addr in config.rocketmq.name_servers() {
+        let listed = async {
+            let ns = Connection::open(&addr, None, client::TIMEOUT).await?;
+            client::master_brokers(&ns).await
+        };
+        match listed.await {
+            Ok(masters) if !masters.is_empty() => {
+                return pass(
+                    "broker",
+                    format!(
+                        "RocketMQ name server {addr} lists {} master broker(s): {}",
+                        masters.len(),
+                        masters.join(", ")
+                    ),
+                );
+            }
+            Ok(_) => {
+                last = format!("{addr} lists no master broker; start a broker registered with it")
+            }
+            Err(e) => last = e,
+        }
+    }
+    fail(
+        "broker",
+        format!(
+            "{last}; check rocketmq.name_server (RELAY_ROCKETMQ__NAME_SERVER) and that the name server is up"
+        ),
+    )
 }
 
 /// Prints the report; returns whether every check passed.

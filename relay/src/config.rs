@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// Where messages go: `kafka` (default) or `rocketmq` (transactional messages; see
+    /// [`RocketmqConfig`]).
+    pub sink: SinkKind,
     /// `at_least_once` (default) or `exactly_once` (Kafka transactions; see [`ExactlyOnceConfig`]).
     pub delivery: DeliveryMode,
     pub postgres: PostgresConfig,
@@ -45,6 +48,13 @@ pub struct RocketmqConfig {
     pub heartbeat_interval_ms: u64,
     /// The client id the relay registers with; "" for `outbox-relay@<host>-<pid>`.
     pub client_id: String,
+    /// `sink = "rocketmq"`: the producer group the relay's own transactional messages belong to
+    /// (the relay answers its check-backs too).
+    pub producer_group: String,
+    /// `sink = "rocketmq"`: create missing topics on every master broker.
+    pub create_topics: bool,
+    /// `sink = "rocketmq"`: read and write queues of the topics the relay creates.
+    pub topic_queues: i32,
 }
 
 impl Default for RocketmqConfig {
@@ -55,19 +65,26 @@ impl Default for RocketmqConfig {
             key_property: "KEYS".into(),
             heartbeat_interval_ms: 10_000,
             client_id: String::new(),
+            producer_group: "outbox-relay".into(),
+            create_topics: true,
+            topic_queues: 4,
         }
     }
 }
 
 impl RocketmqConfig {
-    /// The producer groups, trimmed, without empties.
-    pub fn groups(&self) -> Vec<String> {
-        self.producer_groups
-            .split(',')
-            .map(str::trim)
-            .filter(|g| !g.is_empty())
-            .map(str::to_owned)
-            .collect()
+    /// The producer groups whose check-backs the relay answers, trimmed, without empties or
+    /// repeats: `producer_groups`, plus `producer_group` when `sink` is `rocketmq` (`own`).
+    pub fn groups(&self, own: bool) -> Vec<String> {
+        let mut groups: Vec<String> = Vec::new();
+        let listed = self.producer_groups.split(',');
+        let own = own.then_some(self.producer_group.as_str());
+        for g in listed.chain(own).map(str::trim) {
+            if !g.is_empty() && !groups.iter().any(|x| x == g) {
+                groups.push(g.to_owned());
+            }
+        }
+        groups
     }
 
     /// The name servers (`name_server` may list several, separated by `;` or `,`).
@@ -131,6 +148,18 @@ impl Default for TransactionsConfig {
             purge_interval_ms: 60_000,
         }
     }
+}
+
+/// The broker the relay publishes to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    /// Kafka (or any Kafka-protocol broker), through librdkafka.
+    #[default]
+    Kafka,
+    /// RocketMQ transactional messages: each row's message becomes visible if and only if the
+    /// row is marked delivered (the oracle decides what the relay could not say).
+    Rocketmq,
 }
 
 /// What the relay promises about each row's message.
@@ -566,7 +595,7 @@ impl Config {
             }
         }
         let k = &self.kafka;
-        if k.brokers.trim().is_empty() {
+        if self.sink == SinkKind::Kafka && k.brokers.trim().is_empty() {
             return Err(invalid(
                 "kafka.brokers",
                 "",
@@ -776,7 +805,7 @@ impl Config {
                     ),
                 ));
             }
-            if r.groups().is_empty() {
+            if r.groups(self.sink == SinkKind::Rocketmq).is_empty() {
                 return Err(invalid(
                     "rocketmq.producer_groups",
                     &r.producer_groups,
@@ -795,6 +824,45 @@ impl Config {
                     "rocketmq.heartbeat_interval_ms",
                     r.heartbeat_interval_ms,
                     "must be between 1000 and 60000 (brokers forget a producer after 120 s without one)",
+                ));
+            }
+        }
+        if self.sink == SinkKind::Rocketmq {
+            if r.name_server.is_empty() {
+                return Err(invalid(
+                    "rocketmq.name_server",
+                    "",
+                    "sink = rocketmq needs the name server(s), host:port[;host:port]",
+                ));
+            }
+            if !crate::rocketmq::valid_name(&r.producer_group) {
+                return Err(invalid(
+                    "rocketmq.producer_group",
+                    &r.producer_group,
+                    "a RocketMQ group name: 1 to 255 letters, digits, '_', '-', '%' or '|'",
+                ));
+            }
+            if !(1..=1024).contains(&r.topic_queues) {
+                return Err(invalid(
+                    "rocketmq.topic_queues",
+                    r.topic_queues,
+                    "must be between 1 and 1024 (4 is usual)",
+                ));
+            }
+            if self.delivery == DeliveryMode::ExactlyOnce {
+                return Err(invalid(
+                    "delivery",
+                    "exactly_once",
+                    "exactly_once uses Kafka transactions; with sink = rocketmq every message is \
+                     already visible once, as a transactional message: set delivery = at_least_once",
+                ));
+            }
+            if !self.pipeline.mark_delivered {
+                return Err(invalid(
+                    "pipeline.mark_delivered",
+                    "false",
+                    "sink = rocketmq commits each message in the transaction that marks its row \
+                     delivered; set pipeline.mark_delivered = true",
                 ));
             }
         }

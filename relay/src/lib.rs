@@ -9,6 +9,7 @@ pub mod admin;
 pub mod check;
 pub mod config;
 pub mod db;
+pub mod failpoint;
 pub mod metrics;
 pub mod oracle;
 pub mod pipeline;

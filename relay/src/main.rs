@@ -103,9 +103,13 @@ fn main() -> ExitCode {
                         return ExitCode::from(2);
                     }
                 }
+                let own = outbox_relay::rocketmq::OwnHalves::default();
+                let own_sink = config.sink == outbox_relay::config::SinkKind::Rocketmq;
                 tokio::spawn(outbox_relay::rocketmq::checkback::run(
                     config.rocketmq.clone(),
+                    config.rocketmq.groups(own_sink),
                     oracle.clone(),
+                    own.clone(),
                     shutdown.clone(),
                 ));
                 {
@@ -115,7 +119,7 @@ fn main() -> ExitCode {
                         outbox_relay::admin::purge_loop(&config, oracle, shutdown).await
                     });
                 }
-                match outbox_relay::runtime::run(config, shutdown).await {
+                match outbox_relay::runtime::run(config, shutdown, own).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         tracing::error!("{e}");

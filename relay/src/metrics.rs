@@ -18,6 +18,10 @@ pub const MESSAGES_ACKED: &str = "outbox_relay_messages_acked_total";
 /// (`committed`, `rolled_back`, `unknown`).
 pub const TRANSACTION_CHECKS: &str = "outbox_relay_transaction_checks_total";
 
+/// Counter: END_TRANSACTION requests the RocketMQ sink sent for its own half messages, by
+/// `resolution` (`commit`, `rollback`) and `result` (`ok`, `error`: left to the check-back).
+pub const ROCKETMQ_END_TRANSACTIONS: &str = "outbox_relay_rocketmq_end_transactions_total";
+
 /// Bucket bounds (seconds) of the latency histograms: fine below 100 ms, where the relay's own
 /// share of the latency lives, coarse above.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -58,6 +62,10 @@ pub fn install(listen: &str) -> Result<Option<SocketAddr>, String> {
     metrics::describe_counter!(
         TRANSACTION_CHECKS,
         "Transaction checks answered from the oracle, by source and status"
+    );
+    metrics::describe_counter!(
+        ROCKETMQ_END_TRANSACTIONS,
+        "END_TRANSACTION requests for the RocketMQ sink's half messages, by resolution and result"
     );
     Ok(Some(bound))
 }

@@ -9,6 +9,12 @@
 //! published but unmarked. A failing UPDATE is retried with backoff (reconnecting as needed) for
 //! as long as it takes; meanwhile the pipeline's in-flight bound stops WAL reading. If Postgres
 //! says it is shutting down, the pipeline is told at once so the replication connection lets go.
+//!
+//! RocketMQ sink: acks carry a half message ([`HalfRef`]). Its row is marked in one transaction
+//! with `outbox_tx_begin(<its oracle key>)`, then the half message is committed (rolled back for
+//! a row delivered before or gone) through the [`Settler`] before the batch is reported. A key a
+//! check-back already settled as rolled back is not marked; the batch then reports the sink
+//! broken instead of complete, so the relay reads the unconfirmed rows again.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,6 +32,8 @@ use crate::db;
 use crate::pipeline::Progress;
 use crate::pipeline::watermark::TxSeq;
 use crate::replication::client::quote_ident;
+use crate::rocketmq::client::Resolution;
+use crate::sink::rocketmq::{HalfRef, Settler};
 use crate::sink::{Delivery, FailureNote};
 
 /// The connection in `slot`, (re)connected when needed.
@@ -69,7 +77,24 @@ struct Marker {
     failed_sql: String,
     /// Which of the given rows are already delivered.
     already_sql: String,
+    /// RocketMQ sink: which of the given oracle keys a check-back settled as rolled back.
+    fenced_sql: String,
+    /// RocketMQ sink: records the given oracle keys as committed (in the marking transaction).
+    begin_sql: String,
     client: Option<Client>,
+}
+
+/// What one marking statement (or transaction) did.
+#[derive(Default)]
+struct Executed {
+    /// Rows neither marked now nor marked before: not visible (yet), or gone.
+    missing: Vec<Uuid>,
+    /// Rows with half messages: marked now, their oracle keys committed with the mark.
+    marked: Vec<Uuid>,
+    /// Rows with half messages that were marked before (a repeat after a restart).
+    already: Vec<Uuid>,
+    /// Rows whose half message a check-back settled as rolled back before it was marked.
+    fenced: Vec<Uuid>,
 }
 
 impl Marker {
@@ -78,6 +103,7 @@ impl Marker {
         let table = config.outbox_table_sql();
         let d = quote_ident(&c.delivered_at);
         let id = quote_ident(&c.id);
+        let schema = quote_ident(&config.outbox.schema);
         Marker {
             pg: config.pg_config(),
             delivered_sql: format!(
@@ -92,6 +118,10 @@ impl Marker {
             already_sql: format!(
                 "SELECT {id} FROM {table} WHERE {id} = ANY($1) AND {d} IS NOT NULL"
             ),
+            fenced_sql: format!(
+                "SELECT tx_key FROM {schema}.outbox_tx WHERE tx_key = ANY($1) AND outcome = 'rollback'"
+            ),
+            begin_sql: format!("SELECT {schema}.outbox_tx_begin(k) FROM unnest($1::text[]) AS k"),
             client: None,
         }
     }
@@ -111,43 +141,106 @@ impl Marker {
             .collect())
     }
 
-    /// Marks `ids`; returns those it could not find (neither updated nor already delivered).
+    /// Marks `ids`. Rows with a half message in `halves` (RocketMQ sink) are marked in one
+    /// transaction with `outbox_tx_begin` of their oracle keys, unless a check-back already
+    /// settled the key as rolled back.
     async fn execute(
         &mut self,
         mark: Mark<'_>,
         ids: &[Uuid],
-    ) -> Result<Vec<Uuid>, tokio_postgres::Error> {
-        let client = connected(&mut self.client, &self.pg).await?;
+        halves: &HashMap<Uuid, Box<HalfRef>>,
+    ) -> Result<Executed, tokio_postgres::Error> {
+        let Marker {
+            pg,
+            delivered_sql,
+            failed_sql,
+            already_sql,
+            fenced_sql,
+            begin_sql,
+            client: slot,
+        } = self;
+        let client = connected(slot, pg).await?;
         let result = async {
-            let updated = match mark {
-                Mark::Delivered => client.query(&self.delivered_sql, &[&ids]).await?,
-                Mark::Failed(note) => {
-                    let attempts = i32::try_from(note.attempts).unwrap_or(i32::MAX);
-                    client
-                        .query(&self.failed_sql, &[&ids, &attempts, &note.error])
-                        .await?
+            let mut out = Executed::default();
+            let update = |ids: Vec<Uuid>| async move {
+                match mark {
+                    Mark::Delivered => client.query(delivered_sql.as_str(), &[&ids]).await,
+                    Mark::Failed(note) => {
+                        let attempts = i32::try_from(note.attempts).unwrap_or(i32::MAX);
+                        client
+                            .query(failed_sql.as_str(), &[&ids, &attempts, &note.error])
+                            .await
+                    }
                 }
             };
-            if updated.len() == ids.len() {
-                return Ok(Vec::new());
+            let (live, updated) = if halves.is_empty() {
+                (ids.to_vec(), update(ids.to_vec()).await?)
+            } else {
+                // The mark and the keys' `commit` are one transaction. On any error the
+                // connection is dropped, which rolls it back.
+                client.batch_execute("BEGIN").await?;
+                let keys: Vec<&str> = ids
+                    .iter()
+                    .filter_map(|id| halves.get(id).map(|h| h.key.as_str()))
+                    .collect();
+                let fenced: std::collections::HashSet<String> = client
+                    .query(fenced_sql.as_str(), &[&keys])
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let mut live = Vec::with_capacity(ids.len());
+                for id in ids {
+                    if halves.get(id).is_some_and(|h| fenced.contains(&h.key)) {
+                        out.fenced.push(*id);
+                    } else {
+                        live.push(*id);
+                    }
+                }
+                let updated = update(live.clone()).await?;
+                let begin: Vec<&str> = updated
+                    .iter()
+                    .filter_map(|r| halves.get(&r.get::<_, Uuid>(0)).map(|h| h.key.as_str()))
+                    .collect();
+                if !begin.is_empty() {
+                    client.execute(begin_sql.as_str(), &[&begin]).await?;
+                }
+                client.batch_execute("COMMIT").await?;
+                (live, updated)
+            };
+            if !halves.is_empty() {
+                out.marked = updated
+                    .iter()
+                    .map(|r| r.get::<_, Uuid>(0))
+                    .filter(|id| halves.contains_key(id))
+                    .collect();
             }
-            let mut rest: std::collections::HashSet<Uuid> = ids.iter().copied().collect();
+            if updated.len() == live.len() {
+                return Ok(out);
+            }
+            let mut rest: std::collections::HashSet<Uuid> = live.into_iter().collect();
             for row in &updated {
                 rest.remove(&row.get::<_, Uuid>(0));
             }
             let rest: Vec<Uuid> = rest.into_iter().collect();
             // Rows delivered before (a repeat after a restart) need nothing more.
-            let already = client.query(&self.already_sql, &[&rest]).await?;
+            let already = client.query(already_sql.as_str(), &[&rest]).await?;
             let already: std::collections::HashSet<Uuid> =
                 already.iter().map(|r| r.get::<_, Uuid>(0)).collect();
-            Ok(rest
+            out.already = already
+                .iter()
+                .filter(|id| halves.contains_key(id))
+                .copied()
+                .collect();
+            out.missing = rest
                 .into_iter()
                 .filter(|id| !already.contains(id))
-                .collect())
+                .collect();
+            Ok(out)
         }
         .await;
         if result.is_err() {
-            self.client = None;
+            *slot = None;
         }
         result
     }
@@ -164,14 +257,16 @@ impl Marker {
     /// for up to `NOT_VISIBLE_LIMIT`, then given up with a warning.
     ///
     /// `rows` are (id, inserting transaction if known); the lookup by id is built only when an
-    /// UPDATE misses, which is rare.
+    /// UPDATE misses, which is rare. `halves`: see [`Marker::execute`]; the outcome for those
+    /// rows is returned for settling their half messages. `None` if the pipeline is gone.
     async fn execute_until_done(
         &mut self,
         mark: Mark<'_>,
         rows: &[(Uuid, Option<u32>)],
+        halves: &HashMap<Uuid, Box<HalfRef>>,
         config: &Config,
         completions: &mpsc::UnboundedSender<Progress>,
-    ) -> bool {
+    ) -> Option<Settled> {
         let mut delays = crate::sink::kafka::backoff(&config.retry).build();
         let mut told_stopping = false;
         let mut pending: Vec<Uuid> = rows.iter().map(|(id, _)| *id).collect();
@@ -180,13 +275,30 @@ impl Marker {
         let mut ended_rows: std::collections::HashSet<Uuid> = std::collections::HashSet::new();
         let mut invisible_since: Option<tokio::time::Instant> = None;
         let mut invisible_wait = Duration::from_millis(1);
+        let mut settled = Settled::default();
         loop {
-            match self.execute(mark, &pending).await {
-                Ok(rest) if rest.is_empty() => return true,
-                Ok(mut rest) => {
+            match self.execute(mark, &pending, halves).await {
+                Ok(done) => {
+                    let Executed {
+                        missing: mut rest,
+                        marked,
+                        already,
+                        fenced,
+                    } = done;
+                    settled.marked.extend(marked);
+                    settled.skipped.extend(already);
+                    settled.fenced.extend(fenced);
+                    if rest.is_empty() {
+                        return Some(settled);
+                    }
+                    // Gone: their transaction had ended before an UPDATE that still missed them.
+                    let gone = rest.iter().filter(|id| ended_rows.contains(id));
+                    settled
+                        .skipped
+                        .extend(gone.filter(|id| halves.contains_key(id)));
                     rest.retain(|id| !ended_rows.contains(id));
                     if rest.is_empty() {
-                        return true;
+                        return Some(settled);
                     }
                     let xids = xids.get_or_insert_with(|| {
                         rows.iter()
@@ -229,7 +341,10 @@ impl Marker {
                                 first = %pending[0],
                                 "rows the broker confirmed are not in the outbox table (deleted?); not marking them"
                             );
-                            return true;
+                            settled
+                                .skipped
+                                .extend(pending.iter().filter(|id| halves.contains_key(id)));
+                            return Some(settled);
                         }
                         tracing::debug!(
                             rows = pending.len(),
@@ -245,7 +360,7 @@ impl Marker {
                         told_stopping = true;
                         let why = db::describe(&e);
                         if completions.send(Progress::PostgresStopping(why)).is_err() {
-                            return false;
+                            return None;
                         }
                     }
                     let wait = delays.next().unwrap_or(Duration::from_secs(30));
@@ -259,6 +374,17 @@ impl Marker {
             }
         }
     }
+}
+
+/// What marking decided for rows with half messages (RocketMQ sink).
+#[derive(Default)]
+struct Settled {
+    /// Marked now: commit their half messages.
+    marked: Vec<Uuid>,
+    /// Marked before, or gone from the table: roll their half messages back.
+    skipped: Vec<Uuid>,
+    /// Settled as rolled back by a check-back before they could be marked: send them again.
+    fenced: Vec<Uuid>,
 }
 
 /// Adds one completion to the run-length list of `(transaction, count)`.
@@ -286,12 +412,17 @@ struct Batch {
     failed: Vec<(Uuid, Option<u32>, Box<FailureNote>)>,
     done: Vec<(TxSeq, u64)>,
     rejected: Vec<Progress>,
+    /// RocketMQ sink: the half message of each row.
+    halves: HashMap<Uuid, Box<HalfRef>>,
 }
 
 impl Batch {
     fn add(&mut self, d: Delivery, mark_delivered: bool) {
         match d {
-            Delivery::Acked(token) => {
+            Delivery::Acked(mut token) => {
+                if let Some(half) = token.half.take() {
+                    self.halves.insert(token.id, half);
+                }
                 match token.failure {
                     Some(note) => self.failed.push((token.id, token.xid, note)),
                     None if mark_delivered => self.delivered.push((token.id, token.xid)),
@@ -319,18 +450,32 @@ impl Batch {
         mut marker: Marker,
         config: Arc<Config>,
         completions: mpsc::UnboundedSender<Progress>,
+        settler: Option<Settler>,
     ) -> BatchOutcome {
         let Batch {
             delivered,
             failed,
-            done,
-            rejected,
+            mut done,
+            mut rejected,
+            mut halves,
         } = self;
+        let mut settled = Settled::default();
         let mut ok = true;
+        let mut merge = |s: Option<Settled>| match s {
+            Some(s) => {
+                settled.marked.extend(s.marked);
+                settled.skipped.extend(s.skipped);
+                settled.fenced.extend(s.fenced);
+                true
+            }
+            None => false,
+        };
         if !delivered.is_empty() {
-            ok = marker
-                .execute_until_done(Mark::Delivered, &delivered, &config, &completions)
-                .await;
+            ok = merge(
+                marker
+                    .execute_until_done(Mark::Delivered, &delivered, &halves, &config, &completions)
+                    .await,
+            );
             tracing::trace!(rows = delivered.len(), "marked delivered");
         }
         // Rows with the same note (a blocked aggregate's parked rows) share one UPDATE.
@@ -342,13 +487,44 @@ impl Batch {
                 .count();
             let rows: Vec<(Uuid, Option<u32>)> =
                 rest[..n].iter().map(|(id, xid, _)| (*id, *xid)).collect();
-            ok = marker
-                .execute_until_done(Mark::Failed(note), &rows, &config, &completions)
-                .await;
+            ok = merge(
+                marker
+                    .execute_until_done(Mark::Failed(note), &rows, &halves, &config, &completions)
+                    .await,
+            );
             if ok {
                 tracing::info!(rows = n, first = %rows[0].0, error = %note.error, attempts = note.attempts, "rows marked failed");
             }
             rest = &rest[n..];
+        }
+        if ok && !halves.is_empty() {
+            crate::failpoint::crash_point("rocketmq-after-mark");
+            let mut settle = Vec::with_capacity(halves.len());
+            for (ids, resolution) in [
+                (&settled.marked, Resolution::Commit),
+                (&settled.skipped, Resolution::Rollback),
+            ] {
+                settle.extend(
+                    ids.iter()
+                        .filter_map(|id| halves.remove(id))
+                        .map(|h| (*h, resolution)),
+                );
+            }
+            if let Some(settler) = &settler {
+                settler.settle(settle).await;
+            }
+            if let Some(first) = settled.fenced.first() {
+                // Their messages are gone. Completing the batch would let the slot pass them:
+                // report nothing of it and have the relay read everything unconfirmed again
+                // (rows marked meanwhile are recognised as delivered and not sent twice).
+                done.clear();
+                rejected.push(Progress::SinkBroken(format!(
+                    "a check-back settled the message of row {first} (and {} more) as rolled back \
+                     before the relay marked it (another relay answered it, or marking took longer \
+                     than the broker's transactionTimeout); sending the unconfirmed rows again",
+                    settled.fenced.len() - 1
+                )));
+            }
         }
         BatchOutcome {
             marker,
@@ -374,6 +550,7 @@ pub async fn run(
     config: Config,
     mut deliveries: mpsc::UnboundedReceiver<Delivery>,
     completions: mpsc::UnboundedSender<Progress>,
+    settler: Option<Settler>,
 ) {
     let mark_delivered = config.pipeline.mark_delivered;
     let batch_size = config.pipeline.mark_batch_size;
@@ -434,7 +611,12 @@ pub async fn run(
                     batch.add(next, mark_delivered);
                 }
                 let marker = idle.pop().expect("a marker is idle");
-                marking.push_back(batch.mark(marker, config.clone(), completions.clone()));
+                marking.push_back(batch.mark(
+                    marker,
+                    config.clone(),
+                    completions.clone(),
+                    settler.clone(),
+                ));
             }
             else => return,
         }
@@ -462,7 +644,7 @@ mod tests {
         config.pipeline.mark_delivered = false;
         let (dtx, drx) = mpsc::unbounded_channel();
         let (ctx, mut crx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(config, drx, ctx));
+        let task = tokio::spawn(run(config, drx, ctx, None));
         let t = |seq| AckToken::new(seq, Uuid::new_v4());
         dtx.send(Delivery::Acked(t(4))).unwrap();
         dtx.send(Delivery::Acked(t(4))).unwrap();

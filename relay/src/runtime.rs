@@ -14,14 +14,16 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, DeliveryMode, redact_url};
+use crate::config::{Config, DeliveryMode, SinkKind, redact_url};
 use crate::pipeline::position::SourcePosition;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::replication::pgoutput::PgOutput;
 use crate::replication::protocol::{ServerMessage, StandbyStatusUpdate};
 use crate::replication::{ReplicationClient, ReplicationError, ReplicationStream};
+use crate::rocketmq::OwnHalves;
 use crate::sink::kafka::{KafkaSink, backoff};
-use crate::sink::{Sink, SinkError};
+use crate::sink::rocketmq::RocketMqSink;
+use crate::sink::{AnySink, Sink, SinkError};
 use crate::slot::{self, SlotError};
 use crate::{db, progress, redrive};
 
@@ -76,15 +78,25 @@ fn is_transient_replication(e: &ReplicationError) -> bool {
 /// Minimum spacing of status updates sent because the watermark moved.
 const FEEDBACK_COALESCE: Duration = Duration::from_millis(100);
 
-/// Runs the relay until `shutdown` is cancelled or an unrecoverable error occurs.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+/// Runs the relay until `shutdown` is cancelled or an unrecoverable error occurs. `own`: the
+/// RocketMQ sink registers its unsettled half messages there (for the check-back responder).
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    own: OwnHalves,
+) -> Result<(), RunError> {
     let pg = config.pg_config();
     let url = redact_url(&config.postgres.url);
+    let brokers = match config.sink {
+        SinkKind::Kafka => config.kafka.brokers.clone(),
+        SinkKind::Rocketmq => config.rocketmq.name_server.clone(),
+    };
     tracing::info!(
         postgres = %url,
         slot = %config.postgres.slot,
         publication = %config.postgres.publication,
-        brokers = %config.kafka.brokers,
+        sink = ?config.sink,
+        %brokers,
         "starting outbox-relay"
     );
     let db = connect_db(&config, &shutdown).await?;
@@ -93,7 +105,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     };
     slot::preflight(&db, &config).await?;
 
-    let (mut pipeline, mut progress_task) = build_pipeline(&config, &db, None).await?;
+    let (mut pipeline, mut progress_task) = build_pipeline(&config, &db, None, &own).await?;
 
     let mut delays = backoff(&config.retry).build();
     let (mut db, mut db_shutdown) = (db, db_shutdown);
@@ -116,7 +128,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         }
         if let Some((known, confirmed)) = rebuild.take() {
             progress_task.abort();
-            let (mut fresh, task) = build_pipeline(&config, &db, known).await?;
+            let (mut fresh, task) = build_pipeline(&config, &db, known, &own).await?;
             fresh.start_at(confirmed);
             pipeline = fresh;
             progress_task = task;
@@ -168,7 +180,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                 let confirmed = pipeline.flushable();
                 let wait = delays.next().unwrap_or(Duration::from_secs(30));
                 tracing::error!(error = %why, %confirmed, in_flight = pipeline.in_flight(), retry_in = ?wait,
-                    "the Kafka producer failed; starting a new one (unconfirmed messages are sent again)");
+                    "the sink failed; starting a new one (unconfirmed messages are sent again)");
                 if sleep_or_shutdown(wait, &shutdown).await {
                     break Ok(());
                 }
@@ -219,16 +231,32 @@ async fn build_pipeline(
     config: &Config,
     db: &tokio_postgres::Client,
     known: Option<SourcePosition>,
-) -> Result<(Pipeline<KafkaSink>, tokio::task::JoinHandle<()>), RunError> {
+    own: &OwnHalves,
+) -> Result<(Pipeline<AnySink>, tokio::task::JoinHandle<()>), RunError> {
     let (deliveries_tx, deliveries_rx) = mpsc::unbounded_channel();
     let (progress_tx, progress_rx) = mpsc::unbounded_channel();
-    let mut sink = KafkaSink::new(config, deliveries_tx.clone())?;
-    let covered = match sink.init_transactions(config, known.is_none()).await {
-        Ok(covered) => covered,
-        Err(SinkError::Fenced(why)) => return Err(PipelineError::Fenced(why).into()),
-        Err(e) => return Err(RunError::ExactlyOnce(e.to_string())),
+    let (sink, settler, covered) = match config.sink {
+        SinkKind::Kafka => {
+            let mut sink = KafkaSink::new(config, deliveries_tx.clone())?;
+            let covered = match sink.init_transactions(config, known.is_none()).await {
+                Ok(covered) => covered,
+                Err(SinkError::Fenced(why)) => return Err(PipelineError::Fenced(why).into()),
+                Err(e) => return Err(RunError::ExactlyOnce(e.to_string())),
+            };
+            (AnySink::Kafka(sink), None, covered)
+        }
+        SinkKind::Rocketmq => {
+            let sink = RocketMqSink::new(config, deliveries_tx.clone(), own.clone());
+            let settler = sink.settler();
+            (AnySink::Rocketmq(sink), Some(settler), None)
+        }
     };
-    let progress_task = tokio::spawn(progress::run(config.clone(), deliveries_rx, progress_tx));
+    let progress_task = tokio::spawn(progress::run(
+        config.clone(),
+        deliveries_rx,
+        progress_tx,
+        settler,
+    ));
     let mut pipeline = Pipeline::new(config, sink, deliveries_tx, progress_rx);
     if config.delivery == DeliveryMode::ExactlyOnce {
         let covered = known.or(covered).unwrap_or_default();

@@ -425,6 +425,7 @@ impl MarkingStage {
             config,
             deliveries_rx,
             completions_tx,
+            None,
         ));
         MarkingStage {
             deliveries,

@@ -1,6 +1,9 @@
-//! RocketMQ check-backs against a real name server and broker (the Rust implementation from
-//! crates.io) and a real Postgres: an app sends a half message, runs its local transaction, and
-//! dies before END_TRANSACTION; the broker checks back; the relay answers from the oracle.
+//! RocketMQ against a real name server and broker (the Rust implementation from crates.io) and a
+//! real Postgres.
+//! - Check-backs: an app sends a half message, runs its local transaction, and dies before
+//!   END_TRANSACTION; the broker checks back; the relay answers from the oracle.
+//! - The RocketMQ sink: every row becomes a transactional message, visible once, if and only if
+//!   the row is marked delivered, also when the relay is killed between the steps.
 
 mod common;
 
@@ -10,6 +13,7 @@ use bytes::Bytes;
 use common::*;
 use outbox_relay::rocketmq::client::{self, HalfSend, Resolution};
 use outbox_relay::rocketmq::connection::Connection;
+use outbox_relay::rocketmq::message::MessageExt;
 
 const GROUP: &str = "app-tx";
 const TOPIC: &str = "orders";
@@ -169,4 +173,218 @@ async fn check_backs_commit_what_postgres_committed_and_roll_back_the_rest() {
             "{k} once: {keys:?}"
         );
     }
+}
+
+/// The topic the sink routes `aggregatetype = 'order'` rows to (`outbox.event.order`, mapped).
+const SINK_TOPIC: &str = "outbox_event_order";
+
+/// Every message visible on `topic` (4 queues); nothing while the topic does not exist.
+async fn visible_messages(broker: &Connection, topic: &str) -> Vec<MessageExt> {
+    let mut out = Vec::new();
+    for queue in 0..4 {
+        let mut offset = 0;
+        while let Ok((msgs, next)) = client::pull(broker, "test-reader", topic, queue, offset).await
+        {
+            if msgs.is_empty() {
+                break;
+            }
+            out.extend(msgs);
+            offset = next;
+        }
+    }
+    out
+}
+
+/// The outbox ids of the visible messages (their `KEYS`), sorted, repeats kept.
+async fn visible_ids(broker: &Connection) -> Vec<String> {
+    let mut ids: Vec<String> = visible_messages(broker, SINK_TOPIC)
+        .await
+        .iter()
+        .filter_map(|m| m.key().map(str::to_owned))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The ids of delivered rows, sorted.
+async fn delivered_ids(db: &tokio_postgres::Client) -> Vec<String> {
+    db.query(
+        "SELECT id::text FROM outbox WHERE delivered_at IS NOT NULL ORDER BY 1",
+        &[],
+    )
+    .await
+    .expect("delivered rows")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// A relay publishing to RocketMQ (`sink = "rocketmq"`), plus `extra` settings.
+fn sink_relay(pg: &PgCluster, rmq: &RocketMq, extra: &[(&str, &str)]) -> Relay {
+    let mut settings = vec![
+        ("RELAY_SINK", "rocketmq"),
+        ("RELAY_ROCKETMQ__HEARTBEAT_INTERVAL_MS", "1000"),
+        ("RELAY_TRANSACTIONS__LOCK_TIMEOUT_MS", "500"),
+    ];
+    let ns = rmq.name_server();
+    settings.push(("RELAY_ROCKETMQ__NAME_SERVER", &ns));
+    settings.extend_from_slice(extra);
+    Relay::start(&relay_env(pg, "", &settings))
+}
+
+/// Lines in which the relay answered a check-back with `status`.
+fn answers(log: &str, status: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| {
+            l.contains("answered a RocketMQ check-back") && l.contains(&format!("\"{status}\""))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_sink_publishes_each_row_as_a_transactional_message_once() {
+    let rmq = RocketMq::start(1_000, 2_000);
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    let relay = sink_relay(&pg, &rmq, &[]);
+    let mut db = pg.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.extend(insert_rows(&mut db, "order", 7, 50, true).await);
+    }
+    insert_rows(&mut db, "order", 7, 10, false).await; // rolled back: never published
+    ids.sort();
+    assert!(
+        all_delivered(&db, Duration::from_secs(60)).await,
+        "rows not delivered\n--- relay:\n{}\n--- rocketmq:\n{}",
+        relay.log(),
+        rmq.logs()
+    );
+    let reader = Connection::open(&rmq.broker_addr(), None, Duration::from_secs(5))
+        .await
+        .expect("connect");
+    let all_visible = eventually(Duration::from_secs(30), || async {
+        visible_ids(&reader).await.len() >= ids.len()
+    })
+    .await;
+    assert!(all_visible, "{}", relay.log());
+    assert_eq!(
+        visible_ids(&reader).await,
+        ids,
+        "each row's message exactly once"
+    );
+
+    let messages = visible_messages(&reader, SINK_TOPIC).await;
+    let m = &messages[0];
+    let id = m.key().expect("KEYS");
+    assert_eq!(m.property("id"), Some(id));
+    assert_eq!(m.property("TAGS"), Some("Created"));
+    assert_eq!(m.property("aggregatetype"), Some("order"));
+    assert!(
+        m.property("aggregateid")
+            .is_some_and(|a| a.starts_with("agg-"))
+    );
+    let tx_key = m.property("OUTBOX_TX_KEY").expect("OUTBOX_TX_KEY");
+    assert!(tx_key.starts_with(&format!("{id}:")), "{tx_key}");
+    assert!(String::from_utf8_lossy(&m.body).contains("\"seq\""));
+    // The oracle holds one committed key per row: the mark and the commit were one transaction.
+    let committed: i64 = db
+        .query_one(
+            "SELECT count(*) FROM outbox_tx WHERE outcome = 'commit'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(committed as usize, ids.len());
+    // One aggregate, one queue.
+    let mut queue_of = std::collections::HashMap::new();
+    for m in &messages {
+        let agg = m.property("aggregateid").unwrap_or_default().to_owned();
+        let q = *queue_of.entry(agg).or_insert(m.queue_id);
+        assert_eq!(q, m.queue_id, "an aggregate's messages share a queue");
+    }
+    // The relay settled its own messages: the broker had nothing to check back on.
+    assert!(
+        answers(&relay.log(), "committed").is_empty(),
+        "{}",
+        relay.log()
+    );
+}
+
+/// Kills the relay at `crash_point` while it publishes five rows, checks what is visible and
+/// delivered at that moment, then starts a relay again and waits until every row is delivered
+/// and visible. Returns (rows, delivered when killed, the second relay's log).
+async fn kill_between_steps(crash_point: &str) -> (Vec<String>, Vec<String>, String) {
+    let rmq = RocketMq::start(1_000, 2_000);
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    let mut first = sink_relay(&pg, &rmq, &[("OUTBOX_RELAY_CRASH_AT", crash_point)]);
+    let mut db = pg.client().await;
+    let mut ids = insert_rows(&mut db, "order", 5, 5, true).await;
+    ids.sort();
+    let status = first.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the relay did not crash at {crash_point}: {status:?}\n{}",
+        first.log()
+    );
+    assert!(first.log().contains(crash_point), "{}", first.log());
+    let delivered_at_kill = delivered_ids(&db).await;
+    let reader = Connection::open(&rmq.broker_addr(), None, Duration::from_secs(5))
+        .await
+        .expect("connect");
+    // No END_TRANSACTION went out, and no relay answers check-backs yet: nothing is visible.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(visible_ids(&reader).await, Vec::<String>::new());
+
+    let second = sink_relay(&pg, &rmq, &[]);
+    assert!(
+        all_delivered(&db, Duration::from_secs(60)).await,
+        "{}",
+        second.log()
+    );
+    // Visible iff delivered: every row, once. The first relay's half messages are decided by
+    // check-backs; wait until each was answered before counting.
+    let settled = eventually(Duration::from_secs(60), || async {
+        let log = second.log();
+        answers(&log, "committed").len() + answers(&log, "rolled_back").len() >= 1
+            && visible_ids(&reader).await.len() >= ids.len()
+    })
+    .await;
+    assert!(settled, "{}\n--- rocketmq:\n{}", second.log(), rmq.logs());
+    // Later check-backs could only add duplicates: give them time to (wrongly) happen.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(visible_ids(&reader).await, ids, "{}", second.log());
+    assert_eq!(delivered_ids(&db).await, ids);
+    (ids, delivered_at_kill, second.log())
+}
+
+#[tokio::test]
+async fn killed_after_the_half_message_the_row_is_sent_again_and_the_orphan_rolled_back() {
+    let (ids, delivered_at_kill, log) = kill_between_steps("rocketmq-after-half-sent").await;
+    assert!(delivered_at_kill.is_empty(), "{delivered_at_kill:?}");
+    // The orphaned half message: no committed key in the oracle, so its check-back rolled it
+    // back; the rows' messages came from the second relay.
+    let rolled_back = answers(&log, "rolled_back");
+    assert!(!rolled_back.is_empty(), "{log}");
+    assert!(answers(&log, "committed").is_empty(), "{log}");
+    assert_eq!(ids.len(), 5);
+}
+
+#[tokio::test]
+async fn killed_after_marking_the_check_back_commits_and_nothing_is_sent_twice() {
+    let (ids, delivered_at_kill, log) = kill_between_steps("rocketmq-after-mark").await;
+    assert!(!delivered_at_kill.is_empty(), "the crash came after a mark");
+    // Every row marked before the crash became visible through its check-back (the oracle holds
+    // its key as committed); the second relay's copy was rolled back, as the row was delivered.
+    let committed = answers(&log, "committed");
+    for id in &delivered_at_kill {
+        assert!(
+            committed.iter().any(|l| l.contains(&format!("{id}:"))),
+            "no committed check-back for {id}\n{log}"
+        );
+    }
+    assert_eq!(ids.len(), 5);
 }

@@ -6,6 +6,10 @@
 //! CHECK_TRANSACTION_STATE over that connection; the relay looks up the transaction key (the
 //! `rocketmq.key_property` property of the message, by default its first key), asks the oracle,
 //! and answers END_TRANSACTION commit, rollback, or unknown (the broker asks again later).
+//!
+//! Half messages of the relay's own RocketMQ sink carry their key in `OUTBOX_TX_KEY`, which is
+//! looked up first. One this process sent and has not settled yet is answered "unknown" without
+//! asking the oracle (see [`OwnHalves`]): the sink is about to commit or roll it back itself.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +18,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::OwnHalves;
 use super::client::{self, Resolution};
 use super::connection::Connection;
 use super::message::{MessageExt, prop};
@@ -22,9 +27,16 @@ use crate::config::RocketmqConfig;
 use crate::metrics::TRANSACTION_CHECKS;
 use crate::oracle::{Oracle, TxStatus};
 
-/// The transaction key of a checked message: `key_property` (`KEYS`: the first key;
-/// `TRANSACTION_ID`: RocketMQ's transaction id, the message's unique client id).
+/// The transaction key of a checked message: `OUTBOX_TX_KEY` when the relay's sink sent it,
+/// else `key_property` (`KEYS`: the first key; `TRANSACTION_ID`: RocketMQ's transaction id, the
+/// message's unique client id).
 pub fn transaction_key<'a>(message: &'a MessageExt, key_property: &str) -> Option<&'a str> {
+    if let Some(own) = message
+        .property(prop::OUTBOX_TX_KEY)
+        .filter(|k| !k.is_empty())
+    {
+        return Some(own);
+    }
     match key_property {
         prop::KEYS => message.key(),
         "TRANSACTION_ID" => message.property(prop::UNIQ_KEY),
@@ -34,9 +46,14 @@ pub fn transaction_key<'a>(message: &'a MessageExt, key_property: &str) -> Optio
 }
 
 /// Runs until `shutdown`: keeps a registered connection to every master broker (in a task of
-/// its own) and answers the check-backs that arrive on them.
-pub async fn run(config: RocketmqConfig, oracle: Arc<Oracle>, shutdown: CancellationToken) {
-    let groups = config.groups();
+/// its own) as a producer of `groups` and answers the check-backs that arrive on them.
+pub async fn run(
+    config: RocketmqConfig,
+    groups: Vec<String>,
+    oracle: Arc<Oracle>,
+    own: OwnHalves,
+    shutdown: CancellationToken,
+) {
     if config.name_server.is_empty() || groups.is_empty() {
         return;
     }
@@ -55,7 +72,8 @@ pub async fn run(config: RocketmqConfig, oracle: Arc<Oracle>, shutdown: Cancella
                 Some((conn, cmd)) if cmd.code == code::CHECK_TRANSACTION_STATE => {
                     let oracle = oracle.clone();
                     let key_property = config.key_property.clone();
-                    tokio::spawn(async move { answer(conn, cmd, &oracle, &key_property).await });
+                    let own = own.clone();
+                    tokio::spawn(async move { answer(conn, cmd, &oracle, &own, &key_property).await });
                 }
                 Some((_, cmd)) => tracing::debug!(code = cmd.code, "ignoring a RocketMQ request"),
                 None => return,
@@ -149,7 +167,13 @@ async fn list_brokers(
 }
 
 /// Answers one check-back on the connection it came on.
-pub async fn answer(conn: Connection, cmd: Command, oracle: &Oracle, key_property: &str) {
+pub async fn answer(
+    conn: Connection,
+    cmd: Command,
+    oracle: &Oracle,
+    own: &OwnHalves,
+    key_property: &str,
+) {
     let check = match client::parse_check(&cmd) {
         Ok(c) => c,
         Err(e) => {
@@ -169,6 +193,12 @@ pub async fn answer(conn: Connection, cmd: Command, oracle: &Oracle, key_propert
                 "the message has no {key_property} property to look the transaction up by; \
                  set rocketmq.key_property to the property the producer puts the key in"
             )),
+        ),
+        Some(key) if own.contains(key) => (
+            Resolution::Unknown,
+            TxStatus::Unknown(
+                "this relay sent the half message and is about to settle it itself".into(),
+            ),
         ),
         Some(key) => {
             let status = oracle.check(key).await;

@@ -219,11 +219,37 @@ pub struct HalfSend<'a> {
     pub properties: &'a [(&'a str, &'a str)],
 }
 
-/// Sends a transactional half message: stored, invisible to consumers until END_TRANSACTION
-/// commits it (or a check-back does).
-pub async fn send_half(broker: &Connection, m: &HalfSend<'_>) -> Result<HalfMessage, String> {
+/// Why a half message was not stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendError {
+    pub message: String,
+    /// Sending it again will not help (the broker refused the message itself: too large, bad
+    /// properties, no permission on the topic).
+    pub permanent: bool,
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl SendError {
+    fn transient(message: String) -> SendError {
+        SendError {
+            message,
+            permanent: false,
+        }
+    }
+}
+
+/// The SEND_MESSAGE request for a half message.
+pub fn half_command(m: &HalfSend<'_>) -> Result<Command, SendError> {
     if m.body.is_empty() {
-        return Err("RocketMQ refuses transactional messages with an empty body".into());
+        return Err(SendError {
+            message: "RocketMQ refuses transactional messages with an empty body".into(),
+            permanent: true,
+        });
     }
     let mut props: Vec<(&str, &str)> = vec![
         (prop::TRAN_MSG, "true"),
@@ -252,37 +278,64 @@ pub async fn send_half(broker: &Connection, m: &HalfSend<'_>) -> Result<HalfMess
         ("unitMode", "false".to_owned()),
         ("batch", "false".to_owned()),
     ]);
-    let resp = broker
-        .request(
-            Command::request(code::SEND_MESSAGE, header).with_body(m.body.clone()),
-            TIMEOUT,
-        )
-        .await?;
-    // FLUSH_DISK_TIMEOUT, FLUSH_SLAVE_TIMEOUT, SLAVE_NOT_AVAILABLE: stored on the master.
-    if !matches!(resp.code, 0 | 10 | 11 | 12) {
-        resp.ok_or_describe(&format!("half message to topic {}", m.topic))?;
+    Ok(Command::request(code::SEND_MESSAGE, header).with_body(m.body.clone()))
+}
+
+/// Reads the broker's answer to a half message. Only SEND_OK counts: like RocketMQ's own
+/// transactional producer, a half message the broker could not flush or replicate
+/// (FLUSH_DISK_TIMEOUT, FLUSH_SLAVE_TIMEOUT, SLAVE_NOT_AVAILABLE) is not relied on.
+pub fn half_sent(
+    resp: &Command,
+    producer_group: &str,
+    topic: &str,
+    uniq_key: &str,
+) -> Result<HalfMessage, SendError> {
+    if resp.code != response::SUCCESS {
+        // MESSAGE_ILLEGAL, VERSION_NOT_SUPPORTED, NO_PERMISSION, REQUEST_CODE_NOT_SUPPORTED.
+        let permanent = matches!(resp.code, 3 | 13 | 15 | 16);
+        return Err(SendError {
+            message: format!(
+                "half message to topic {topic}: the broker answered code {} ({})",
+                resp.code,
+                resp.remark.as_deref().unwrap_or("no remark")
+            ),
+            permanent,
+        });
     }
     let offset_msg_id = resp.field("msgId");
     let commit_log_offset = commit_log_offset(offset_msg_id).ok_or_else(|| {
-        format!("the broker's message id {offset_msg_id:?} holds no commit log offset")
+        SendError::transient(format!(
+            "the broker's message id {offset_msg_id:?} holds no commit log offset"
+        ))
     })?;
     let tran_state_table_offset = resp.field("queueOffset").parse().map_err(|_| {
-        format!(
+        SendError::transient(format!(
             "the broker's queueOffset {:?} is not a number",
             resp.field("queueOffset")
-        )
+        ))
     })?;
     let transaction_id = match resp.field("transactionId") {
-        "" => m.uniq_key.to_owned(),
+        "" => uniq_key.to_owned(),
         t => t.to_owned(),
     };
     Ok(HalfMessage {
-        producer_group: m.producer_group.to_owned(),
+        producer_group: producer_group.to_owned(),
         tran_state_table_offset,
         commit_log_offset,
-        msg_id: m.uniq_key.to_owned(),
+        msg_id: uniq_key.to_owned(),
         transaction_id,
     })
+}
+
+/// Sends a transactional half message: stored, invisible to consumers until END_TRANSACTION
+/// commits it (or a check-back does).
+pub async fn send_half(broker: &Connection, m: &HalfSend<'_>) -> Result<HalfMessage, SendError> {
+    let cmd = half_command(m)?;
+    let resp = broker
+        .request(cmd, TIMEOUT)
+        .await
+        .map_err(SendError::transient)?;
+    half_sent(&resp, m.producer_group, m.topic, m.uniq_key)
 }
 
 /// The commit log offset in a broker's message id (hex: store host, port, then the offset).
@@ -294,16 +347,14 @@ pub fn commit_log_offset(offset_msg_id: &str) -> Option<i64> {
     u64::from_str_radix(tail, 16).ok().map(|v| v as i64)
 }
 
-/// Commits or rolls back a half message. `from_check`: this answers a check-back. Unknown is
-/// always one-way (the broker never answers it); commit and rollback wait for the broker's
-/// answer unless `from_check` (the broker does not expect one then).
-pub async fn end_transaction(
-    broker: &Connection,
+/// The END_TRANSACTION request that commits or rolls back a half message. `from_check`: it
+/// answers a check-back.
+pub fn end_transaction_command(
     half: &HalfMessage,
     resolution: Resolution,
     from_check: bool,
     remark: Option<String>,
-) -> Result<(), String> {
+) -> Command {
     let mut cmd = Command::request(
         code::END_TRANSACTION,
         fields([
@@ -320,6 +371,20 @@ pub async fn end_transaction(
         ]),
     );
     cmd.remark = remark;
+    cmd
+}
+
+/// Commits or rolls back a half message. Unknown, and answers to check-backs (`from_check`),
+/// are one-way (the broker never answers them); a commit or rollback of the producer's own
+/// waits for the broker's answer.
+pub async fn end_transaction(
+    broker: &Connection,
+    half: &HalfMessage,
+    resolution: Resolution,
+    from_check: bool,
+    remark: Option<String>,
+) -> Result<(), String> {
+    let cmd = end_transaction_command(half, resolution, from_check, remark);
     if from_check || resolution == Resolution::Unknown {
         return broker.oneway(cmd).await;
     }

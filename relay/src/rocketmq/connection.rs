@@ -132,35 +132,48 @@ impl Connection {
     }
 
     /// Sends `cmd` and waits for its response.
-    pub async fn request(&self, mut cmd: Command, timeout: Duration) -> Result<Command, String> {
+    pub async fn request(&self, cmd: Command, timeout: Duration) -> Result<Command, String> {
+        self.start(cmd, timeout).await?.await
+    }
+
+    /// Queues `cmd` (frames leave in the order of these calls) and returns a future that waits
+    /// up to `timeout` for its response: requests can be pipelined without being reordered.
+    pub async fn start(
+        &self,
+        mut cmd: Command,
+        timeout: Duration,
+    ) -> Result<impl Future<Output = Result<Command, String>> + Send + 'static + use<>, String>
+    {
         let opaque = self.next_opaque.fetch_add(1, Ordering::Relaxed);
         cmd.opaque = opaque;
         let (tx, rx) = oneshot::channel();
         if let Ok(mut p) = self.pending.lock() {
             p.insert(opaque, tx);
         }
-        let sent = self.send_frame(&cmd).await;
-        if let Err(e) = sent {
+        if let Err(e) = self.send_frame(&cmd).await {
             if let Ok(mut p) = self.pending.lock() {
                 p.remove(&opaque);
             }
             return Err(e);
         }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(_)) => Err(format!("RocketMQ at {} closed the connection", self.addr)),
-            Err(_) => {
-                if let Ok(mut p) = self.pending.lock() {
-                    p.remove(&opaque);
+        let pending = self.pending.clone();
+        let addr = self.addr.clone();
+        let code = cmd.code;
+        Ok(async move {
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(_)) => Err(format!("RocketMQ at {addr} closed the connection")),
+                Err(_) => {
+                    if let Ok(mut p) = pending.lock() {
+                        p.remove(&opaque);
+                    }
+                    Err(format!(
+                        "RocketMQ at {addr} did not answer request code {code} within {} ms",
+                        timeout.as_millis()
+                    ))
                 }
-                Err(format!(
-                    "RocketMQ at {} did not answer request code {} within {} ms",
-                    self.addr,
-                    cmd.code,
-                    timeout.as_millis()
-                ))
             }
-        }
+        })
     }
 
     /// Sends `cmd` one-way (no response).

@@ -11,6 +11,11 @@ use super::remoting::need;
 pub mod prop {
     /// The message key(s), space-separated.
     pub const KEYS: &str = "KEYS";
+    /// The message tag (consumers filter by it); the relay puts the event type here.
+    pub const TAGS: &str = "TAGS";
+    /// The relay's own: the oracle key of a half message the RocketMQ sink sent,
+    /// `<outbox id>:<unique message id>`. Check-backs look it up before `rocketmq.key_property`.
+    pub const OUTBOX_TX_KEY: &str = "OUTBOX_TX_KEY";
     /// The client-made unique message id; RocketMQ's transaction id for half messages.
     pub const UNIQ_KEY: &str = "UNIQ_CLIENT_MESSAGE_ID_KEYIDX";
     /// `true` on a transactional (half) message.

@@ -1,8 +1,121 @@
-//! RocketMQ: answering transaction check-backs from the oracle, over RocketMQ's remoting protocol
-//! (a small codec of our own: the commands needed here, no client library).
+//! RocketMQ over its remoting protocol (a small codec of our own: the commands needed here, no
+//! client library): answering transaction check-backs from the oracle, and the transactional
+//! sends of the RocketMQ sink (`sink/rocketmq.rs`).
 
 pub mod checkback;
 pub mod client;
 pub mod connection;
 pub mod message;
 pub mod remoting;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// The longest topic or group name RocketMQ accepts.
+const MAX_NAME: usize = 127;
+
+fn name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '%' | '|')
+}
+
+/// Whether `name` is a valid RocketMQ group name.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 255 && name.chars().all(name_char)
+}
+
+/// The RocketMQ topic for a routed topic name: characters RocketMQ does not allow in topic names
+/// (only letters, digits, `_`, `-`, `%` and `|` are) become `_`, so the default
+/// `outbox.event.{aggregatetype}` gives `outbox_event_order`. `None` when the result is not a
+/// topic RocketMQ accepts (empty or longer than 127 characters).
+pub fn topic_name(routed: &str) -> Option<String> {
+    let mapped: String = routed
+        .chars()
+        .map(|c| if name_char(c) { c } else { '_' })
+        .collect();
+    (!mapped.is_empty() && mapped.len() <= MAX_NAME).then_some(mapped)
+}
+
+/// Transaction keys of the half messages this process sent and has not settled yet.
+///
+/// The relay's own check-back responder answers "unknown" for them instead of asking the oracle:
+/// the oracle would settle a key the sink is about to commit as rolled back, and the sink would
+/// then have to send the row again. A relay that crashed holds nothing here, so after a crash
+/// the oracle decides. Each sink registers under a generation of its own and forgets its keys
+/// when it is dropped (a rebuilt sink sends the unconfirmed rows again, under new keys).
+#[derive(Debug, Clone, Default)]
+pub struct OwnHalves {
+    keys: Arc<Mutex<HashMap<String, u64>>>,
+    generations: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl OwnHalves {
+    /// A new generation for a sink.
+    pub fn generation(&self) -> u64 {
+        self.generations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn insert(&self, key: &str, generation: u64) {
+        if let Ok(mut k) = self.keys.lock() {
+            k.insert(key.to_owned(), generation);
+        }
+    }
+
+    pub fn remove(&self, key: &str) {
+        if let Ok(mut k) = self.keys.lock() {
+            k.remove(key);
+        }
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.keys.lock().is_ok_and(|k| k.contains_key(key))
+    }
+
+    /// Forgets every key of `generation`.
+    pub fn forget(&self, generation: u64) {
+        if let Ok(mut k) = self.keys.lock() {
+            k.retain(|_, g| *g != generation);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.lock().map(|k| k.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names_map_to_what_rocketmq_accepts() {
+        assert_eq!(
+            topic_name("outbox.event.order").as_deref(),
+            Some("outbox_event_order")
+        );
+        assert_eq!(topic_name("a-b_c%D|9").as_deref(), Some("a-b_c%D|9"));
+        assert_eq!(topic_name("ü").as_deref(), Some("_"));
+        assert_eq!(topic_name(""), None);
+        assert_eq!(topic_name(&"x".repeat(128)), None);
+        assert!(valid_name("outbox-relay"));
+        assert!(!valid_name("outbox.relay"));
+        assert!(!valid_name(""));
+    }
+
+    #[test]
+    fn a_dropped_generation_forgets_its_keys() {
+        let own = OwnHalves::default();
+        let (a, b) = (own.generation(), own.generation());
+        own.insert("k1", a);
+        own.insert("k2", b);
+        own.forget(a);
+        assert!(!own.contains("k1"));
+        assert!(own.contains("k2"));
+        own.remove("k2");
+        assert!(own.is_empty());
+    }
+}

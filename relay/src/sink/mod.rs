@@ -25,6 +25,7 @@
 //!   it must not be rebuilt (a new producer would fence the newer relay in turn).
 
 pub mod kafka;
+pub mod rocketmq;
 pub mod transactions;
 
 use std::future::Future;
@@ -55,6 +56,9 @@ pub struct AckToken {
     /// comes back: on a poison row's dead-letter record, after the broker confirms it, and on a
     /// row parked under the `block_key` policy, which is reported at once without a send.
     pub failure: Option<Box<FailureNote>>,
+    /// RocketMQ: the half message holding this row's message, committed once the row is marked
+    /// (see [`rocketmq`]).
+    pub half: Option<Box<rocketmq::HalfRef>>,
 }
 
 impl AckToken {
@@ -66,6 +70,7 @@ impl AckToken {
             xid: None,
             commit_time: None,
             failure: None,
+            half: None,
         }
     }
 }
@@ -144,5 +149,43 @@ pub trait Sink: Send {
     /// Why the sink was fenced by a newer instance, if it was.
     fn fenced(&self) -> Option<String> {
         None
+    }
+}
+
+/// The sink the configuration names (`sink`), behind one type for the pipeline.
+// One value per relay, never moved in a hot path: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum AnySink {
+    Kafka(kafka::KafkaSink),
+    Rocketmq(rocketmq::RocketMqSink),
+}
+
+impl Sink for AnySink {
+    async fn publish(&mut self, msg: &OutboxMessage, token: AckToken) -> Result<(), SinkError> {
+        match self {
+            AnySink::Kafka(s) => s.publish(msg, token).await,
+            AnySink::Rocketmq(s) => s.publish(msg, token).await,
+        }
+    }
+
+    async fn flush(&mut self, timeout: Duration) -> usize {
+        match self {
+            AnySink::Kafka(s) => s.flush(timeout).await,
+            AnySink::Rocketmq(s) => s.flush(timeout).await,
+        }
+    }
+
+    async fn commit(&mut self, position: SourcePosition) -> Result<(), SinkError> {
+        match self {
+            AnySink::Kafka(s) => s.commit(position).await,
+            AnySink::Rocketmq(s) => s.commit(position).await,
+        }
+    }
+
+    fn fenced(&self) -> Option<String> {
+        match self {
+            AnySink::Kafka(s) => s.fenced(),
+            AnySink::Rocketmq(s) => s.fenced(),
+        }
     }
 }
