@@ -383,7 +383,8 @@ struct Settled {
     marked: Vec<Uuid>,
     /// Marked before, or gone from the table: roll their half messages back.
     skipped: Vec<Uuid>,
-    /// Settled as rolled back by a check-back before they could be marked: send them again.
+    /// Settled as rolled back by a check-back before they could be marked: roll their half
+    /// messages back (if the check's answer has not yet) and send the rows again.
     fenced: Vec<Uuid>,
 }
 
@@ -470,6 +471,9 @@ impl Batch {
             }
             None => false,
         };
+        if !halves.is_empty() {
+            crate::failpoint::pause_point("rocketmq-before-mark").await;
+        }
         if !delivered.is_empty() {
             ok = merge(
                 marker
@@ -503,11 +507,19 @@ impl Batch {
             for (ids, resolution) in [
                 (&settled.marked, Resolution::Commit),
                 (&settled.skipped, Resolution::Rollback),
+                (&settled.fenced, Resolution::Rollback),
             ] {
                 settle.extend(
                     ids.iter()
                         .filter_map(|id| halves.remove(id))
                         .map(|h| (*h, resolution)),
+                );
+            }
+            if !settled.skipped.is_empty() {
+                tracing::info!(
+                    rows = settled.skipped.len(),
+                    first = %settled.skipped[0],
+                    "rolling back the RocketMQ messages of rows delivered before (read again after a restart) or no longer in the outbox"
                 );
             }
             if let Some(settler) = &settler {

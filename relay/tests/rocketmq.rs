@@ -322,6 +322,9 @@ async fn kill_between_steps(crash_point: &str) -> (Vec<String>, Vec<String>, Str
     pg.apply_schema();
     let mut first = sink_relay(&pg, &rmq, &[("OUTBOX_RELAY_CRASH_AT", crash_point)]);
     let mut db = pg.client().await;
+    // Rows from the WAL (not from the first start's snapshot of undelivered rows), so that the
+    // second relay reads them again from the slot, delivered or not.
+    wait_streaming(&db, Duration::from_secs(30)).await;
     let mut ids = insert_rows(&mut db, "order", 5, 5, true).await;
     ids.sort();
     let status = first.wait_exit(Duration::from_secs(60));
@@ -358,7 +361,15 @@ async fn kill_between_steps(crash_point: &str) -> (Vec<String>, Vec<String>, Str
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(visible_ids(&reader).await, ids, "{}", second.log());
     assert_eq!(delivered_ids(&db).await, ids);
-    (ids, delivered_at_kill, second.log())
+    let log = second.log();
+    for line in log
+        .lines()
+        .filter(|l| l.contains("RocketMQ check-back") || l.contains("rolling back the RocketMQ"))
+    {
+        eprintln!("{line}");
+    }
+    eprintln!("delivered when killed: {delivered_at_kill:?}");
+    (ids, delivered_at_kill, log)
 }
 
 #[tokio::test]
@@ -386,5 +397,80 @@ async fn killed_after_marking_the_check_back_commits_and_nothing_is_sent_twice()
             "no committed check-back for {id}\n{log}"
         );
     }
+    assert!(
+        log.contains("rolling back the RocketMQ messages of rows delivered before"),
+        "the second relay did not roll back its copies of the delivered rows\n{log}"
+    );
     assert_eq!(ids.len(), 5);
+}
+
+#[tokio::test]
+async fn a_sink_message_settled_by_another_check_first_is_sent_again_once() {
+    let rmq = RocketMq::start(1_000, 2_000);
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    // Hold each batch for 4 s between the half message and the mark.
+    let relay = sink_relay(
+        &pg,
+        &rmq,
+        &[("OUTBOX_RELAY_PAUSE_AT", "rocketmq-before-mark:4000")],
+    );
+    let mut db = pg.client().await;
+    wait_streaming(&db, Duration::from_secs(30)).await;
+    let ids = insert_rows(&mut db, "order", 1, 1, true).await;
+    let reader = Connection::open(&rmq.broker_addr(), None, Duration::from_secs(5))
+        .await
+        .expect("connect");
+    // The half message, stored under the broker's half topic: its oracle key.
+    let mut key = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while key.is_none() && std::time::Instant::now() < deadline {
+        let half = visible_messages(&reader, "RMQ_SYS_TRANS_HALF_TOPIC").await;
+        key = half
+            .iter()
+            .filter(|m| m.key() == Some(ids[0].as_str()))
+            .find_map(|m| m.property("OUTBOX_TX_KEY").map(str::to_owned));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        key.is_some(),
+        "no half message for {}\n{}",
+        ids[0],
+        relay.log()
+    );
+    let key = key.expect("found");
+    // Another relay (or any check) settles it first: rolled back, since nothing marked it yet.
+    let outcome: String = db
+        .query_one("SELECT outbox_tx_check($1)", &[&key])
+        .await
+        .expect("check")
+        .get(0);
+    assert_eq!(outcome, "rolled_back");
+
+    assert!(
+        all_delivered(&db, Duration::from_secs(60)).await,
+        "{}",
+        relay.log()
+    );
+    let log = relay.log();
+    assert!(
+        log.contains("a check-back settled the message of row"),
+        "the relay did not notice the settled key\n{log}"
+    );
+    let once = eventually(Duration::from_secs(30), || async {
+        visible_ids(&reader).await == ids
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(once, "{:?}\n{log}", visible_ids(&reader).await);
+    assert_eq!(visible_ids(&reader).await, ids, "visible once: {log}");
+    let committed: i64 = db
+        .query_one(
+            "SELECT count(*) FROM outbox_tx WHERE outcome = 'commit' AND tx_key LIKE $1 || ':%'",
+            &[&ids[0]],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(committed, 1, "one committed key: the message sent again");
 }

@@ -83,7 +83,7 @@ pub enum PipelineError {
     #[error("Postgres is shutting down ({0}); releasing the replication connection so it can stop")]
     PostgresStopping(String),
     #[error(
-        "the Kafka producer failed ({0}); a new producer takes over and everything unconfirmed is read again from the slot"
+        "the sink can deliver nothing more ({0}); a new one takes over and everything unconfirmed is read again from the slot"
     )]
     SinkBroken(String),
     #[error(

@@ -197,7 +197,7 @@ pub async fn answer(
         Some(key) if own.contains(key) => (
             Resolution::Unknown,
             TxStatus::Unknown(
-                "this relay sent the half message and is about to settle it itself".into(),
+                "this relay sent the half message and settles it itself (END_TRANSACTION pending or just sent)".into(),
             ),
         ),
         Some(key) => {
@@ -226,5 +226,30 @@ pub async fn answer(
     };
     if let Err(e) = client::end_transaction(&conn, &check.half, resolution, true, remark).await {
         tracing::warn!(broker = %conn.addr(), error = %e, "could not answer a RocketMQ check-back; the broker asks again");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(props: &[(&str, &str)]) -> MessageExt {
+        MessageExt {
+            properties: props
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..MessageExt::default()
+        }
+    }
+
+    #[test]
+    fn the_sinks_own_key_comes_first_then_the_configured_property() {
+        let app = message(&[(prop::KEYS, "order-1 other"), (prop::UNIQ_KEY, "U1")]);
+        assert_eq!(transaction_key(&app, "KEYS"), Some("order-1"));
+        assert_eq!(transaction_key(&app, "TRANSACTION_ID"), Some("U1"));
+        assert_eq!(transaction_key(&app, "bizKey"), None);
+        let own = message(&[(prop::KEYS, "id-1"), (prop::OUTBOX_TX_KEY, "id-1:U2")]);
+        assert_eq!(transaction_key(&own, "KEYS"), Some("id-1:U2"));
     }
 }

@@ -59,7 +59,7 @@ pub fn decode_properties(s: &str) -> HashMap<String, String> {
 }
 
 /// A stored message, as a broker sends it in a check-back or a pull.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct MessageExt {
     pub topic: String,
     pub queue_id: i32,

@@ -362,7 +362,7 @@ impl Settler {
                 tracing::warn!(key = %h.key, resolution = label, error = %e,
                     "could not settle a RocketMQ half message; the broker's check-back will (the oracle holds the outcome)");
             }
-            self.shared.own.remove(&h.key);
+            self.shared.own.settled(&h.key);
         }
     }
 }
