@@ -45,6 +45,7 @@ pub const MAX_KEY_BYTES: usize = 1024;
 pub struct Oracle {
     pg: tokio_postgres::Config,
     check_sql: String,
+    age_sql: String,
     purge_sql: String,
     lock_timeout: Duration,
     idle: Mutex<Vec<Client>>,
@@ -67,6 +68,10 @@ impl Oracle {
         Oracle {
             pg,
             check_sql: format!("SELECT {schema}.outbox_tx_check($1)"),
+            age_sql: format!(
+                "SELECT extract(epoch FROM now() - created_at)::float8 FROM {schema}.outbox_tx \
+                 WHERE tx_key = $1 AND outcome = 'commit'"
+            ),
             purge_sql: format!("SELECT {schema}.outbox_tx_purge(make_interval(secs => $1), $2)"),
             lock_timeout,
             idle: Mutex::new(Vec::new()),
@@ -135,6 +140,22 @@ impl Oracle {
                 "outbox_tx_check returned {other:?}; re-apply sql/003_transactions.sql"
             )),
         }
+    }
+
+    /// How long ago the key was recorded as committed; `None` if it is not committed or the
+    /// oracle cannot say.
+    pub async fn committed_age(&self, key: &str) -> Option<Duration> {
+        let _permit = self.permits.acquire().await.ok()?;
+        let client = self.take().await.ok()?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&key];
+        let query = client.query_opt(&self.age_sql, &params);
+        let row = tokio::time::timeout(Duration::from_secs(5), query)
+            .await
+            .ok()?
+            .ok()??;
+        self.give_back(client);
+        let secs: f64 = row.try_get(0).ok()?;
+        Some(Duration::from_secs_f64(secs.max(0.0)))
     }
 
     /// Deletes up to `batch` keys older than `retention`; returns how many went.

@@ -77,8 +77,8 @@ struct Marker {
     failed_sql: String,
     /// Which of the given rows are already delivered.
     already_sql: String,
-    /// RocketMQ sink: which of the given oracle keys a check-back settled as rolled back.
-    fenced_sql: String,
+    /// RocketMQ sink: the outcome of those of the given oracle keys that are decided.
+    keys_sql: String,
     /// RocketMQ sink: records the given oracle keys as committed (in the marking transaction).
     begin_sql: String,
     client: Option<Client>,
@@ -89,7 +89,8 @@ struct Marker {
 struct Executed {
     /// Rows neither marked now nor marked before: not visible (yet), or gone.
     missing: Vec<Uuid>,
-    /// Rows with half messages: marked now, their oracle keys committed with the mark.
+    /// Rows with half messages: marked (now, or by an earlier attempt whose outcome was lost),
+    /// their oracle keys committed with the mark.
     marked: Vec<Uuid>,
     /// Rows with half messages that were marked before (a repeat after a restart).
     already: Vec<Uuid>,
@@ -118,8 +119,8 @@ impl Marker {
             already_sql: format!(
                 "SELECT {id} FROM {table} WHERE {id} = ANY($1) AND {d} IS NOT NULL"
             ),
-            fenced_sql: format!(
-                "SELECT tx_key FROM {schema}.outbox_tx WHERE tx_key = ANY($1) AND outcome = 'rollback'"
+            keys_sql: format!(
+                "SELECT tx_key, outcome FROM {schema}.outbox_tx WHERE tx_key = ANY($1)"
             ),
             begin_sql: format!("SELECT {schema}.outbox_tx_begin(k) FROM unnest($1::text[]) AS k"),
             client: None,
@@ -142,8 +143,7 @@ impl Marker {
     }
 
     /// Marks `ids`. Rows with a half message in `halves` (RocketMQ sink) are marked in one
-    /// transaction with `outbox_tx_begin` of their oracle keys, unless a check-back already
-    /// settled the key as rolled back.
+    /// transaction with `outbox_tx_begin` of their oracle keys (see [`Marker::execute_keyed`]).
     async fn execute(
         &mut self,
         mark: Mark<'_>,
@@ -155,91 +155,25 @@ impl Marker {
             delivered_sql,
             failed_sql,
             already_sql,
-            fenced_sql,
+            keys_sql,
             begin_sql,
             client: slot,
         } = self;
         let client = connected(slot, pg).await?;
-        let result = async {
-            let mut out = Executed::default();
-            let update = |ids: Vec<Uuid>| async move {
-                match mark {
-                    Mark::Delivered => client.query(delivered_sql.as_str(), &[&ids]).await,
-                    Mark::Failed(note) => {
-                        let attempts = i32::try_from(note.attempts).unwrap_or(i32::MAX);
-                        client
-                            .query(failed_sql.as_str(), &[&ids, &attempts, &note.error])
-                            .await
-                    }
-                }
-            };
-            let (live, updated) = if halves.is_empty() {
-                (ids.to_vec(), update(ids.to_vec()).await?)
-            } else {
-                // The mark and the keys' `commit` are one transaction. On any error the
-                // connection is dropped, which rolls it back.
-                client.batch_execute("BEGIN").await?;
-                let keys: Vec<&str> = ids
-                    .iter()
-                    .filter_map(|id| halves.get(id).map(|h| h.key.as_str()))
-                    .collect();
-                let fenced: std::collections::HashSet<String> = client
-                    .query(fenced_sql.as_str(), &[&keys])
-                    .await?
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect();
-                let mut live = Vec::with_capacity(ids.len());
-                for id in ids {
-                    if halves.get(id).is_some_and(|h| fenced.contains(&h.key)) {
-                        out.fenced.push(*id);
-                    } else {
-                        live.push(*id);
-                    }
-                }
-                let updated = update(live.clone()).await?;
-                let begin: Vec<&str> = updated
-                    .iter()
-                    .filter_map(|r| halves.get(&r.get::<_, Uuid>(0)).map(|h| h.key.as_str()))
-                    .collect();
-                if !begin.is_empty() {
-                    client.execute(begin_sql.as_str(), &[&begin]).await?;
-                }
-                client.batch_execute("COMMIT").await?;
-                (live, updated)
-            };
-            if !halves.is_empty() {
-                out.marked = updated
-                    .iter()
-                    .map(|r| r.get::<_, Uuid>(0))
-                    .filter(|id| halves.contains_key(id))
-                    .collect();
-            }
-            if updated.len() == live.len() {
-                return Ok(out);
-            }
-            let mut rest: std::collections::HashSet<Uuid> = live.into_iter().collect();
-            for row in &updated {
-                rest.remove(&row.get::<_, Uuid>(0));
-            }
-            let rest: Vec<Uuid> = rest.into_iter().collect();
-            // Rows delivered before (a repeat after a restart) need nothing more.
-            let already = client.query(already_sql.as_str(), &[&rest]).await?;
-            let already: std::collections::HashSet<Uuid> =
-                already.iter().map(|r| r.get::<_, Uuid>(0)).collect();
-            out.already = already
-                .iter()
-                .filter(|id| halves.contains_key(id))
-                .copied()
-                .collect();
-            out.missing = rest
-                .into_iter()
-                .filter(|id| !already.contains(id))
-                .collect();
-            Ok(out)
-        }
-        .await;
+        let sql = MarkSql {
+            delivered: delivered_sql,
+            failed: failed_sql,
+            already: already_sql,
+            keys: keys_sql,
+            begin: begin_sql,
+        };
+        let result = if halves.is_empty() {
+            execute_plain(client, &sql, mark, ids).await
+        } else {
+            execute_keyed(client, &sql, mark, ids, halves).await
+        };
         if result.is_err() {
+            // With a transaction open, dropping the connection rolls it back.
             *slot = None;
         }
         result
@@ -354,6 +288,11 @@ impl Marker {
                     tokio::time::sleep(invisible_wait).await;
                     invisible_wait = (invisible_wait * 2).min(Duration::from_millis(100));
                 }
+                Err(e) if e.code().is_some_and(|c| c.code() == "OB001") => {
+                    // A check-back settled a key between reading the keys and beginning them;
+                    // the next attempt finds it settled (fenced).
+                    tracing::debug!("a check-back settled a key while marking; marking again");
+                }
                 Err(e) => {
                     let stopping = db::is_shutdown(&e);
                     if stopping && !told_stopping {
@@ -374,6 +313,136 @@ impl Marker {
             }
         }
     }
+}
+
+/// The statements of one [`Marker`].
+struct MarkSql<'a> {
+    delivered: &'a str,
+    failed: &'a str,
+    already: &'a str,
+    keys: &'a str,
+    begin: &'a str,
+}
+
+/// The marking UPDATE for `ids`; returns the rows it changed.
+async fn update(
+    client: &Client,
+    sql: &MarkSql<'_>,
+    mark: Mark<'_>,
+    ids: &[Uuid],
+) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+    let rows = match mark {
+        Mark::Delivered => client.query(sql.delivered, &[&ids]).await?,
+        Mark::Failed(note) => {
+            let attempts = i32::try_from(note.attempts).unwrap_or(i32::MAX);
+            client
+                .query(sql.failed, &[&ids, &attempts, &note.error])
+                .await?
+        }
+    };
+    Ok(rows.iter().map(|r| r.get::<_, Uuid>(0)).collect())
+}
+
+/// Of `rest` (rows the UPDATE did not change), those marked delivered before.
+async fn already_delivered(
+    client: &Client,
+    sql: &MarkSql<'_>,
+    rest: &[Uuid],
+) -> Result<std::collections::HashSet<Uuid>, tokio_postgres::Error> {
+    if rest.is_empty() {
+        return Ok(Default::default());
+    }
+    let rows = client.query(sql.already, &[&rest]).await?;
+    Ok(rows.iter().map(|r| r.get::<_, Uuid>(0)).collect())
+}
+
+/// The rows of `live` the UPDATE did not change.
+fn unchanged(live: &[Uuid], updated: &[Uuid]) -> Vec<Uuid> {
+    if updated.len() == live.len() {
+        return Vec::new();
+    }
+    let updated: std::collections::HashSet<&Uuid> = updated.iter().collect();
+    live.iter()
+        .filter(|id| !updated.contains(id))
+        .copied()
+        .collect()
+}
+
+/// Marks `ids` with one UPDATE (no half messages involved).
+async fn execute_plain(
+    client: &Client,
+    sql: &MarkSql<'_>,
+    mark: Mark<'_>,
+    ids: &[Uuid],
+) -> Result<Executed, tokio_postgres::Error> {
+    let updated = update(client, sql, mark, ids).await?;
+    let rest = unchanged(ids, &updated);
+    let already = already_delivered(client, sql, &rest).await?;
+    Ok(Executed {
+        missing: rest
+            .into_iter()
+            .filter(|id| !already.contains(id))
+            .collect(),
+        ..Executed::default()
+    })
+}
+
+/// Marks rows with half messages in one transaction with `outbox_tx_begin` of their keys.
+///
+/// Everything is read inside the transaction, so a retry after any failure (a lost COMMIT
+/// reply included) decides the same way: a key already committed means an earlier attempt
+/// marked the row (commit its message, mark nothing again); a key settled as rolled back means
+/// a check-back came first (fenced: not marked, the row is sent again).
+async fn execute_keyed(
+    client: &Client,
+    sql: &MarkSql<'_>,
+    mark: Mark<'_>,
+    ids: &[Uuid],
+    halves: &HashMap<Uuid, Box<HalfRef>>,
+) -> Result<Executed, tokio_postgres::Error> {
+    let mut out = Executed::default();
+    client.batch_execute("BEGIN").await?;
+    let keys: Vec<&str> = ids
+        .iter()
+        .filter_map(|id| halves.get(id).map(|h| h.key.as_str()))
+        .collect();
+    let outcomes: HashMap<String, String> = client
+        .query(sql.keys, &[&keys])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut live = Vec::with_capacity(ids.len());
+    for id in ids {
+        match halves.get(id).and_then(|h| outcomes.get(&h.key)) {
+            Some(outcome) if outcome == "rollback" => out.fenced.push(*id),
+            Some(_) => out.marked.push(*id),
+            None => live.push(*id),
+        }
+    }
+    let updated = update(client, sql, mark, &live).await?;
+    let begin: Vec<&str> = updated
+        .iter()
+        .filter_map(|id| halves.get(id).map(|h| h.key.as_str()))
+        .collect();
+    if !begin.is_empty() {
+        client.execute(sql.begin, &[&begin]).await?;
+    }
+    let rest = unchanged(&live, &updated);
+    let already = already_delivered(client, sql, &rest).await?;
+    client.batch_execute("COMMIT").await?;
+    out.marked
+        .extend(updated.iter().filter(|id| halves.contains_key(id)));
+    out.already = already
+        .iter()
+        .filter(|id| halves.contains_key(id))
+        .copied()
+        .collect();
+    out.missing = rest
+        .into_iter()
+        .filter(|id| !already.contains(id))
+        .collect();
+    Ok(out)
 }
 
 /// What marking decided for rows with half messages (RocketMQ sink).
@@ -415,14 +484,19 @@ struct Batch {
     rejected: Vec<Progress>,
     /// RocketMQ sink: the half message of each row.
     halves: HashMap<Uuid, Box<HalfRef>>,
+    /// RocketMQ sink: half messages of rows acknowledged twice in this batch (read again after a
+    /// reconnect), all but the last: rolled back.
+    displaced: Vec<HalfRef>,
 }
 
 impl Batch {
     fn add(&mut self, d: Delivery, mark_delivered: bool) {
         match d {
             Delivery::Acked(mut token) => {
-                if let Some(half) = token.half.take() {
-                    self.halves.insert(token.id, half);
+                if let Some(half) = token.half.take()
+                    && let Some(earlier) = self.halves.insert(token.id, half)
+                {
+                    self.displaced.push(*earlier);
                 }
                 match token.failure {
                     Some(note) => self.failed.push((token.id, token.xid, note)),
@@ -459,6 +533,7 @@ impl Batch {
             mut done,
             mut rejected,
             mut halves,
+            displaced,
         } = self;
         let mut settled = Settled::default();
         let mut ok = true;
@@ -503,7 +578,10 @@ impl Batch {
         }
         if ok && !halves.is_empty() {
             crate::failpoint::crash_point("rocketmq-after-mark");
-            let mut settle = Vec::with_capacity(halves.len());
+            let mut settle: Vec<(HalfRef, Resolution)> = displaced
+                .into_iter()
+                .map(|h| (h, Resolution::Rollback))
+                .collect();
             for (ids, resolution) in [
                 (&settled.marked, Resolution::Commit),
                 (&settled.skipped, Resolution::Rollback),
@@ -532,9 +610,12 @@ impl Batch {
                 done.clear();
                 rejected.push(Progress::SinkBroken(format!(
                     "a check-back settled the message of row {first} (and {} more) as rolled back \
-                     before the relay marked it (another relay answered it, or marking took longer \
-                     than the broker's transactionTimeout); sending the unconfirmed rows again",
-                    settled.fenced.len() - 1
+                     before the relay marked it: another relay of producer group {} answered it, \
+                     or marking took longer than the broker's transactionTimeout; sending the \
+                     unconfirmed rows again (if this repeats, raise the broker's \
+                     transactionTimeout)",
+                    settled.fenced.len() - 1,
+                    config.rocketmq.producer_group,
                 )));
             }
         }

@@ -474,3 +474,26 @@ async fn a_sink_message_settled_by_another_check_first_is_sent_again_once() {
         .get(0);
     assert_eq!(committed, 1, "one committed key: the message sent again");
 }
+
+#[tokio::test]
+async fn the_sink_refuses_to_start_without_the_oracle() {
+    let pg = PgCluster::start();
+    for f in ["001_outbox.sql", "002_relay_state.sql"] {
+        pg.psql_file(&repo_root().join("sql").join(f));
+    }
+    let mut relay = Relay::start(&relay_env(
+        &pg,
+        "",
+        &[
+            ("RELAY_SINK", "rocketmq"),
+            ("RELAY_ROCKETMQ__NAME_SERVER", "127.0.0.1:1"),
+        ],
+    ));
+    let status = relay.wait_exit(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| !s.success()), "{}", relay.log());
+    assert!(
+        relay.log().contains("apply sql/003_transactions.sql"),
+        "{}",
+        relay.log()
+    );
+}

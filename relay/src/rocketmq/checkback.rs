@@ -10,6 +10,12 @@
 //! Half messages of the relay's own RocketMQ sink carry their key in `OUTBOX_TX_KEY`, which is
 //! looked up first. One this process sent and has not settled yet is answered "unknown" without
 //! asking the oracle (see [`OwnHalves`]): the sink is about to commit or roll it back itself.
+//! One whose key was committed less than [`SINK_COMMIT_GRACE`] ago is answered "unknown" too, by
+//! any relay: the relay that marked it sends END_TRANSACTION commit right after, and the broker
+//! records that asynchronously (RocketMQ batches those records every
+//! `transactionOpBatchInterval`), so a check may still be under way; answering it "commit" as
+//! well makes the broker commit the message twice (seen with the broker 1.0.0). If that
+//! END_TRANSACTION was lost, the next check after the grace gets "commit".
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,6 +32,9 @@ use super::remoting::{Command, code};
 use crate::config::RocketmqConfig;
 use crate::metrics::TRANSACTION_CHECKS;
 use crate::oracle::{Oracle, TxStatus};
+
+/// How long after a sink message's key was committed check-backs on it are answered "unknown".
+pub const SINK_COMMIT_GRACE: Duration = Duration::from_secs(10);
 
 /// The transaction key of a checked message: `OUTBOX_TX_KEY` when the relay's sink sent it,
 /// else `key_property` (`KEYS`: the first key; `TRANSACTION_ID`: RocketMQ's transaction id, the
@@ -201,7 +210,20 @@ pub async fn answer(
             ),
         ),
         Some(key) => {
-            let status = oracle.check(key).await;
+            let mut status = oracle.check(key).await;
+            let from_sink = check.message.property(prop::OUTBOX_TX_KEY).is_some();
+            if status == TxStatus::Committed
+                && from_sink
+                && let Some(age) = oracle.committed_age(key).await
+                && age < SINK_COMMIT_GRACE
+            {
+                status = TxStatus::Unknown(format!(
+                    "committed {} ms ago by the relay that sent it, whose END_TRANSACTION commit \
+                     the broker may not have recorded yet; committing it from here too would \
+                     show it twice",
+                    age.as_millis()
+                ));
+            }
             let resolution = match status {
                 TxStatus::Committed => Resolution::Commit,
                 TxStatus::RolledBack => Resolution::Rollback,

@@ -16,6 +16,9 @@ use super::remoting::Command;
 
 type Pending = Arc<Mutex<HashMap<i32, oneshot::Sender<Command>>>>;
 
+/// How long a frame may wait for room in the outgoing queue.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A live connection; cheap to clone. Dropping every clone closes it.
 #[derive(Clone)]
 pub struct Connection {
@@ -183,11 +186,23 @@ impl Connection {
         self.send_frame(&cmd).await
     }
 
+    /// Queues a frame; a peer that stops reading for [`SEND_TIMEOUT`] closes the connection.
     async fn send_frame(&self, cmd: &Command) -> Result<(), String> {
         let frame = cmd.encode()?;
-        self.out
-            .send(frame)
-            .await
-            .map_err(|_| format!("the connection to RocketMQ at {} is closed", self.addr))
+        match tokio::time::timeout(SEND_TIMEOUT, self.out.send(frame)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(format!(
+                "the connection to RocketMQ at {} is closed",
+                self.addr
+            )),
+            Err(_) => {
+                self.closed.store(true, Ordering::Release);
+                Err(format!(
+                    "RocketMQ at {} has not read what was sent for {} s; closing the connection",
+                    self.addr,
+                    SEND_TIMEOUT.as_secs()
+                ))
+            }
+        }
     }
 }

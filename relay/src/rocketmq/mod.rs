@@ -8,9 +8,8 @@ pub mod connection;
 pub mod message;
 pub mod remoting;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 /// The longest topic or group name RocketMQ accepts.
 const MAX_NAME: usize = 127;
@@ -36,109 +35,70 @@ pub fn topic_name(routed: &str) -> Option<String> {
     (!mapped.is_empty() && mapped.len() <= MAX_NAME).then_some(mapped)
 }
 
-/// How long after settling a half message itself the relay still answers its check-backs
-/// "unknown". The broker records an END_TRANSACTION asynchronously (RocketMQ batches the records
-/// every `transactionOpBatchInterval`), so a check may still come for a message just committed;
-/// answering it "commit" from the oracle would make the broker commit it a second time.
-pub const SETTLED_GRACE: Duration = Duration::from_secs(10);
-
-/// Transaction keys of the half messages this process sent and has not settled yet (or settled
-/// within [`SETTLED_GRACE`]).
+/// Transaction keys of the half messages this process sent and has not settled yet.
 ///
 /// The relay's own check-back responder answers "unknown" for them instead of asking the oracle:
 /// the oracle would settle a key the sink is about to commit as rolled back, and the sink would
 /// then have to send the row again. A relay that crashed holds nothing here, so after a crash
-/// the oracle decides. Each sink registers under a generation of its own and forgets its
-/// unsettled keys when it is dropped (a rebuilt sink sends the unconfirmed rows again, under new
-/// keys, and the oracle decides the old ones).
+/// the oracle decides. Each sink registers under a generation of its own and forgets its keys
+/// when it is dropped: a rebuilt sink sends the unconfirmed rows again under new keys, and the
+/// oracle decides the old ones.
 #[derive(Debug, Clone, Default)]
 pub struct OwnHalves {
     inner: Arc<Mutex<Own>>,
-    generations: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[derive(Debug, Default)]
 struct Own {
-    /// Key → (generation, when this process settled it).
-    keys: HashMap<String, (u64, Option<Instant>)>,
-    /// Settled keys in the order they were settled, to expire them.
-    settled: VecDeque<(Instant, String)>,
-}
-
-impl Own {
-    fn expire(&mut self, now: Instant) {
-        while let Some((at, _)) = self.settled.front()
-            && now.duration_since(*at) >= SETTLED_GRACE
-        {
-            let Some((at, key)) = self.settled.pop_front() else {
-                break;
-            };
-            if self.keys.get(&key).is_some_and(|(_, s)| *s == Some(at)) {
-                self.keys.remove(&key);
-            }
-        }
-    }
+    /// Key → the generation that sent it.
+    keys: HashMap<String, u64>,
+    next_generation: u64,
+    /// Generations forgotten: keys they still try to add are ignored.
+    retired: HashSet<u64>,
 }
 
 impl OwnHalves {
     /// A new generation for a sink.
     pub fn generation(&self) -> u64 {
-        self.generations
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        self.inner
+            .lock()
+            .map(|mut own| {
+                own.next_generation += 1;
+                own.next_generation
+            })
+            .unwrap_or(0)
     }
 
-    /// A half message about to be sent.
+    /// A half message about to be sent by `generation`.
     pub fn insert(&self, key: &str, generation: u64) {
-        if let Ok(mut own) = self.inner.lock() {
-            own.expire(Instant::now());
-            own.keys.insert(key.to_owned(), (generation, None));
+        if let Ok(mut own) = self.inner.lock()
+            && !own.retired.contains(&generation)
+        {
+            own.keys.insert(key.to_owned(), generation);
         }
     }
 
-    /// A half message that was never stored: the oracle may decide it at once.
+    /// Settled, or never stored: the oracle decides from now on.
     pub fn remove(&self, key: &str) {
         if let Ok(mut own) = self.inner.lock() {
             own.keys.remove(key);
         }
     }
 
-    /// This process sent END_TRANSACTION for it (or tried to): kept for [`SETTLED_GRACE`].
-    pub fn settled(&self, key: &str) {
-        self.settled_at(key, Instant::now());
-    }
-
-    fn settled_at(&self, key: &str, now: Instant) {
-        if let Ok(mut own) = self.inner.lock() {
-            own.expire(now);
-            if let Some(entry) = own.keys.get_mut(key) {
-                entry.1 = Some(now);
-                own.settled.push_back((now, key.to_owned()));
-            }
-        }
-    }
-
-    /// Whether check-backs on `key` are this process's to answer "unknown".
     pub fn contains(&self, key: &str) -> bool {
-        self.contains_at(key, Instant::now())
+        self.inner
+            .lock()
+            .is_ok_and(|own| own.keys.contains_key(key))
     }
 
-    fn contains_at(&self, key: &str, now: Instant) -> bool {
-        self.inner.lock().is_ok_and(|own| {
-            own.keys.get(key).is_some_and(|(_, settled)| {
-                settled.is_none_or(|at| now.duration_since(at) < SETTLED_GRACE)
-            })
-        })
-    }
-
-    /// Forgets the unsettled keys of `generation`.
+    /// Forgets every key of `generation`, and any it adds later.
     pub fn forget(&self, generation: u64) {
         if let Ok(mut own) = self.inner.lock() {
-            own.keys
-                .retain(|_, (g, settled)| *g != generation || settled.is_some());
+            own.keys.retain(|_, g| *g != generation);
+            own.retired.insert(generation);
         }
     }
 
-    /// Keys held (unsettled, or settled within the grace).
     pub fn len(&self) -> usize {
         self.inner.lock().map(|own| own.keys.len()).unwrap_or(0)
     }
@@ -168,34 +128,19 @@ mod tests {
     }
 
     #[test]
-    fn a_dropped_generation_forgets_its_unsettled_keys() {
+    fn a_dropped_generation_forgets_its_keys_and_later_ones() {
         let own = OwnHalves::default();
         let (a, b) = (own.generation(), own.generation());
+        assert_ne!(a, b);
         own.insert("k1", a);
         own.insert("k2", b);
-        own.insert("k3", a);
-        own.settled("k3");
         own.forget(a);
         assert!(!own.contains("k1"));
         assert!(own.contains("k2"));
-        assert!(own.contains("k3"), "settled keys stay for the grace period");
+        // A send of the dropped sink still finishing adds nothing.
+        own.insert("k3", a);
+        assert!(!own.contains("k3"));
         own.remove("k2");
-        assert_eq!(own.len(), 1);
-    }
-
-    #[test]
-    fn settled_keys_are_held_for_the_grace_period_then_expire() {
-        let own = OwnHalves::default();
-        let g = own.generation();
-        let t0 = Instant::now();
-        own.insert("k", g);
-        own.settled_at("k", t0);
-        assert!(own.contains_at("k", t0 + SETTLED_GRACE / 2));
-        assert!(!own.contains_at("k", t0 + SETTLED_GRACE));
-        // Expired entries leave the map on the next settle.
-        own.insert("later", g);
-        own.settled_at("later", t0 + SETTLED_GRACE);
-        assert_eq!(own.len(), 1);
-        assert!(!own.is_empty());
+        assert!(own.is_empty());
     }
 }

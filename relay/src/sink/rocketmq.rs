@@ -153,28 +153,39 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 impl Shared {
-    /// A live connection to `addr`.
+    /// A live connection to `addr` (connected outside the lock: one unreachable broker does not
+    /// hold up sends to the others).
     async fn broker(&self, addr: &str) -> Result<Connection, String> {
-        let mut brokers = self.brokers.lock().await;
-        if let Some(c) = brokers.get(addr).filter(|c| !c.is_closed()) {
+        if let Some(c) = self
+            .brokers
+            .lock()
+            .await
+            .get(addr)
+            .filter(|c| !c.is_closed())
+        {
             return Ok(c.clone());
         }
         let c = Connection::open(addr, None, client::TIMEOUT).await?;
-        brokers.insert(addr.to_owned(), c.clone());
+        self.brokers.lock().await.insert(addr.to_owned(), c.clone());
         Ok(c)
     }
 
     /// A live connection to a name server (the first that answers).
     async fn name_server(&self) -> Result<Connection, String> {
-        let mut ns = self.name_server.lock().await;
-        if let Some(c) = ns.as_ref().filter(|c| !c.is_closed()) {
+        if let Some(c) = self
+            .name_server
+            .lock()
+            .await
+            .as_ref()
+            .filter(|c| !c.is_closed())
+        {
             return Ok(c.clone());
         }
         let mut last = String::from("no name server configured (rocketmq.name_server)");
         for addr in self.config.name_servers() {
             match Connection::open(&addr, None, client::TIMEOUT).await {
                 Ok(c) => {
-                    *ns = Some(c.clone());
+                    *self.name_server.lock().await = Some(c.clone());
                     return Ok(c);
                 }
                 Err(e) => last = e,
@@ -362,7 +373,7 @@ impl Settler {
                 tracing::warn!(key = %h.key, resolution = label, error = %e,
                     "could not settle a RocketMQ half message; the broker's check-back will (the oracle holds the outcome)");
             }
-            self.shared.own.settled(&h.key);
+            self.shared.own.remove(&h.key);
         }
     }
 }
@@ -411,6 +422,7 @@ impl Drop for RocketMqSink {
     fn drop(&mut self) {
         // Whatever this sink had in flight is sent again by its successor under new keys; the
         // oracle decides the old ones.
+        self.sends.abort_all();
         self.shared.own.forget(self.shared.generation);
     }
 }
