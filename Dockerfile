@@ -25,7 +25,10 @@ COPY --from=build /src/target/release/outbox-relay /usr/local/bin/outbox-relay
 COPY sql ./sql
 COPY config/relay.toml ./config/relay.toml
 USER 10001
-# Prometheus metrics (metrics.listen).
-EXPOSE 9464
+# The admin listener: GET /metrics, /healthz, /readyz, /v1/transactions/{key}. In a container it
+# must listen on all interfaces for probes and scrapers; keep the port off public networks (a
+# transaction check settles undecided keys).
+ENV RELAY_HTTP__ADDR=0.0.0.0:8080
+EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/outbox-relay"]
 CMD ["run"]

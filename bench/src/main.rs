@@ -627,10 +627,9 @@ impl Env {
             ("RELAY_PIPELINE__MARK_DELIVERED", mark.to_string()),
             ("RELAY_LOG__LEVEL", "info".into()),
             (
-                "RELAY_METRICS__LISTEN",
+                "RELAY_HTTP__ADDR",
                 format!("127.0.0.1:{}", self.metrics_port),
             ),
-            ("RELAY_HTTP__ADDR", "127.0.0.1:0".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

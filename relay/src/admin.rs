@@ -1,5 +1,9 @@
 //! The admin HTTP listener (`http.addr`, env `RELAY_HTTP__ADDR`, default `127.0.0.1:8080`).
 //!
+//! `GET /metrics`: Prometheus text (see `crate::metrics`). `GET /healthz`: 200 while the process
+//! serves. `GET /readyz`: 200 while streaming with the broker reachable, else 503 with the
+//! reasons (see `crate::health`).
+//!
 //! `GET /v1/transactions/{key}` asks the transaction oracle what became of a local transaction,
 //! for gateways and coordinators that check over HTTP:
 //! `200 {"key":"…","status":"committed"|"rolled_back"|"unknown"}`, with a `reason` when unknown.
@@ -21,7 +25,10 @@ use axum::routing::get;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use metrics_exporter_prometheus::PrometheusHandle;
+
 use crate::config::Config;
+use crate::health::Health;
 use crate::metrics::TRANSACTION_CHECKS;
 use crate::oracle::{Oracle, TxStatus, validate_key};
 
@@ -36,11 +43,20 @@ pub fn oracle(config: &Config) -> Arc<Oracle> {
     ))
 }
 
+/// What the routes serve from.
+#[derive(Clone)]
+pub struct AdminState {
+    pub oracle: Arc<Oracle>,
+    /// `None` when no recorder is installed (library use): `/metrics` answers 404.
+    pub metrics: Option<PrometheusHandle>,
+    pub health: Arc<Health>,
+}
+
 /// Binds `http.addr` (so a port in use fails the start, naming the key) and serves until
 /// `shutdown`. `Ok(None)` when the listener is off.
 pub async fn start(
     config: &Config,
-    oracle: Arc<Oracle>,
+    state: AdminState,
     shutdown: CancellationToken,
 ) -> Result<Option<SocketAddr>, String> {
     let addr = &config.http.addr;
@@ -54,7 +70,7 @@ pub async fn start(
         )
     })?;
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
-    let app = router(oracle);
+    let app = router(state);
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -67,11 +83,43 @@ pub async fn start(
 }
 
 /// The routes, for [`start`] and tests.
-pub fn router(oracle: Arc<Oracle>) -> Router {
+pub fn router(state: AdminState) -> Router {
     Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readiness))
         .route("/v1/transactions/{key}", get(transaction_status))
         .route("/v1/dtm/query-prepared", get(dtm_query_prepared))
-        .with_state(oracle)
+        .with_state(state)
+}
+
+async fn render_metrics(State(state): State<AdminState>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            handle.render(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "no metrics recorder installed").into_response(),
+    }
+}
+
+async fn readiness(State(state): State<AdminState>) -> Response {
+    match state.health.readiness() {
+        Ok(()) => (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"ready": true})),
+        )
+            .into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"ready": false, "reasons": why})),
+        )
+            .into_response(),
+    }
 }
 
 #[derive(Serialize)]
@@ -94,7 +142,7 @@ async fn ask(oracle: &Oracle, key: &str, source: &'static str) -> TxStatus {
 }
 
 async fn transaction_status(
-    State(oracle): State<Arc<Oracle>>,
+    State(AdminState { oracle, .. }): State<AdminState>,
     Path(key): Path<String>,
 ) -> Response {
     if let Err(why) = validate_key(&key) {
@@ -123,7 +171,7 @@ struct DtmQuery {
 /// DTM's QueryPrepared contract: the body's SUCCESS / FAILURE / ONGOING decide, with 200 / 409 /
 /// 425 to match.
 async fn dtm_query_prepared(
-    State(oracle): State<Arc<Oracle>>,
+    State(AdminState { oracle, .. }): State<AdminState>,
     Query(q): Query<DtmQuery>,
 ) -> Response {
     if let Err(why) = validate_key(&q.gid) {

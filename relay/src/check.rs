@@ -279,6 +279,20 @@ async fn broker_check(config: &Config) -> CheckResult {
 
 /// `sink = "rocketmq"`: a name server answers and lists at least one master broker.
 async fn rocketmq_check(config: &Config) -> CheckResult {
+    match rocketmq_masters(config).await {
+        Ok(found) => pass("broker", found),
+        Err(e) => fail(
+            "broker",
+            format!(
+                "{e}; check rocketmq.name_server (RELAY_ROCKETMQ__NAME_SERVER) and that the name server is up"
+            ),
+        ),
+    }
+}
+
+/// The master brokers the first answering name server lists, described; an error when none
+/// answers or it lists none.
+pub async fn rocketmq_masters(config: &Config) -> Result<String, String> {
     use crate::rocketmq::{client, connection::Connection};
     let mut last = String::from("no name server configured");
     for addr in config.rocketmq.name_servers() {
@@ -288,14 +302,11 @@ async fn rocketmq_check(config: &Config) -> CheckResult {
         };
         match listed.await {
             Ok(masters) if !masters.is_empty() => {
-                return pass(
-                    "broker",
-                    format!(
-                        "RocketMQ name server {addr} lists {} master broker(s): {}",
-                        masters.len(),
-                        masters.join(", ")
-                    ),
-                );
+                return Ok(format!(
+                    "RocketMQ name server {addr} lists {} master broker(s): {}",
+                    masters.len(),
+                    masters.join(", ")
+                ));
             }
             Ok(_) => {
                 last = format!("{addr} lists no master broker; start a broker registered with it")
@@ -303,12 +314,7 @@ async fn rocketmq_check(config: &Config) -> CheckResult {
             Err(e) => last = e,
         }
     }
-    fail(
-        "broker",
-        format!(
-            "{last}; check rocketmq.name_server (RELAY_ROCKETMQ__NAME_SERVER) and that the name server is up"
-        ),
-    )
+    Err(last)
 }
 
 /// Prints the report; returns whether every check passed.

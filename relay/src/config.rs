@@ -27,6 +27,7 @@ pub struct Config {
     pub retry: RetryConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    pub retention: RetentionConfig,
     pub exactly_once: ExactlyOnceConfig,
     pub http: HttpConfig,
     pub transactions: TransactionsConfig,
@@ -457,14 +458,41 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// Serve Prometheus metrics at http://<listen>/metrics; empty: no metrics endpoint.
-    pub listen: String,
+    /// How often the slot's lag, retained WAL, `safe_wal_size` and the oldest undelivered row's
+    /// age are read from Postgres for the gauges (ms).
+    pub poll_interval_ms: u64,
+    /// Log a warning and raise `outbox_relay_slot_retained_wal_warning` while the slot retains
+    /// more WAL than this (bytes; 0: never).
+    pub retained_wal_warn_bytes: u64,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
-            listen: "0.0.0.0:9464".into(),
+            poll_interval_ms: 10_000,
+            retained_wal_warn_bytes: 1 << 30,
+        }
+    }
+}
+
+/// Housekeeping: delivered rows are deleted once they are older than the retention.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Delete rows delivered more than this long ago (hours; 0: keep them).
+    pub delivered_hours: f64,
+    /// How often the deletion runs (ms).
+    pub interval_ms: u64,
+    /// Rows per DELETE (each its own short transaction; rows locked by others are skipped).
+    pub batch_size: i64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            delivered_hours: 24.0,
+            interval_ms: 60_000,
+            batch_size: 1_000,
         }
     }
 }
@@ -752,12 +780,33 @@ impl Config {
                 ),
             ));
         }
-        let m = &self.metrics.listen;
-        if !m.is_empty() && m.parse::<std::net::SocketAddr>().is_err() {
+        if self.metrics.poll_interval_ms < 100 {
             return Err(invalid(
-                "metrics.listen",
-                m,
-                "expected an address and port such as 0.0.0.0:9464 (an IP address, not a host name), or \"\" to turn the metrics endpoint off",
+                "metrics.poll_interval_ms",
+                self.metrics.poll_interval_ms,
+                "must be at least 100; 10000 is usual",
+            ));
+        }
+        let rt = &self.retention;
+        if !rt.delivered_hours.is_finite() || rt.delivered_hours < 0.0 {
+            return Err(invalid(
+                "retention.delivered_hours",
+                rt.delivered_hours,
+                "must be 0 (keep delivered rows) or a positive number of hours; 24 is usual",
+            ));
+        }
+        if rt.interval_ms < 100 {
+            return Err(invalid(
+                "retention.interval_ms",
+                rt.interval_ms,
+                "must be at least 100; 60000 is usual",
+            ));
+        }
+        if !(1..=100_000).contains(&rt.batch_size) {
+            return Err(invalid(
+                "retention.batch_size",
+                rt.batch_size,
+                "must be between 1 and 100000; 1000 is usual (small batches keep locks short)",
             ));
         }
         let h = &self.http.addr;

@@ -77,24 +77,26 @@ fn main() -> ExitCode {
                 }
             }
             Command::Run => {
-                match outbox_relay::metrics::install(&config.metrics.listen) {
-                    Ok(Some(addr)) => {
-                        tracing::info!(%addr, "serving Prometheus metrics at /metrics")
-                    }
-                    Ok(None) => {}
+                let metrics = match outbox_relay::metrics::install() {
+                    Ok(handle) => Some(handle),
                     Err(e) => {
-                        tracing::error!("{e}");
-                        eprintln!("outbox-relay: {e}");
-                        return ExitCode::from(2);
+                        tracing::warn!("{e}; /metrics will answer 404");
+                        None
                     }
-                }
+                };
                 let shutdown = CancellationToken::new();
                 tokio::spawn(wait_for_signal(shutdown.clone()));
                 let oracle = outbox_relay::admin::oracle(&config);
-                match outbox_relay::admin::start(&config, oracle.clone(), shutdown.clone()).await {
+                let health = std::sync::Arc::new(outbox_relay::health::Health::default());
+                let state = outbox_relay::admin::AdminState {
+                    oracle: oracle.clone(),
+                    metrics,
+                    health: health.clone(),
+                };
+                match outbox_relay::admin::start(&config, state, shutdown.clone()).await {
                     Ok(Some(addr)) => tracing::info!(
                         %addr,
-                        "admin HTTP listener: GET /v1/transactions/{{key}}"
+                        "admin HTTP listener: GET /metrics, /healthz, /readyz, /v1/transactions/{{key}}"
                     ),
                     Ok(None) => {}
                     Err(e) => {
@@ -103,6 +105,13 @@ fn main() -> ExitCode {
                         return ExitCode::from(2);
                     }
                 }
+                tokio::spawn(outbox_relay::health::probe_broker(
+                    config.clone(),
+                    health.clone(),
+                    shutdown.clone(),
+                ));
+                tokio::spawn(outbox_relay::monitor::run(config.clone(), shutdown.clone()));
+                tokio::spawn(outbox_relay::retention::run(config.clone(), shutdown.clone()));
                 let own = outbox_relay::rocketmq::OwnHalves::default();
                 let own_sink = config.sink == outbox_relay::config::SinkKind::Rocketmq;
                 tokio::spawn(outbox_relay::rocketmq::checkback::run(
@@ -119,7 +128,7 @@ fn main() -> ExitCode {
                         outbox_relay::admin::purge_loop(&config, oracle, shutdown).await
                     });
                 }
-                match outbox_relay::runtime::run(config, shutdown, own).await {
+                match outbox_relay::runtime::run(config, shutdown, own, health).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         tracing::error!("{e}");

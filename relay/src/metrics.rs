@@ -1,23 +1,51 @@
-//! Prometheus metrics, served at `http://<metrics.listen>/metrics`.
+//! Prometheus metrics, served at `GET /metrics` on the admin HTTP listener (`http.addr`).
 //!
 //! Metric names are constants here so dashboards, the benchmark and the README agree. Recording
-//! goes through the `metrics` facade: without an installed exporter (library use, tests) every
+//! goes through the `metrics` facade: without an installed recorder (library use, tests) every
 //! record is a no-op.
 
-use std::net::SocketAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+/// Counter: outbox rows read (from the WAL, the first-start snapshot, and redrives).
+pub const ROWS_READ: &str = "outbox_relay_rows_read_total";
+/// Counter: messages handed to the broker client (sends again after a failure included).
+pub const MESSAGES_PUBLISHED: &str = "outbox_relay_messages_published_total";
+/// Counter: messages the broker acknowledged (dead-letter records included).
+pub const MESSAGES_ACKED: &str = "outbox_relay_messages_acked_total";
+/// Counter: sends tried again after a failure, by `stage` (`broker`: the broker client's retry
+/// after a transient error; `refused`: the pipeline's after the broker refused a message).
+pub const RETRIES: &str = "outbox_relay_retries_total";
+/// Counter: rows whose message went to the dead-letter topic.
+pub const DEAD_LETTERED: &str = "outbox_relay_dead_lettered_total";
+/// Counter: rows marked in the outbox, by `state` (`delivered`, `failed`); its rate is marks/s.
+pub const ROWS_MARKED: &str = "outbox_relay_rows_marked_total";
+/// Histogram: rows per marking statement (the progress stage's batch size).
+pub const MARK_BATCH_ROWS: &str = "outbox_relay_mark_batch_rows";
 /// Histogram: seconds from the source transaction's commit (Postgres' clock) to the broker's
 /// acknowledgement of the row's message (the relay's clock). Rows read from the WAL only.
 pub const COMMIT_TO_ACK: &str = "outbox_relay_commit_to_ack_seconds";
-/// Counter: messages the broker acknowledged (dead-letter records included).
-pub const MESSAGES_ACKED: &str = "outbox_relay_messages_acked_total";
+/// Gauge: messages handed to the broker and not yet confirmed and marked.
+pub const IN_FLIGHT: &str = "outbox_relay_in_flight_messages";
+/// Gauge: 1 while this relay streams from the slot (0: waiting, e.g. the standby of a pair).
+pub const STREAMING: &str = "outbox_relay_streaming";
+/// Gauge: `pg_current_wal_lsn() - confirmed_flush_lsn` of the slot (bytes).
+pub const REPLICATION_LAG: &str = "outbox_relay_replication_lag_bytes";
+/// Gauge: WAL the slot keeps on the server, `pg_current_wal_lsn() - restart_lsn` (bytes).
+pub const RETAINED_WAL: &str = "outbox_relay_slot_retained_wal_bytes";
+/// Gauge: `safe_wal_size` of the slot: WAL that can still be written before the slot is lost
+/// (bytes; absent when `max_slot_wal_keep_size` is unlimited).
+pub const SAFE_WAL_SIZE: &str = "outbox_relay_slot_safe_wal_size_bytes";
+/// Gauge: 1 while the retained WAL is above `metrics.retained_wal_warn_bytes`.
+pub const RETAINED_WAL_WARNING: &str = "outbox_relay_slot_retained_wal_warning";
+/// Gauge: age of the oldest row neither delivered nor failed (seconds; 0 when none).
+pub const OLDEST_UNDELIVERED: &str = "outbox_relay_oldest_undelivered_age_seconds";
+/// Counter: delivered rows deleted by the retention (`retention.delivered_hours`).
+pub const ROWS_DELETED: &str = "outbox_relay_rows_deleted_total";
 /// Counter: transaction checks answered, by `source` (`http`, `dtm`, `rocketmq`) and `status`
 /// (`committed`, `rolled_back`, `unknown`).
 pub const TRANSACTION_CHECKS: &str = "outbox_relay_transaction_checks_total";
-
 /// Counter: END_TRANSACTION requests the RocketMQ sink sent for its own half messages, by
 /// `resolution` (`commit`, `rollback`) and `result` (`ok`, `error`: left to the check-back).
 pub const ROCKETMQ_END_TRANSACTIONS: &str = "outbox_relay_rocketmq_end_transactions_total";
@@ -30,44 +58,94 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     10.0, 30.0, 60.0,
 ];
 
+/// Bucket bounds of the batch-size histogram.
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
+];
+
 /// Microseconds between the Unix epoch and Postgres' epoch (2000-01-01 UTC).
 const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
-/// Installs the global recorder and serves it on `listen` (an empty string turns metrics off).
-pub fn install(listen: &str) -> Result<Option<SocketAddr>, String> {
-    if listen.is_empty() {
-        return Ok(None);
-    }
-    let addr: SocketAddr = listen.parse().map_err(|e| {
-        format!("metrics.listen = {listen:?} is not host:port ({e}); use e.g. 0.0.0.0:9464, or \"\" to turn metrics off")
-    })?;
-    // Bind here first, so a port in use is reported at start with the key to change.
-    let probe = std::net::TcpListener::bind(addr).map_err(|e| {
-        format!("cannot serve metrics on {addr}: {e}; set metrics.listen (RELAY_METRICS__LISTEN) to a free port, or \"\" to turn metrics off")
-    })?;
-    let bound = probe.local_addr().map_err(|e| e.to_string())?;
-    drop(probe);
-    PrometheusBuilder::new()
-        .with_http_listener(bound)
+/// Installs the global Prometheus recorder and returns the handle `/metrics` renders. Call once
+/// per process, inside a Tokio runtime (it starts the recorder's upkeep task).
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(MARK_BATCH_ROWS.into()), BATCH_BUCKETS)
+        })
         .map_err(|e| e.to_string())?
-        .install()
-        .map_err(|e| format!("cannot start the metrics exporter on {bound}: {e}"))?;
-    metrics::describe_histogram!(
+        .install_recorder()
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        ROWS_READ,
+        "Outbox rows read (WAL, first-start snapshot, redrives)"
+    );
+    describe_counter!(MESSAGES_PUBLISHED, "Messages handed to the broker client");
+    describe_counter!(MESSAGES_ACKED, "Messages the broker acknowledged");
+    describe_counter!(RETRIES, "Sends tried again after a failure, by stage");
+    describe_counter!(
+        DEAD_LETTERED,
+        "Rows whose message went to the dead-letter topic"
+    );
+    describe_counter!(ROWS_MARKED, "Rows marked in the outbox, by state");
+    describe_histogram!(MARK_BATCH_ROWS, "Rows per marking statement");
+    describe_histogram!(
         COMMIT_TO_ACK,
-        metrics::Unit::Seconds,
+        Unit::Seconds,
         "Source transaction commit (Postgres clock) to broker acknowledgement (relay clock)"
     );
-    metrics::describe_counter!(MESSAGES_ACKED, "Messages the broker acknowledged");
-    metrics::describe_counter!(
+    describe_gauge!(
+        IN_FLIGHT,
+        "Messages handed to the broker, not yet confirmed and marked"
+    );
+    describe_gauge!(STREAMING, "1 while this relay streams from the slot");
+    describe_gauge!(
+        REPLICATION_LAG,
+        Unit::Bytes,
+        "pg_current_wal_lsn() - confirmed_flush_lsn of the slot"
+    );
+    describe_gauge!(
+        RETAINED_WAL,
+        Unit::Bytes,
+        "WAL the slot keeps on the server (pg_current_wal_lsn() - restart_lsn)"
+    );
+    describe_gauge!(
+        SAFE_WAL_SIZE,
+        Unit::Bytes,
+        "WAL that can still be written before the slot is lost"
+    );
+    describe_gauge!(
+        RETAINED_WAL_WARNING,
+        "1 while retained WAL is above metrics.retained_wal_warn_bytes"
+    );
+    describe_gauge!(
+        OLDEST_UNDELIVERED,
+        Unit::Seconds,
+        "Age of the oldest row neither delivered nor failed"
+    );
+    describe_counter!(ROWS_DELETED, "Delivered rows deleted by the retention");
+    describe_counter!(
         TRANSACTION_CHECKS,
         "Transaction checks answered from the oracle, by source and status"
     );
-    metrics::describe_counter!(
+    describe_counter!(
         ROCKETMQ_END_TRANSACTIONS,
         "END_TRANSACTION requests for the RocketMQ sink's half messages, by resolution and result"
     );
-    Ok(Some(bound))
 }
 
 /// Handles of the acknowledgement metrics, registered once (after [`install`]: handles taken

@@ -556,6 +556,9 @@ impl Batch {
                     .await,
             );
             tracing::trace!(rows = delivered.len(), "marked delivered");
+            metrics::counter!(crate::metrics::ROWS_MARKED, "state" => "delivered")
+                .increment(delivered.len() as u64);
+            metrics::histogram!(crate::metrics::MARK_BATCH_ROWS).record(delivered.len() as f64);
         }
         // Rows with the same note (a blocked aggregate's parked rows) share one UPDATE.
         let mut rest = &failed[..];
@@ -572,6 +575,8 @@ impl Batch {
                     .await,
             );
             if ok {
+                metrics::counter!(crate::metrics::ROWS_MARKED, "state" => "failed")
+                    .increment(n as u64);
                 tracing::info!(rows = n, first = %rows[0].0, error = %note.error, attempts = note.attempts, "rows marked failed");
             }
             rest = &rest[n..];

@@ -75,6 +75,9 @@ fn is_transient_replication(e: &ReplicationError) -> bool {
     }
 }
 
+/// How often a relay whose slot is held by another one (the standby of a pair) tries to take it.
+const STANDBY_POLL: Duration = Duration::from_secs(1);
+
 /// Minimum spacing of status updates sent because the watermark moved.
 const FEEDBACK_COALESCE: Duration = Duration::from_millis(100);
 
@@ -84,6 +87,7 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
     own: OwnHalves,
+    health: std::sync::Arc<crate::health::Health>,
 ) -> Result<(), RunError> {
     let pg = config.pg_config();
     let url = redact_url(&config.postgres.url);
@@ -112,6 +116,8 @@ pub async fn run(
     // A new sink and pipeline to build before streaming again: (the last committed Kafka
     // position when known, the position confirmed so far).
     let mut rebuild: Option<(Option<SourcePosition>, crate::replication::Lsn)> = None;
+    // Whether the slot was found held by another relay (logged once, until it is taken over).
+    let mut standby = false;
     let result = loop {
         if db.is_closed() {
             match db::connect_watched(&pg).await {
@@ -152,7 +158,11 @@ pub async fn run(
             Some(Err(e)) => Err(e),
             Some(Ok(stream)) => {
                 delays = backoff(&config.retry).build();
-                stream_until_stopped(
+                health.set_streaming(true);
+                if std::mem::take(&mut standby) {
+                    tracing::info!(slot = %config.postgres.slot, "took over the slot");
+                }
+                let streamed = stream_until_stopped(
                     stream,
                     &mut pipeline,
                     &db,
@@ -160,7 +170,9 @@ pub async fn run(
                     &config,
                     &shutdown,
                 )
-                .await
+                .await;
+                health.set_streaming(false);
+                streamed
             }
         };
         match outcome {
@@ -196,12 +208,18 @@ pub async fn run(
                     // (same transactional id) and resumes from the last committed position.
                     rebuild = Some((pipeline.committed_position(), pipeline.flushable()));
                 }
-                let wait = delays.next().unwrap_or(Duration::from_secs(30));
+                let mut wait = delays.next().unwrap_or(Duration::from_secs(30));
                 let slot_busy = matches!(&e, RunError::Replication(r) if r.sqlstate() == Some("55006"))
                     || matches!(&e, RunError::Slot(SlotError::Replication(r)) if r.sqlstate() == Some("55006"));
                 if slot_busy {
-                    tracing::warn!(slot = %config.postgres.slot, retry_in = ?wait, "the slot is active in another process (another relay?); waiting for it to be released");
+                    // A standby: ask often, to take over within seconds of the active relay's end.
+                    wait = wait.min(STANDBY_POLL);
+                    if !standby {
+                        standby = true;
+                        tracing::info!(slot = %config.postgres.slot, poll = ?wait, "the slot is active in another process (another relay?); standing by to take over when it is released");
+                    }
                 } else {
+                    standby = false;
                     tracing::warn!(error = %e, retry_in = ?wait, "lost the replication stream; reconnecting (position kept by the slot)");
                 }
                 if sleep_or_shutdown(wait, &shutdown).await {

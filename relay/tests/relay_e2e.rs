@@ -178,44 +178,98 @@ fn sample(page: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-/// The relay serves Prometheus metrics: every acknowledged row is counted, and each row read from
-/// the WAL adds its commit → acknowledgement time to the histogram.
+/// The admin listener serves Prometheus metrics (every named series), `/healthz` and `/readyz`:
+/// every row read, published, acknowledged and marked is counted, each row read from the WAL adds
+/// its commit → acknowledgement time to the histogram, the slot gauges are read from Postgres,
+/// the retained-WAL warning fires past its threshold, and readiness follows the broker.
 #[tokio::test(flavor = "multi_thread")]
-async fn metrics_count_acknowledgements_and_commit_to_ack_latency() {
+async fn metrics_and_probes_on_the_admin_listener() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let Stack {
-        pg,
-        broker: _broker,
-        relay,
-    } = Stack::start(&[("RELAY_METRICS__LISTEN", &listen)]);
+    let Stack { pg, broker, relay } = Stack::start(&[
+        ("RELAY_HTTP__ADDR", &listen),
+        ("RELAY_METRICS__POLL_INTERVAL_MS", "200"),
+        // Any retained WAL is "too much": the warning must fire.
+        ("RELAY_METRICS__RETAINED_WAL_WARN_BYTES", "1"),
+    ]);
     let mut db = pg.client().await;
     wait_streaming(&db, WAIT).await;
     insert_rows(&mut db, "metered", 2, 25, true).await;
     insert_rows(&mut db, "metered", 2, 5, false).await;
     assert!(all_delivered(&db, WAIT).await, "{}", relay.log());
 
-    let page = http_get(port, "/metrics");
-    assert!(page.starts_with("HTTP/1."), "{page}");
-    assert_eq!(
-        sample(&page, "outbox_relay_messages_acked_total"),
-        Some(25.0),
-        "{page}"
-    );
-    assert_eq!(
-        sample(&page, "outbox_relay_commit_to_ack_seconds_count"),
-        Some(25.0),
-        "{page}"
-    );
-    // Buckets are cumulative and end with every observation.
-    assert_eq!(
+    assert!(http_get(port, "/healthz").starts_with("HTTP/1.0 200"));
+    let ready = eventually(WAIT, || async {
+        http_get(port, "/readyz").starts_with("HTTP/1.0 200")
+    })
+    .await;
+    assert!(ready, "{}", http_get(port, "/readyz"));
+    // The gauges are polled: wait until the backlog reads empty.
+    let polled = eventually(WAIT, || async {
         sample(
-            &page,
-            "outbox_relay_commit_to_ack_seconds_bucket{le=\"+Inf\"}"
+            &http_get(port, "/metrics"),
+            "outbox_relay_oldest_undelivered_age_seconds",
+        ) == Some(0.0)
+    })
+    .await;
+    let page = http_get(port, "/metrics");
+    assert!(polled, "{page}");
+    assert!(page.starts_with("HTTP/1.0 200"), "{page}");
+    for (series, value) in [
+        ("outbox_relay_rows_read_total", 25.0),
+        ("outbox_relay_messages_published_total", 25.0),
+        ("outbox_relay_messages_acked_total", 25.0),
+        ("outbox_relay_rows_marked_total{state=\"delivered\"}", 25.0),
+        ("outbox_relay_commit_to_ack_seconds_count", 25.0),
+        // Buckets are cumulative and end with every observation.
+        (
+            "outbox_relay_commit_to_ack_seconds_bucket{le=\"+Inf\"}",
+            25.0,
         ),
-        Some(25.0),
-        "{page}"
-    );
+        ("outbox_relay_in_flight_messages", 0.0),
+        ("outbox_relay_streaming", 1.0),
+        ("outbox_relay_slot_retained_wal_warning", 1.0),
+    ] {
+        assert_eq!(sample(&page, series), Some(value), "{series}\n{page}");
+    }
     let sum = sample(&page, "outbox_relay_commit_to_ack_seconds_sum").expect("sum");
     assert!(sum > 0.0 && sum < 25.0 * 120.0, "sum {sum}");
+    let batches = sample(&page, "outbox_relay_mark_batch_rows_count").expect("batch sizes");
+    assert!((1.0..=25.0).contains(&batches), "{page}");
+    assert_eq!(
+        sample(&page, "outbox_relay_mark_batch_rows_sum"),
+        Some(25.0)
+    );
+    let retained = sample(&page, "outbox_relay_slot_retained_wal_bytes").expect("retained");
+    let lag = sample(&page, "outbox_relay_replication_lag_bytes").expect("lag");
+    assert!(retained > 0.0 && lag >= 0.0 && lag <= retained, "{page}");
+    // Nothing failed: the failure counters are there, at zero.
+    for series in [
+        "outbox_relay_dead_lettered_total",
+        "outbox_relay_retries_total{stage=\"refused\"}",
+    ] {
+        assert_eq!(sample(&page, series), Some(0.0), "{series}\n{page}");
+    }
+    assert!(
+        relay
+            .log()
+            .contains("the replication slot retains more WAL than metrics.retained_wal_warn_bytes"),
+        "{}",
+        relay.log()
+    );
+
+    // The broker stops answering: not ready, with the reason; back when it answers again.
+    broker.pause();
+    let unready = eventually(WAIT, || async {
+        let r = http_get(port, "/readyz");
+        r.starts_with("HTTP/1.0 503") && r.contains("broker not reachable")
+    })
+    .await;
+    broker.resume();
+    assert!(unready, "{}", http_get(port, "/readyz"));
+    let ready_again = eventually(WAIT, || async {
+        http_get(port, "/readyz").starts_with("HTTP/1.0 200")
+    })
+    .await;
+    assert!(ready_again, "{}", http_get(port, "/readyz"));
 }

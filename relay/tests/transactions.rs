@@ -35,7 +35,12 @@ impl Checker {
         config.transactions.lock_timeout_ms = lock_timeout.as_millis() as u64;
         let oracle = outbox_relay::admin::oracle(&config);
         let stop = CancellationToken::new();
-        let addr = outbox_relay::admin::start(&config, oracle.clone(), stop.clone())
+        let state = outbox_relay::admin::AdminState {
+            oracle: oracle.clone(),
+            metrics: None,
+            health: Default::default(),
+        };
+        let addr = outbox_relay::admin::start(&config, state, stop.clone())
             .await
             .expect("admin listener")
             .expect("admin listener on");

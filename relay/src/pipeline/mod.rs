@@ -97,7 +97,29 @@ pub enum PipelineError {
     Fenced(String),
 }
 
-/// Running totals, logged and later exported as metrics.
+/// Prometheus handles of the pipeline's metrics, taken once (see `crate::metrics`).
+struct Meters {
+    rows_read: metrics::Counter,
+    published: metrics::Counter,
+    dead_lettered: metrics::Counter,
+    refused_retries: metrics::Counter,
+    in_flight: metrics::Gauge,
+}
+
+impl Meters {
+    fn new() -> Meters {
+        use crate::metrics::*;
+        Meters {
+            rows_read: metrics::counter!(ROWS_READ),
+            published: metrics::counter!(MESSAGES_PUBLISHED),
+            dead_lettered: metrics::counter!(DEAD_LETTERED),
+            refused_retries: metrics::counter!(RETRIES, "stage" => "refused"),
+            in_flight: metrics::gauge!(IN_FLIGHT),
+        }
+    }
+}
+
+/// Running totals, for the logs (the metrics count the same events).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Counters {
     pub transactions: u64,
@@ -165,6 +187,7 @@ pub struct Pipeline<S: Sink> {
     /// `Some` with `delivery = "exactly_once"`.
     exactly_once: Option<ExactlyOnce>,
     pub counters: Counters,
+    meters: Meters,
 }
 
 impl<S: Sink> Pipeline<S> {
@@ -195,6 +218,7 @@ impl<S: Sink> Pipeline<S> {
             )),
             exactly_once: (config.delivery == DeliveryMode::ExactlyOnce).then(ExactlyOnce::default),
             counters: Counters::default(),
+            meters: Meters::new(),
         }
     }
 
@@ -349,6 +373,7 @@ impl<S: Sink> Pipeline<S> {
         origin: Option<TxOrigin>,
     ) -> Result<(), PipelineError> {
         self.counters.rows += 1;
+        self.meters.rows_read.increment(1);
         if !self.blocked.is_empty() {
             let aggregate = Aggregate::of_row(&raw);
             if let Some(blocker) = self.blocked.blocker(&aggregate)
@@ -405,6 +430,7 @@ impl<S: Sink> Pipeline<S> {
                 Err(e) if attempt < self.config.dead_letter.max_attempts => {
                     let wait = delays.next().unwrap_or(Duration::from_secs(1));
                     tracing::warn!(id = %msg.id, topic = %msg.topic, attempt, error = %e, retry_in = ?wait, "the broker refused the message; trying again");
+                    self.meters.refused_retries.increment(1);
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
@@ -423,10 +449,12 @@ impl<S: Sink> Pipeline<S> {
     fn track(&mut self, seq: TxSeq) {
         self.watermark.add_message(seq);
         self.in_flight += 1;
+        self.meters.in_flight.set(self.in_flight as f64);
     }
 
-    /// Counts a message handed to the sink into the open Kafka transaction (exactly-once).
+    /// Counts a message handed to the sink, and (exactly-once) into the open Kafka transaction.
     fn handed_to_sink(&mut self) {
+        self.meters.published.increment(1);
         if let Some(eo) = &mut self.exactly_once {
             eo.batch
                 .get_or_insert(OpenBatch {
@@ -620,6 +648,7 @@ impl<S: Sink> Pipeline<S> {
             self.track(seq);
         }
         self.counters.dead_lettered += 1;
+        self.meters.dead_lettered.increment(1);
         tracing::warn!(
             id,
             error,
@@ -728,6 +757,7 @@ impl<S: Sink> Pipeline<S> {
                     self.in_flight = self.in_flight.saturating_sub(n as usize);
                     self.counters.completed += n;
                 }
+                self.meters.in_flight.set(self.in_flight as f64);
                 Ok(())
             }
             Some(Progress::Failed {

@@ -215,6 +215,7 @@ impl ProducerContext for RelayContext {
                 let permanent = error_code(err).is_some_and(is_permanent);
                 if !permanent || token.attempt < self.max_attempts {
                     self.retry_pending.fetch_add(1, Ordering::SeqCst);
+                    metrics::counter!(crate::metrics::RETRIES, "stage" => "broker").increment(1);
                     let item = RetryItem {
                         topic: msg.topic().to_owned(),
                         key: msg.key().map(<[u8]>::to_vec),

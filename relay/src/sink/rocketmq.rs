@@ -470,6 +470,7 @@ async fn finish_send(
             }
         }
         token.attempt += 1;
+        metrics::counter!(crate::metrics::RETRIES, "stage" => "broker").increment(1);
         tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(30))).await;
         outcome = match shared.start_send(&prepared).await {
             Ok(answer) => answer.await,

@@ -632,8 +632,7 @@ pub fn relay_env(pg: &PgCluster, brokers: &str, extra: &[(&str, &str)]) -> Vec<(
             "RELAY_POSTGRES__STATUS_INTERVAL_MS".to_owned(),
             "1000".to_owned(),
         ),
-        // Tests run relays side by side: each serves metrics on a port of its own.
-        ("RELAY_METRICS__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+        // Tests run relays side by side: each serves its admin listener on a port of its own.
         ("RELAY_HTTP__ADDR".to_owned(), "127.0.0.1:0".to_owned()),
     ];
     for (k, v) in extra {
