@@ -360,6 +360,7 @@ async fn stream_until_stopped<S: Sink>(
     let mut reported_at = Instant::now();
     let mut paused_logged = false;
     let mut last_log = Instant::now();
+    let mut rows_at_last_log = pipeline.counters.rows;
     // On SIGTERM in the middle of a transaction, read on to its Commit (bounded by the shutdown
     // timeout): rows of it already published would otherwise be sent again after the restart.
     let mut stopping_since: Option<Instant> = None;
@@ -445,12 +446,16 @@ async fn stream_until_stopped<S: Sink>(
             );
         }
         if last_log.elapsed() >= Duration::from_secs(30) {
-            last_log = Instant::now();
             let c = pipeline.counters;
+            let rows_per_sec =
+                (c.rows - rows_at_last_log) as f64 / last_log.elapsed().as_secs_f64();
+            last_log = Instant::now();
+            rows_at_last_log = c.rows;
             tracing::info!(
                 transactions = c.transactions,
                 rows = c.rows,
                 confirmed = c.completed,
+                rows_per_sec = rows_per_sec as u64,
                 in_flight = pipeline.in_flight(),
                 flushed = %pipeline.flushable(),
                 "progress"
