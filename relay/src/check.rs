@@ -77,7 +77,7 @@ pub async fn run_checks(config: &Config) -> Vec<CheckResult> {
         Err(e) => fail(
             "replication connection",
             format!(
-                "{e}; pg_hba.conf needs a line like 'host replication <user> <address> scram-sha-256'"
+                "{e}; pg_hba.conf must admit the user to the database, e.g. 'host <database> <user> <address> scram-sha-256' (logical replication connections match their database's line, not 'replication')"
             ),
         ),
     });

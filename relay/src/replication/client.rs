@@ -339,8 +339,9 @@ impl ReplicationClient {
                     return Err(match err.code.as_str() {
                         "28P01" | "28000" => ReplicationError::Auth(format!(
                             "{} — check the user and password in postgres.url, and that \
-                             pg_hba.conf has a 'host replication' line for this user \
-                             (replication connections need their own entry)",
+                             pg_hba.conf admits this user to the database (a logical replication \
+                             connection matches the line of its database; the 'replication' \
+                             keyword only covers physical replication)",
                             err.message
                         )),
                         _ => ReplicationError::Server(err),
