@@ -976,12 +976,32 @@ fn describe_figment_error(err: figment::Error) -> String {
 /// Hides the password of a Postgres URL or key=value string, for logs and errors.
 pub fn redact_url(url: &str) -> String {
     if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((auth, host)) = rest.split_once('@')
-            && let Some((user, _)) = auth.split_once(':')
-        {
-            return format!("{scheme}://{user}:***@{host}");
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        let mut out = match rest.split_once('@') {
+            Some((auth, host)) if auth.contains(':') => {
+                let user = auth.split_once(':').map(|(u, _)| u).unwrap_or(auth);
+                format!("{scheme}://{user}:***@{host}")
+            }
+            _ => format!("{scheme}://{rest}"),
+        };
+        if let Some(q) = query {
+            let params: Vec<String> = q
+                .split('&')
+                .map(|kv| {
+                    if kv.starts_with("password=") {
+                        "password=***".to_owned()
+                    } else {
+                        kv.to_owned()
+                    }
+                })
+                .collect();
+            out.push('?');
+            out.push_str(&params.join("&"));
         }
-        return url.to_owned();
+        return out;
     }
     url.split_whitespace()
         .map(|kv| {
@@ -1041,25 +1061,10 @@ mod tests {
     /// `config/relay.toml` documents every key, and its values are the defaults in code.
     #[test]
     fn example_file_lists_every_key_with_its_default() {
-        fn leaves(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
-            match v {
-                serde_json::Value::Object(map) if !prefix.ends_with("properties") => {
-                    for (k, v) in map {
-                        let key = if prefix.is_empty() {
-                            k.clone()
-                        } else {
-                            format!("{prefix}.{k}")
-                        };
-                        leaves(v, &key, out);
-                    }
-                }
-                _ => out.push(prefix.to_owned()),
-            }
-        }
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/relay.toml");
         let file = Figment::from(Toml::file(&path));
         let mut keys = Vec::new();
-        leaves(
+        config_keys(
             &serde_json::to_value(Config::default()).unwrap(),
             "",
             &mut keys,
@@ -1077,6 +1082,47 @@ mod tests {
         );
     }
 
+    /// The README's configuration table has a row for every key, with its environment name.
+    #[test]
+    fn readme_lists_every_key_with_its_environment_name() {
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+                .unwrap();
+        let mut keys = Vec::new();
+        config_keys(
+            &serde_json::to_value(Config::default()).unwrap(),
+            "",
+            &mut keys,
+        );
+        for key in keys {
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{key}` |")))
+                .unwrap_or_else(|| panic!("README.md's configuration table lacks {key}"));
+            assert!(
+                key.ends_with("properties") || row.contains(&format!("`{}`", env_name(&key))),
+                "{row}"
+            );
+        }
+    }
+
+    /// Every leaf key of `v` (`kafka.properties` counts as one).
+    fn config_keys(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(map) if !prefix.ends_with("properties") => {
+                for (k, v) in map {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    config_keys(v, &key, out);
+                }
+            }
+            _ => out.push(prefix.to_owned()),
+        }
+    }
+
     #[test]
     fn redacts_passwords() {
         assert_eq!(
@@ -1084,6 +1130,14 @@ mod tests {
             "postgres://app:***@db:5432/x"
         );
         assert_eq!(redact_url("postgres://app@db/x"), "postgres://app@db/x");
+        assert_eq!(
+            redact_url("postgres://app@db/x?sslmode=require&password=s3cret"),
+            "postgres://app@db/x?sslmode=require&password=***"
+        );
+        assert_eq!(
+            redact_url("postgresql://app:p%40ss@db:5432/x?application_name=r"),
+            "postgresql://app:***@db:5432/x?application_name=r"
+        );
         assert_eq!(
             redact_url("host=db password=s3cret user=app"),
             "host=db password=*** user=app"

@@ -187,3 +187,38 @@ async fn retention_deletes_only_delivered_rows_past_it() {
         relay.log()
     );
 }
+
+/// `log.format = "json"`: one JSON object per line, and no password from the URL in any of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_carry_no_password() {
+    let port = free_port(); // nothing listens: the relay keeps retrying and logging
+    let mut relay = Relay::start(&[
+        (
+            "RELAY_POSTGRES__URL".to_owned(),
+            format!("postgres://app:s3cret@127.0.0.1:{port}/app?password=s3cret2"),
+        ),
+        ("RELAY_LOG__FORMAT".to_owned(), "json".to_owned()),
+        ("RELAY_HTTP__ADDR".to_owned(), "127.0.0.1:0".to_owned()),
+        ("RELAY_KAFKA__BROKERS".to_owned(), "127.0.0.1:1".to_owned()),
+    ]);
+    let retried = eventually(WAIT, || async {
+        relay.log().contains("Postgres is not reachable yet")
+    })
+    .await;
+    relay.kill();
+    let log = relay.log();
+    assert!(retried, "{log}");
+    assert!(
+        !log.contains("s3cret"),
+        "a password leaked into the log:\n{log}"
+    );
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v.get("level").is_some() && v.get("fields").is_some(),
+            "{line}"
+        );
+    }
+    assert!(log.contains("app:***@"), "{log}");
+}
