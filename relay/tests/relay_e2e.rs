@@ -186,12 +186,20 @@ fn sample(page: &str, name: &str) -> Option<f64> {
 async fn metrics_and_probes_on_the_admin_listener() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let Stack { pg, broker, relay } = Stack::start(&[
-        ("RELAY_HTTP__ADDR", &listen),
-        ("RELAY_METRICS__POLL_INTERVAL_MS", "200"),
-        // Any retained WAL is "too much": the warning must fire.
-        ("RELAY_METRICS__RETAINED_WAL_WARN_BYTES", "1"),
-    ]);
+    // A bounded slot: safe_wal_size is reported.
+    let pg = PgCluster::start_with(&[("wal_level", "logical"), ("max_slot_wal_keep_size", "1GB")]);
+    pg.apply_schema();
+    let broker = Tansu::start();
+    let relay = Relay::start(&relay_env(
+        &pg,
+        &broker.brokers(),
+        &[
+            ("RELAY_HTTP__ADDR", &listen),
+            ("RELAY_METRICS__POLL_INTERVAL_MS", "200"),
+            // Any retained WAL is "too much": the warning must fire.
+            ("RELAY_METRICS__RETAINED_WAL_WARN_BYTES", "1"),
+        ],
+    ));
     let mut db = pg.client().await;
     wait_streaming(&db, WAIT).await;
     insert_rows(&mut db, "metered", 2, 25, true).await;
@@ -243,6 +251,12 @@ async fn metrics_and_probes_on_the_admin_listener() {
     let retained = sample(&page, "outbox_relay_slot_retained_wal_bytes").expect("retained");
     let lag = sample(&page, "outbox_relay_replication_lag_bytes").expect("lag");
     assert!(retained > 0.0 && lag >= 0.0 && lag <= retained, "{page}");
+    let safe = sample(&page, "outbox_relay_slot_safe_wal_size_bytes").expect("safe_wal_size");
+    // About max_slot_wal_keep_size (Postgres counts whole segments).
+    assert!(
+        safe > 0.0 && safe < 2.0 * 1024.0 * 1024.0 * 1024.0,
+        "{page}"
+    );
     // Nothing failed: the failure counters are there, at zero.
     for series in [
         "outbox_relay_dead_lettered_total",
