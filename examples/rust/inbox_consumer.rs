@@ -28,36 +28,58 @@ enum Outcome {
     Duplicate,
 }
 
+/// Why a message was not processed.
+enum Failure {
+    /// The message itself is unusable (no id, not JSON, a value the schema refuses): retrying
+    /// cannot help. It is logged and skipped (a real service would dead-letter it).
+    Permanent(String),
+    /// The database failed: try the same message again.
+    Transient(String),
+}
+
+fn db_failure(e: tokio_postgres::Error) -> Failure {
+    // Class 22 (data exception) and 23 (integrity): the message's values, not the database.
+    let code = e.code().map(|c| c.code().to_owned()).unwrap_or_default();
+    if code.starts_with("22") || code.starts_with("23") {
+        Failure::Permanent(e.to_string())
+    } else {
+        Failure::Transient(e.to_string())
+    }
+}
+
 /// Processes one message in one transaction; returns whether it was new.
 async fn process(
     db: &mut tokio_postgres::Client,
     consumer: &str,
     msg: &BorrowedMessage<'_>,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, Failure> {
     let id = msg
         .headers()
         .and_then(|h| h.iter().find(|h| h.key == "id").and_then(|h| h.value))
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|s| uuid::Uuid::parse_str(s).ok())
-        .ok_or("the message has no 'id' header holding a UUID")?;
-    let payload: serde_json::Value = msg
-        .payload()
-        .map(serde_json::from_slice)
-        .transpose()
-        .map_err(|e| format!("message {id}: the payload is not JSON: {e}"))?
-        .unwrap_or_default();
-    let tx = db.transaction().await.map_err(|e| e.to_string())?;
+        .ok_or_else(|| {
+            Failure::Permanent("the message has no 'id' header holding a UUID".into())
+        })?;
+    let Some(payload) = msg.payload() else {
+        return Err(Failure::Permanent(format!(
+            "message {id} has no payload (a tombstone)"
+        )));
+    };
+    let payload: serde_json::Value = serde_json::from_slice(payload)
+        .map_err(|e| Failure::Permanent(format!("message {id}: the payload is not JSON: {e}")))?;
+    let tx = db.transaction().await.map_err(db_failure)?;
     let new = tx
         .execute(
             "INSERT INTO inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             &[&consumer, &id],
         )
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(db_failure)?
         == 1;
     if !new {
         // Already processed: nothing to change (the transaction only read).
-        tx.rollback().await.map_err(|e| e.to_string())?;
+        tx.rollback().await.map_err(db_failure)?;
         return Ok(Outcome::Duplicate);
     }
     let customer = payload["customer"].as_str().unwrap_or("unknown").to_owned();
@@ -73,8 +95,8 @@ async fn process(
         &[&customer, &total],
     )
     .await
-    .map_err(|e| e.to_string())?;
-    tx.commit().await.map_err(|e| e.to_string())?;
+    .map_err(db_failure)?;
+    tx.commit().await.map_err(db_failure)?;
     Ok(Outcome::Applied)
 }
 
@@ -126,7 +148,7 @@ async fn main() -> ExitCode {
         eprintln!("inbox_consumer: cannot subscribe to {topic}: {e}");
         return ExitCode::FAILURE;
     }
-    let (mut applied, mut duplicates) = (0u64, 0u64);
+    let (mut applied, mut duplicates, mut skipped) = (0u64, 0u64, 0u64);
     let mut last_message = Instant::now();
     loop {
         let Some(polled) = consumer.poll(Duration::from_millis(100)) else {
@@ -148,7 +170,11 @@ async fn main() -> ExitCode {
             match process(&mut db, &group, &msg).await {
                 Ok(Outcome::Applied) => applied += 1,
                 Ok(Outcome::Duplicate) => duplicates += 1,
-                Err(e) => {
+                Err(Failure::Permanent(e)) => {
+                    eprintln!("inbox_consumer: skipping a message: {e}");
+                    skipped += 1;
+                }
+                Err(Failure::Transient(e)) => {
                     eprintln!("inbox_consumer: {e}; trying again in 1 s");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     if db.is_closed() {
@@ -168,6 +194,6 @@ async fn main() -> ExitCode {
             );
         }
     }
-    println!("applied={applied} duplicates={duplicates}");
+    println!("applied={applied} duplicates={duplicates} skipped={skipped}");
     ExitCode::SUCCESS
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod db;
 pub mod failpoint;
 pub mod health;
+pub mod leader;
 pub mod metrics;
 pub mod monitor;
 pub mod oracle;

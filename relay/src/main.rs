@@ -88,6 +88,7 @@ fn main() -> ExitCode {
                 tokio::spawn(wait_for_signal(shutdown.clone()));
                 let oracle = outbox_relay::admin::oracle(&config);
                 let health = std::sync::Arc::new(outbox_relay::health::Health::default());
+                health.set_streaming(false); // the series exists (0) before the first stream
                 let state = outbox_relay::admin::AdminState {
                     oracle: oracle.clone(),
                     metrics,

@@ -10,7 +10,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Counter: outbox rows read (from the WAL, the first-start snapshot, and redrives).
 pub const ROWS_READ: &str = "outbox_relay_rows_read_total";
-/// Counter: messages handed to the broker client (sends again after a failure included).
+/// Counter: messages handed to the broker client (dead-letter records and the pipeline's sends
+/// after a refusal included; the broker client's own retries are not).
 pub const MESSAGES_PUBLISHED: &str = "outbox_relay_messages_published_total";
 /// Counter: messages the broker acknowledged (dead-letter records included).
 pub const MESSAGES_ACKED: &str = "outbox_relay_messages_acked_total";
@@ -26,7 +27,8 @@ pub const MARK_BATCH_ROWS: &str = "outbox_relay_mark_batch_rows";
 /// Histogram: seconds from the source transaction's commit (Postgres' clock) to the broker's
 /// acknowledgement of the row's message (the relay's clock). Rows read from the WAL only.
 pub const COMMIT_TO_ACK: &str = "outbox_relay_commit_to_ack_seconds";
-/// Gauge: messages handed to the broker and not yet confirmed and marked.
+/// Gauge: rows the pipeline holds: handed to the broker (or parked, or already in a committed
+/// Kafka transaction) and not yet confirmed and marked.
 pub const IN_FLIGHT: &str = "outbox_relay_in_flight_messages";
 /// Gauge: 1 while this relay streams from the slot (0: waiting, e.g. the standby of a pair).
 pub const STREAMING: &str = "outbox_relay_streaming";
@@ -110,7 +112,7 @@ fn describe() {
     );
     describe_gauge!(
         IN_FLIGHT,
-        "Messages handed to the broker, not yet confirmed and marked"
+        "Rows in flight: handed over and not yet confirmed and marked"
     );
     describe_gauge!(STREAMING, "1 while this relay streams from the slot");
     describe_gauge!(

@@ -47,6 +47,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) {
     loop {
         if client.as_ref().is_none_or(Client::is_closed) {
             client = db::connect(&pg).await.ok();
+            if let Some(c) = &client {
+                // A poll must never become a long-running query on a big outbox.
+                let _ = c.batch_execute("SET statement_timeout = '5s'").await;
+            }
         }
         if let Some(c) = &client {
             match slot_gauges(c, &config.postgres.slot).await {
@@ -58,7 +62,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) {
                     }
                     warn_if_retaining(&config, g, &mut warned_at);
                 }
-                Ok(None) => {}
+                Ok(None) => {
+                    // No slot (not created yet, or dropped): it keeps no WAL.
+                    metrics::gauge!(REPLICATION_LAG).set(0.0);
+                    metrics::gauge!(RETAINED_WAL).set(0.0);
+                }
                 Err(e) => {
                     tracing::debug!(error = %db::describe(&e), "cannot read the slot's position")
                 }
@@ -91,11 +99,19 @@ pub async fn slot_gauges(
         .query_opt(
             "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::float8, \
                     (pg_current_wal_lsn() - restart_lsn)::float8, \
-                    safe_wal_size::float8 \
+                    safe_wal_size::float8, wal_status \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await?;
+    if let Some(r) = &row
+        && r.get::<_, Option<String>>(3).as_deref() == Some("lost")
+    {
+        tracing::warn!(
+            slot,
+            "the replication slot is invalidated (wal_status = lost: max_slot_wal_keep_size was exceeded); the relay recreates it and republishes undelivered rows from a snapshot on its next connect"
+        );
+    }
     Ok(row.map(|r| SlotGauges {
         lag_bytes: r.get::<_, Option<f64>>(0).unwrap_or(0.0),
         retained_bytes: r.get::<_, Option<f64>>(1).unwrap_or(0.0),

@@ -555,10 +555,12 @@ impl Batch {
                     .execute_until_done(Mark::Delivered, &delivered, &halves, &config, &completions)
                     .await,
             );
-            tracing::trace!(rows = delivered.len(), "marked delivered");
-            metrics::counter!(crate::metrics::ROWS_MARKED, "state" => "delivered")
-                .increment(delivered.len() as u64);
-            metrics::histogram!(crate::metrics::MARK_BATCH_ROWS).record(delivered.len() as f64);
+            if ok {
+                tracing::trace!(rows = delivered.len(), "marked delivered");
+                metrics::counter!(crate::metrics::ROWS_MARKED, "state" => "delivered")
+                    .increment(delivered.len() as u64);
+                metrics::histogram!(crate::metrics::MARK_BATCH_ROWS).record(delivered.len() as f64);
+            }
         }
         // Rows with the same note (a blocked aggregate's parked rows) share one UPDATE.
         let mut rest = &failed[..];

@@ -25,7 +25,7 @@ use crate::sink::kafka::{KafkaSink, backoff};
 use crate::sink::rocketmq::RocketMqSink;
 use crate::sink::{AnySink, Sink, SinkError};
 use crate::slot::{self, SlotError};
-use crate::{db, progress, redrive};
+use crate::{db, leader, progress, redrive};
 
 /// Why the relay stopped.
 #[derive(Debug, thiserror::Error)]
@@ -75,9 +75,6 @@ fn is_transient_replication(e: &ReplicationError) -> bool {
     }
 }
 
-/// How often a relay whose slot is held by another one (the standby of a pair) tries to take it.
-const STANDBY_POLL: Duration = Duration::from_secs(1);
-
 /// Minimum spacing of status updates sent because the watermark moved.
 const FEEDBACK_COALESCE: Duration = Duration::from_millis(100);
 
@@ -108,20 +105,52 @@ pub async fn run(
         return Ok(());
     };
     slot::preflight(&db, &config).await?;
+    // One active relay per slot: wait for the leader lock before building a sink.
+    let (mut db, mut db_shutdown) = (db, db_shutdown);
+    let mut delays = backoff(&config.retry).build();
+    loop {
+        match leader::acquire(&db, &config.postgres.slot, &shutdown).await {
+            Ok(Some(_)) => break,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                let wait = delays.next().unwrap_or(Duration::from_secs(30));
+                tracing::warn!(error = %db::describe(&e), retry_in = ?wait, "cannot take the leader lock; reconnecting");
+                if sleep_or_shutdown(wait, &shutdown).await {
+                    return Ok(());
+                }
+                match connect_db(&config, &shutdown).await? {
+                    Some(c) => (db, db_shutdown) = c,
+                    None => return Ok(()),
+                }
+            }
+        }
+    }
 
     let (mut pipeline, mut progress_task) = build_pipeline(&config, &db, None, &own).await?;
 
     let mut delays = backoff(&config.retry).build();
-    let (mut db, mut db_shutdown) = (db, db_shutdown);
     // A new sink and pipeline to build before streaming again: (the last committed Kafka
     // position when known, the position confirmed so far).
     let mut rebuild: Option<(Option<SourcePosition>, crate::replication::Lsn)> = None;
-    // Whether the slot was found held by another relay (logged once, until it is taken over).
+    // Whether the slot was found held by another process (logged once, until it is free).
     let mut standby = false;
     let result = loop {
         if db.is_closed() {
             match db::connect_watched(&pg).await {
-                Ok(c) => (db, db_shutdown) = c,
+                Ok(c) => {
+                    (db, db_shutdown) = c;
+                    // The lock went with the old session: take it again (waiting, if another
+                    // relay took over meanwhile, and then starting afresh from the slot).
+                    match leader::acquire(&db, &config.postgres.slot, &shutdown).await {
+                        Ok(Some(true)) => rebuild = Some((None, pipeline.flushable())),
+                        Ok(Some(false)) => {}
+                        Ok(None) => break Ok(()),
+                        Err(e) => {
+                            tracing::warn!(error = %db::describe(&e), "cannot take the leader lock; reconnecting");
+                            continue;
+                        }
+                    }
+                }
                 Err(e) => {
                     let wait = delays.next().unwrap_or(Duration::from_secs(30));
                     tracing::warn!(error = %db::describe(&e), retry_in = ?wait, "Postgres unreachable; retrying");
@@ -159,9 +188,7 @@ pub async fn run(
             Some(Ok(stream)) => {
                 delays = backoff(&config.retry).build();
                 health.set_streaming(true);
-                if std::mem::take(&mut standby) {
-                    tracing::info!(slot = %config.postgres.slot, "took over the slot");
-                }
+                standby = false;
                 let streamed = stream_until_stopped(
                     stream,
                     &mut pipeline,
@@ -212,11 +239,12 @@ pub async fn run(
                 let slot_busy = matches!(&e, RunError::Replication(r) if r.sqlstate() == Some("55006"))
                     || matches!(&e, RunError::Slot(SlotError::Replication(r)) if r.sqlstate() == Some("55006"));
                 if slot_busy {
-                    // A standby: ask often, to take over within seconds of the active relay's end.
-                    wait = wait.min(STANDBY_POLL);
+                    // Another process still holds the slot (the previous relay's walsender, not
+                    // yet gone): ask often.
+                    wait = wait.min(leader::STANDBY_POLL);
                     if !standby {
                         standby = true;
-                        tracing::info!(slot = %config.postgres.slot, poll = ?wait, "the slot is active in another process (another relay?); standing by to take over when it is released");
+                        tracing::info!(slot = %config.postgres.slot, poll = ?wait, "the slot is still active in another process; waiting for it to be released");
                     }
                 } else {
                     standby = false;
@@ -352,6 +380,9 @@ async fn stream_until_stopped<S: Sink>(
         tokio::time::interval(Duration::from_millis(config.postgres.status_interval_ms));
     status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // Blocked aggregates (dead_letter.policy = block_key) are tried again on this tick.
+    // The ordinary session holds the leader lock: without it another relay may take over.
+    let mut leader_tick = tokio::time::interval(leader::STANDBY_POLL);
+    leader_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut redrive_tick = tokio::time::interval(Duration::from_millis(
         config.dead_letter.block_retry_interval_ms.min(1_000),
     ));
@@ -390,6 +421,13 @@ async fn stream_until_stopped<S: Sink>(
             p = pipeline.next_progress() => {
                 if let Err(e) = pipeline.on_progress(p).await {
                     return Err(stop_after_error(stream, pipeline, config, e).await);
+                }
+            }
+            _ = leader_tick.tick() => {
+                if db.is_closed() {
+                    return Err(RunError::Replication(ReplicationError::Io(std::io::Error::other(
+                        "the Postgres session holding the leader lock closed; stopping until it is taken again",
+                    ))));
                 }
             }
             _ = status_tick.tick() => {

@@ -134,8 +134,19 @@ async fn the_rust_writer_and_the_idempotent_consumer_work_end_to_end() {
             .await
             .expect("redeliver");
     }
+    // And a message it cannot use (no id header): skipped, the rest go on.
+    producer
+        .send(
+            FutureRecord::<(), _>::to("outbox.event.order").payload("{}"),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("send a poison message");
     let (ok, out) = run("inbox_consumer", &consumer_env, &[]);
-    assert!(ok && out.contains("applied=0 duplicates=4"), "{out}");
+    assert!(
+        ok && out.contains("applied=0 duplicates=4 skipped=1"),
+        "{out}"
+    );
     assert_eq!(totals(&db).await, expected, "nothing applied twice");
     let inbox: i64 = db
         .query_one("SELECT count(*) FROM inbox", &[])

@@ -1,5 +1,5 @@
 //! Running the relay in production: an HA pair taking over from a killed relay, and the
-//! retention of delivered rows.
+//! retention of delivered rows, JSON logs without secrets.
 
 mod common;
 
@@ -52,7 +52,7 @@ async fn a_standby_takes_over_when_the_active_relay_is_killed_and_nothing_is_los
     let killed_at = Instant::now();
     active.kill();
     let took_over = eventually(WAIT, || async {
-        standby.log().contains("took over the slot")
+        standby.log().contains("this one is active now")
     })
     .await;
     assert!(took_over, "{}", standby.log());
@@ -221,4 +221,56 @@ async fn json_logs_carry_no_password() {
         );
     }
     assert!(log.contains("app:***@"), "{log}");
+}
+
+/// Two relays started together on a database with undelivered rows: one takes the lead and
+/// publishes the first-start snapshot once (the other waits, it does not snapshot too); a clean
+/// stop of the active relay hands over to the other.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_relays_started_together_snapshot_once_and_hand_over_on_stop() {
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    let broker = Tansu::start();
+    let mut db = pg.client().await;
+    let mut ids = insert_rows(&mut db, "pair", 5, 500, true).await;
+    let env = relay_env(&pg, &broker.brokers(), &[]);
+    let mut a = Relay::start(&env);
+    let mut b = Relay::start(&env);
+    assert!(all_delivered(&db, WAIT).await, "{}\n{}", a.log(), b.log());
+    let standing_by = |r: &Relay| r.log().contains("standing by to take over");
+    let waited = eventually(WAIT, || async { standing_by(&a) || standing_by(&b) }).await;
+    assert!(waited, "neither relay stood by\n{}\n{}", a.log(), b.log());
+    assert!(!(standing_by(&a) && standing_by(&b)));
+    let got = consume(
+        &broker.brokers(),
+        &["outbox.event.pair"],
+        ids.len(),
+        WAIT,
+        Duration::from_secs(1),
+    );
+    assert_eq!(got.len(), 500, "the snapshot was published once, not twice");
+
+    // A clean stop of the active relay: the other takes over.
+    let (active, standby) = if standing_by(&a) {
+        (&mut b, &a)
+    } else {
+        (&mut a, &b)
+    };
+    assert!(active.terminate().success());
+    let took_over = eventually(WAIT, || async {
+        standby.log().contains("this one is active now")
+    })
+    .await;
+    assert!(took_over, "{}", standby.log());
+    ids.extend(insert_rows(&mut db, "pair", 5, 100, true).await);
+    assert!(all_delivered(&db, WAIT).await, "{}", standby.log());
+    let got = consume(
+        &broker.brokers(),
+        &["outbox.event.pair"],
+        ids.len(),
+        WAIT,
+        Duration::from_secs(1),
+    );
+    let seen: std::collections::HashSet<&str> = got.iter().map(Received::id).collect();
+    assert!(ids.iter().all(|id| seen.contains(id.as_str())));
 }
