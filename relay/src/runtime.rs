@@ -244,7 +244,7 @@ pub async fn run(
                     wait = wait.min(leader::STANDBY_POLL);
                     if !standby {
                         standby = true;
-                        tracing::info!(slot = %config.postgres.slot, poll = ?wait, "the slot is still active in another process; waiting for it to be released");
+                        tracing::info!(slot = %config.postgres.slot, poll = ?wait, "the slot is active in another process; waiting for it to be released");
                     }
                 } else {
                     standby = false;

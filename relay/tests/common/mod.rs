@@ -854,6 +854,25 @@ pub fn consume(
     out
 }
 
+/// Reads `topic` until every id of `ids` arrived (or `wait` passed) and returns what arrived;
+/// fails naming the ids that never did.
+pub fn receive_all(brokers: &str, topic: &str, ids: &[String], wait: Duration) -> Vec<Received> {
+    let got = consume(brokers, &[topic], ids.len(), wait, Duration::from_secs(1));
+    let seen: std::collections::HashSet<&str> = got.iter().map(Received::id).collect();
+    let lost: Vec<&String> = ids
+        .iter()
+        .filter(|id| !seen.contains(id.as_str()))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} rows never arrived on {topic}, e.g. {:?}",
+        lost.len(),
+        ids.len(),
+        lost.first()
+    );
+    got
+}
+
 /// Polls `f` until it returns true or `timeout` passes; returns the last answer.
 pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
 where
