@@ -82,6 +82,8 @@ pub async fn probe_broker(
             for (k, v) in &config.kafka.properties {
                 cc.set(k, v);
             }
+            // The probe asks for a topic's metadata; it must never create the topic.
+            cc.set("allow.auto.create.topics", "false");
             match cc.create::<BaseProducer>() {
                 Ok(p) => Some(std::sync::Arc::new(p)),
                 Err(e) => {
@@ -96,12 +98,18 @@ pub async fn probe_broker(
         let outcome = match &kafka {
             Some(producer) => {
                 let producer = producer.clone();
+                // One topic's metadata (the dead-letter topic's; it need not exist) answers
+                // whether the brokers do, without listing every topic of a big cluster.
+                let topic = config.dead_letter.topic.clone();
                 tokio::task::spawn_blocking(move || {
-                    producer
+                    let answered = producer
                         .client()
-                        .fetch_metadata(None, Duration::from_secs(5))
+                        .fetch_metadata(Some(&topic), Duration::from_secs(5))
                         .map(|_| ())
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| e.to_string());
+                    // Serve the client's queued events (errors while the broker was away).
+                    producer.poll(Duration::ZERO);
+                    answered
                 })
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()))
