@@ -379,10 +379,10 @@ async fn stream_until_stopped<S: Sink>(
     let mut status_tick =
         tokio::time::interval(Duration::from_millis(config.postgres.status_interval_ms));
     status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    // Blocked aggregates (dead_letter.policy = block_key) are tried again on this tick.
     // The ordinary session holds the leader lock: without it another relay may take over.
     let mut leader_tick = tokio::time::interval(leader::STANDBY_POLL);
     leader_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Blocked aggregates (dead_letter.policy = block_key) are tried again on this tick.
     let mut redrive_tick = tokio::time::interval(Duration::from_millis(
         config.dead_letter.block_retry_interval_ms.min(1_000),
     ));
