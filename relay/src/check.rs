@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseProducer, Producer};
 
 use crate::config::{Config, redact_url};
@@ -224,11 +223,9 @@ async fn postgres_checks(c: &tokio_postgres::Client, config: &Config) -> Vec<Che
 /// on; otherwise only reported (the HTTP endpoint answers unknown without it).
 async fn oracle_check(c: &tokio_postgres::Client, config: &Config) -> CheckResult {
     let schema = &config.outbox.schema;
-    let sql = "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
-               WHERE n.nspname = $1 AND p.proname IN ('outbox_tx_begin', 'outbox_tx_check', 'outbox_tx_purge')";
     let needed = !config.rocketmq.name_server.is_empty();
-    match c.query_one(sql, &[schema]).await {
-        Ok(row) if row.get::<_, i64>(0) == 3 => pass(
+    match crate::oracle::installed_functions(c, schema).await {
+        Ok(found) if found.len() == 3 => pass(
             "transaction oracle",
             format!("outbox_tx_begin/check/purge are installed in schema {schema}"),
         ),
@@ -251,11 +248,7 @@ async fn broker_check(config: &Config) -> CheckResult {
     if config.sink == crate::config::SinkKind::Rocketmq {
         return rocketmq_check(config).await;
     }
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &config.kafka.brokers);
-    for (k, v) in &config.kafka.properties {
-        cc.set(k, v);
-    }
+    let cc = crate::sink::kafka::probe_config(&config.kafka);
     let brokers = config.kafka.brokers.clone();
     let result = tokio::task::spawn_blocking(move || {
         let producer: BaseProducer = cc.create()?;
@@ -293,28 +286,20 @@ async fn rocketmq_check(config: &Config) -> CheckResult {
 /// The master brokers the first answering name server lists, described; an error when none
 /// answers or it lists none.
 pub async fn rocketmq_masters(config: &Config) -> Result<String, String> {
-    use crate::rocketmq::{client, connection::Connection};
-    let mut last = String::from("no name server configured");
-    for addr in config.rocketmq.name_servers() {
-        let listed = async {
-            let ns = Connection::open(&addr, None, client::TIMEOUT).await?;
-            client::master_brokers(&ns).await
-        };
-        match listed.await {
-            Ok(masters) if !masters.is_empty() => {
-                return Ok(format!(
-                    "RocketMQ name server {addr} lists {} master broker(s): {}",
-                    masters.len(),
-                    masters.join(", ")
-                ));
-            }
-            Ok(_) => {
-                last = format!("{addr} lists no master broker; start a broker registered with it")
-            }
-            Err(e) => last = e,
-        }
+    let (ns, masters) =
+        crate::rocketmq::client::masters_from_any(&config.rocketmq.name_servers()).await?;
+    if masters.is_empty() {
+        return Err(format!(
+            "{} lists no master broker; start a broker registered with it",
+            ns.addr()
+        ));
     }
-    Err(last)
+    Ok(format!(
+        "RocketMQ name server {} lists {} master broker(s): {}",
+        ns.addr(),
+        masters.len(),
+        masters.join(", ")
+    ))
 }
 
 /// Prints the report; returns whether every check passed.

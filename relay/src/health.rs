@@ -9,7 +9,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseProducer, Producer};
 use tokio_util::sync::CancellationToken;
 
@@ -77,14 +76,7 @@ pub async fn probe_broker(
     let every = Duration::from_millis(config.metrics.poll_interval_ms.min(5_000));
     let kafka = match config.sink {
         SinkKind::Kafka => {
-            let mut cc = ClientConfig::new();
-            cc.set("bootstrap.servers", &config.kafka.brokers);
-            for (k, v) in &config.kafka.properties {
-                cc.set(k, v);
-            }
-            // The probe asks for a topic's metadata; it must never create the topic.
-            cc.set("allow.auto.create.topics", "false");
-            match cc.create::<BaseProducer>() {
+            match crate::sink::kafka::probe_config(&config.kafka).create::<BaseProducer>() {
                 Ok(p) => Some(std::sync::Arc::new(p)),
                 Err(e) => {
                     health.set_broker(Some(format!("cannot create a Kafka client: {e}")));

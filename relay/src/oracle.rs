@@ -201,6 +201,22 @@ impl Oracle {
     }
 }
 
+/// Which of the oracle's functions (`outbox_tx_begin`, `outbox_tx_check`, `outbox_tx_purge`)
+/// are installed in `schema`.
+pub async fn installed_functions(
+    client: &Client,
+    schema: &str,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT p.proname::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = $1 AND p.proname IN ('outbox_tx_begin', 'outbox_tx_check', 'outbox_tx_purge')",
+            &[&schema],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// A key the oracle accepts: 1 to [`MAX_KEY_BYTES`] bytes (as `outbox_tx_begin` enforces).
 pub fn validate_key(key: &str) -> Result<(), String> {
     if key.is_empty() || key.len() > MAX_KEY_BYTES {

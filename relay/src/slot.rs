@@ -112,16 +112,13 @@ pub async fn preflight(db: &Client, config: &Config) -> Result<(), SlotError> {
     require_table(db, &state, "relay state table", "outbox.state_table").await?;
     if config.sink == crate::config::SinkKind::Rocketmq {
         let schema = &config.outbox.schema;
-        let installed: i64 = db
-            .query_one(
-                "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
-                 WHERE n.nspname = $1 AND p.proname IN ('outbox_tx_begin', 'outbox_tx_check')",
-                &[schema],
-            )
+        let found = crate::oracle::installed_functions(db, schema)
             .await
-            .map_err(|e| SlotError::query("looking up the transaction oracle", e))?
-            .get(0);
-        if installed < 2 {
+            .map_err(|e| SlotError::query("looking up the transaction oracle", e))?;
+        if !["outbox_tx_begin", "outbox_tx_check"]
+            .iter()
+            .all(|f| found.iter().any(|x| x == f))
+        {
             return Err(SlotError::Setup(format!(
                 "sink = rocketmq needs the transaction oracle in schema {schema}: apply \
                  sql/003_transactions.sql there (psql \"$DATABASE_URL\" -f sql/003_transactions.sql)"

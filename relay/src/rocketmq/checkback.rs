@@ -157,22 +157,9 @@ async fn list_brokers(
             Err(_) => *name_server = None,
         }
     }
-    let mut last = String::from("no name server configured");
-    for addr in addrs {
-        let attempt = async {
-            let ns = Connection::open(addr, None, client::TIMEOUT).await?;
-            let list = client::master_brokers(&ns).await?;
-            Ok::<_, String>((ns, list))
-        };
-        match attempt.await {
-            Ok((ns, list)) => {
-                *name_server = Some(ns);
-                return Ok(list);
-            }
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
+    let (ns, list) = client::masters_from_any(addrs).await?;
+    *name_server = Some(ns);
+    Ok(list)
 }
 
 /// Answers one check-back on the connection it came on.

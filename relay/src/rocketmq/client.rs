@@ -67,6 +67,24 @@ pub async fn master_brokers(name_server: &Connection) -> Result<Vec<String>, Str
     Ok(out.into_iter().collect())
 }
 
+/// The master brokers, from the first of the name servers `addrs` that answers, with the
+/// connection that answered (to ask it again).
+pub async fn masters_from_any(addrs: &[String]) -> Result<(Connection, Vec<String>), String> {
+    let mut last = String::from("no name server configured");
+    for addr in addrs {
+        let attempt = async {
+            let ns = Connection::open(addr, None, TIMEOUT).await?;
+            let list = master_brokers(&ns).await?;
+            Ok::<_, String>((ns, list))
+        };
+        match attempt.await {
+            Ok(found) => return Ok(found),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 #[derive(Deserialize)]
 struct BrokerData {
     #[serde(rename = "brokerName", default)]

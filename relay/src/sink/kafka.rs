@@ -66,6 +66,18 @@ pub fn producer_config(cfg: &KafkaConfig, max_in_flight: usize) -> ClientConfig 
     c
 }
 
+/// A client configuration for asking the brokers (`check`, the readiness probe): the relay's
+/// bootstrap servers and properties, never creating a topic by asking about it.
+pub fn probe_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &cfg.brokers);
+    for (k, v) in &cfg.properties {
+        cc.set(k, v);
+    }
+    cc.set("allow.auto.create.topics", "false");
+    cc
+}
+
 /// The exponential backoff with jitter used for every retry in the relay.
 pub fn backoff(cfg: &RetryConfig) -> ExponentialBuilder {
     ExponentialBuilder::default()

@@ -82,6 +82,7 @@ struct Shared {
     routes: Mutex<HashMap<String, (Route, Instant)>>,
     own: OwnHalves,
     generation: u64,
+    ack_metrics: crate::metrics::AckMetrics,
 }
 
 /// A message ready to be sent as a half message (any number of times).
@@ -105,16 +106,11 @@ impl Prepared {
                 msg.topic
             )
         })?;
-        let text = |what: &str, b: &Bytes| -> Result<String, String> {
-            let s = std::str::from_utf8(b)
-                .map_err(|_| format!("{what} is not UTF-8; RocketMQ properties are text"))?;
-            if s.contains(['\u{1}', '\u{2}']) {
-                return Err(format!(
-                    "{what} holds the control character \\u0001 or \\u0002, which RocketMQ \
-                     properties cannot carry"
-                ));
-            }
-            Ok(s.to_owned())
+        // The description is built only when a value is refused.
+        let text = |b: &[u8], what: &dyn Fn() -> String| -> Result<String, String> {
+            property_text(b)
+                .map(str::to_owned)
+                .map_err(|problem| format!("{} {problem}", what()))
         };
         let mut properties = Vec::with_capacity(msg.headers.len() + 1);
         let mut tags = None;
@@ -122,14 +118,17 @@ impl Prepared {
             if RESERVED.contains(&name.as_str()) || name.is_empty() {
                 continue;
             }
-            let name_ok = text(&format!("header name {name:?}"), &Bytes::from(name.clone()))?;
-            let value = text(&format!("header {name:?}"), value)?;
+            property_text(name.as_bytes()).map_err(|p| format!("header name {name:?} {p}"))?;
+            let value = text(value, &|| format!("header {name:?}"))?;
             if name == "type" {
                 tags = Some(value.clone());
             }
-            properties.push((name_ok, value));
+            properties.push((name.clone(), value));
         }
-        properties.push(("aggregateid".to_owned(), text("aggregateid", &msg.key)?));
+        properties.push((
+            "aggregateid".to_owned(),
+            text(&msg.key, &|| "aggregateid".to_owned())?,
+        ));
         Ok(Prepared {
             id: msg.id,
             topic,
@@ -143,6 +142,17 @@ impl Prepared {
             tags,
         })
     }
+}
+
+/// `b` as the text of a RocketMQ property, or why it cannot be one.
+fn property_text(b: &[u8]) -> Result<&str, &'static str> {
+    let s = std::str::from_utf8(b).map_err(|_| "is not UTF-8; RocketMQ properties are text")?;
+    if s.contains(['\u{1}', '\u{2}']) {
+        return Err(
+            "holds the control character \\u0001 or \\u0002, which RocketMQ properties cannot carry",
+        );
+    }
+    Ok(s)
 }
 
 /// FNV-1a: a stable hash (the same queue for an aggregate across restarts and versions).
@@ -404,6 +414,7 @@ impl RocketMqSink {
                 routes: Mutex::new(HashMap::new()),
                 own,
                 generation,
+                ack_metrics: crate::metrics::AckMetrics::new(),
             }),
             deliveries,
             sends: JoinSet::new(),
@@ -443,12 +454,11 @@ async fn finish_send(
         Ok(answer) => answer.await,
         Err(e) => Err(e),
     };
-    let ack_metrics = crate::metrics::AckMetrics::new();
     loop {
         match outcome {
             Ok(half) => {
                 crate::failpoint::crash_point("rocketmq-after-half-sent");
-                ack_metrics.acked(token.commit_time);
+                shared.ack_metrics.acked(token.commit_time);
                 token.half = Some(Box::new(half));
                 let _ = deliveries.send(Delivery::Acked(token));
                 return;
