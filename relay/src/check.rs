@@ -159,6 +159,20 @@ async fn postgres_checks(c: &tokio_postgres::Client, config: &Config) -> Vec<Che
         ),
         Err(e) => fail("outbox table and publication", e.to_string()),
     });
+    out.push(match slot::marking_preflight(c, config).await {
+        Ok(()) => pass(
+            "marking columns and grant",
+            format!(
+                "the relay's role may update {}, {}, {} and {} of {}",
+                config.outbox.columns.delivered_at,
+                config.outbox.columns.failed_at,
+                config.outbox.columns.attempts,
+                config.outbox.columns.last_error,
+                config.outbox_table_sql()
+            ),
+        ),
+        Err(e) => fail("marking columns and grant", e.to_string()),
+    });
     out.push(match slot::slot_info(c, &config.postgres.slot).await {
         Ok(None) => pass(
             "replication slot",

@@ -32,7 +32,49 @@ pub struct Config {
     pub http: HttpConfig,
     pub transactions: TransactionsConfig,
     pub rocketmq: RocketmqConfig,
+    pub health: HealthConfig,
+    /// `RELAY_*` environment variables that name no configuration key (Kubernetes injects
+    /// `RELAY_SERVICE_HOST`, `RELAY_PORT`, … for a Service named `relay`): ignored, and logged
+    /// once at start.
+    #[serde(skip)]
+    pub ignored_env: Vec<String>,
 }
+
+/// Readiness beyond "streaming and the broker answers".
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// `/readyz` turns 503 when messages are in flight and none has completed (acknowledged and
+    /// marked) for this long, in milliseconds (0: never).
+    pub stall_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig { stall_ms: 120_000 }
+    }
+}
+
+/// The top-level keys of [`Config`]: a `RELAY_*` variable whose first segment is none of these
+/// is not meant for the relay.
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "sink",
+    "delivery",
+    "postgres",
+    "outbox",
+    "kafka",
+    "pipeline",
+    "dead_letter",
+    "retry",
+    "log",
+    "metrics",
+    "retention",
+    "exactly_once",
+    "http",
+    "transactions",
+    "rocketmq",
+    "health",
+];
 
 /// RocketMQ check-backs: the relay answers them for these producer groups from the oracle.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -218,6 +260,10 @@ pub struct PostgresConfig {
     pub publication: String,
     /// Interval of standby status updates sent to Postgres, in milliseconds.
     pub status_interval_ms: u64,
+    /// The replication connection counts as dead when Postgres sent nothing for this long
+    /// although the relay was reading (ms; like libpq's `wal_receiver_timeout`). At half of it
+    /// the relay asks the server for a reply. Also the socket's `TCP_USER_TIMEOUT`.
+    pub replication_timeout_ms: u64,
 }
 
 impl Default for PostgresConfig {
@@ -227,6 +273,7 @@ impl Default for PostgresConfig {
             slot: "outbox_relay".into(),
             publication: "outbox_pub".into(),
             status_interval_ms: 10_000,
+            replication_timeout_ms: 60_000,
         }
     }
 }
@@ -513,6 +560,32 @@ pub enum ConfigError {
     },
 }
 
+/// Whether an environment key (after `RELAY_`, lower-cased, `__` not yet split) belongs to a
+/// configuration section: its first segment is a top-level key. Keys inside a known section
+/// are still validated (a typo there is an error).
+fn is_config_key(key: &str) -> bool {
+    // Before figment's split the nesting is `__`, after it `.`.
+    let first = key
+        .split("__")
+        .next()
+        .and_then(|k| k.split('.').next())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    first == "config" || TOP_LEVEL_KEYS.contains(&first.as_str())
+}
+
+/// Of the environment variable names `vars`, the `RELAY_*` ones that name no configuration key.
+fn foreign_env_keys(vars: impl Iterator<Item = String>) -> Vec<String> {
+    let mut foreign: Vec<String> = vars
+        .filter(|k| {
+            k.strip_prefix("RELAY_")
+                .is_some_and(|rest| !is_config_key(rest))
+        })
+        .collect();
+    foreign.sort();
+    foreign
+}
+
 /// The environment variable that sets `key`, e.g. `kafka.brokers` → `RELAY_KAFKA__BROKERS`.
 pub fn env_name(key: &str) -> String {
     format!("RELAY_{}", key.to_uppercase().replace('.', "__"))
@@ -536,10 +609,17 @@ impl Config {
                 }
             }
         }
-        figment = figment.merge(Env::prefixed("RELAY_").split("__").ignore(&["config"]));
-        let config: Config = figment
+        let ignored_env = foreign_env_keys(std::env::vars().map(|(k, _)| k));
+        figment = figment.merge(
+            Env::prefixed("RELAY_")
+                .split("__")
+                .ignore(&["config"])
+                .filter(|key| is_config_key(key.as_str())),
+        );
+        let mut config: Config = figment
             .extract()
             .map_err(|e| ConfigError::Load(describe_figment_error(e)))?;
+        config.ignored_env = ignored_env;
         config.validate()?;
         Ok(config)
     }
@@ -589,6 +669,14 @@ impl Config {
                 "postgres.status_interval_ms",
                 0,
                 "must be at least 1; 10000 is usual, and it must stay below the server's wal_sender_timeout",
+            ));
+        }
+        if p.replication_timeout_ms < 1_000 || p.replication_timeout_ms <= p.status_interval_ms {
+            return Err(invalid(
+                "postgres.replication_timeout_ms",
+                p.replication_timeout_ms,
+                "must be at least 1000 and above postgres.status_interval_ms; 60000 is usual \
+                 (like wal_receiver_timeout)",
             ));
         }
         for (key, v) in [
@@ -1176,5 +1264,40 @@ mod tests {
             assert!(err.contains("brokres"), "{err}");
             Ok(())
         });
+    }
+
+    /// Kubernetes injects `RELAY_SERVICE_HOST`, `RELAY_PORT`, `RELAY_PORT_8080_TCP_ADDR`, … for
+    /// a Service named `relay`: they are not configuration keys and must not stop the relay.
+    #[test]
+    fn service_variables_of_kubernetes_are_ignored_and_reported() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("RELAY_SERVICE_HOST", "10.0.0.9");
+            jail.set_env("RELAY_PORT", "tcp://10.0.0.9:8080");
+            jail.set_env("RELAY_PORT_8080_TCP_ADDR", "10.0.0.9");
+            jail.set_env("RELAY_KAFKA__BROKERS", "env:9092");
+            let c = Config::load(None).unwrap();
+            assert_eq!(c.kafka.brokers, "env:9092");
+            assert_eq!(
+                c.ignored_env,
+                ["RELAY_PORT", "RELAY_PORT_8080_TCP_ADDR", "RELAY_SERVICE_HOST"]
+            );
+            Ok(())
+        });
+    }
+
+    /// The list of top-level keys the environment filter knows is the configuration's own.
+    #[test]
+    fn top_level_keys_match_the_configuration() {
+        let value = serde_json::to_value(Config::default()).unwrap();
+        let mut keys: Vec<&str> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort();
+        let mut known = TOP_LEVEL_KEYS.to_vec();
+        known.sort();
+        assert_eq!(keys, known);
     }
 }

@@ -62,15 +62,6 @@ pub fn is_shutdown(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|c| c.code().starts_with("57P"))
 }
 
-/// Whether retrying the connection can help (the server is down or starting) or not (bad
-/// password, missing database).
-pub fn is_permanent(e: &tokio_postgres::Error) -> bool {
-    e.code().is_some_and(|c| {
-        let c = c.code();
-        c.starts_with("28") || c == "3D000" || c.starts_with("42")
-    })
-}
-
 /// A one-line description of a Postgres error, with the server's message and hint.
 pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {

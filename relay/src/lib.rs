@@ -6,9 +6,11 @@
 //! See `README.md` for the guarantees and `config/relay.toml` for every setting.
 
 pub mod admin;
+pub mod app;
 pub mod check;
 pub mod config;
 pub mod db;
+pub mod error;
 pub mod failpoint;
 pub mod health;
 pub mod leader;
@@ -20,7 +22,7 @@ pub mod progress;
 pub mod redrive;
 pub mod replication;
 pub mod retention;
+pub mod retry;
 pub mod rocketmq;
-pub mod runtime;
 pub mod sink;
 pub mod slot;

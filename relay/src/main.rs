@@ -56,6 +56,14 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config);
+    if !config.ignored_env.is_empty() {
+        tracing::warn!(
+            variables = %config.ignored_env.join(", "),
+            "ignoring RELAY_* environment variables that name no configuration key (Kubernetes \
+             sets RELAY_SERVICE_HOST, RELAY_PORT, ... for a Service named relay); configuration \
+             keys use a section and '__', e.g. RELAY_POSTGRES__URL"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -87,7 +95,9 @@ fn main() -> ExitCode {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(wait_for_signal(shutdown.clone()));
                 let oracle = outbox_relay::admin::oracle(&config);
-                let health = std::sync::Arc::new(outbox_relay::health::Health::default());
+                let health = std::sync::Arc::new(outbox_relay::health::Health::new(
+                    std::time::Duration::from_millis(config.health.stall_ms),
+                ));
                 health.set_streaming(false); // the series exists (0) before the first stream
                 let state = outbox_relay::admin::AdminState {
                     oracle: oracle.clone(),
@@ -129,7 +139,7 @@ fn main() -> ExitCode {
                         outbox_relay::admin::purge_loop(&config, oracle, shutdown).await
                     });
                 }
-                match outbox_relay::runtime::run(config, shutdown, own, health).await {
+                match outbox_relay::app::run(config, shutdown, own, health).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         tracing::error!("{e}");

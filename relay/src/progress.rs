@@ -29,6 +29,8 @@ use uuid::Uuid;
 
 use crate::config::Config;
 use crate::db;
+use crate::error::needs_operator;
+use crate::health::Health;
 use crate::pipeline::Progress;
 use crate::pipeline::watermark::TxSeq;
 use crate::replication::client::quote_ident;
@@ -200,8 +202,9 @@ impl Marker {
         halves: &HashMap<Uuid, Box<HalfRef>>,
         config: &Config,
         completions: &mpsc::UnboundedSender<Progress>,
+        health: &Health,
     ) -> Option<Settled> {
-        let mut delays = crate::sink::kafka::backoff(&config.retry).build();
+        let mut delays = crate::retry::backoff(&config.retry).build();
         let mut told_stopping = false;
         let mut pending: Vec<Uuid> = rows.iter().map(|(id, _)| *id).collect();
         let mut xids: Option<HashMap<Uuid, u32>> = None;
@@ -213,6 +216,7 @@ impl Marker {
         loop {
             match self.execute(mark, &pending, halves).await {
                 Ok(done) => {
+                    health.set_marking(None);
                     let Executed {
                         missing: mut rest,
                         marked,
@@ -293,6 +297,15 @@ impl Marker {
                     // the next attempt finds it settled (fenced).
                     tracing::debug!("a check-back settled a key while marking; marking again");
                 }
+                Err(e) if e.code().is_some_and(|c| needs_operator(c.code())) => {
+                    // A missing grant or column: nothing is marked (so nothing is confirmed)
+                    // until an operator fixes it; readiness says so meanwhile.
+                    let wait = delays.next().unwrap_or(Duration::from_secs(30));
+                    let advice = marking_advice(config, &db::describe(&e));
+                    tracing::error!(error = %advice, retry_in = ?wait, "cannot mark rows in the outbox; the slot waits and /readyz is 503 until this is fixed");
+                    health.set_marking(Some(advice));
+                    tokio::time::sleep(wait).await;
+                }
                 Err(e) => {
                     let stopping = db::is_shutdown(&e);
                     if stopping && !told_stopping {
@@ -313,6 +326,21 @@ impl Marker {
             }
         }
     }
+}
+
+/// What to do about a marking statement refused for a privilege or a column.
+fn marking_advice(config: &Config, error: &str) -> String {
+    let c = &config.outbox.columns;
+    format!(
+        "{error}; the relay's role needs SELECT and UPDATE on {table} (GRANT SELECT, UPDATE ON {table} \
+         TO <role>) and the columns {d}, {f}, {a}, {e} must exist (outbox.columns.*, apply \
+         sql/001_outbox.sql)",
+        table = config.outbox_table_sql(),
+        d = c.delivered_at,
+        f = c.failed_at,
+        a = c.attempts,
+        e = c.last_error,
+    )
 }
 
 /// The statements of one [`Marker`].
@@ -526,6 +554,7 @@ impl Batch {
         config: Arc<Config>,
         completions: mpsc::UnboundedSender<Progress>,
         settler: Option<Settler>,
+        health: Arc<Health>,
     ) -> BatchOutcome {
         let Batch {
             delivered,
@@ -552,7 +581,14 @@ impl Batch {
         if !delivered.is_empty() {
             ok = merge(
                 marker
-                    .execute_until_done(Mark::Delivered, &delivered, &halves, &config, &completions)
+                    .execute_until_done(
+                        Mark::Delivered,
+                        &delivered,
+                        &halves,
+                        &config,
+                        &completions,
+                        &health,
+                    )
                     .await,
             );
             if ok {
@@ -573,7 +609,14 @@ impl Batch {
                 rest[..n].iter().map(|(id, xid, _)| (*id, *xid)).collect();
             ok = merge(
                 marker
-                    .execute_until_done(Mark::Failed(note), &rows, &halves, &config, &completions)
+                    .execute_until_done(
+                        Mark::Failed(note),
+                        &rows,
+                        &halves,
+                        &config,
+                        &completions,
+                        &health,
+                    )
                     .await,
             );
             if ok {
@@ -651,6 +694,7 @@ pub async fn run(
     mut deliveries: mpsc::UnboundedReceiver<Delivery>,
     completions: mpsc::UnboundedSender<Progress>,
     settler: Option<Settler>,
+    health: Arc<Health>,
 ) {
     let mark_delivered = config.pipeline.mark_delivered;
     let batch_size = config.pipeline.mark_batch_size;
@@ -716,6 +760,7 @@ pub async fn run(
                     config.clone(),
                     completions.clone(),
                     settler.clone(),
+                    health.clone(),
                 ));
             }
             else => return,
@@ -744,7 +789,7 @@ mod tests {
         config.pipeline.mark_delivered = false;
         let (dtx, drx) = mpsc::unbounded_channel();
         let (ctx, mut crx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(config, drx, ctx, None));
+        let task = tokio::spawn(run(config, drx, ctx, None, Default::default()));
         let t = |seq| AckToken::new(seq, Uuid::new_v4());
         dtx.send(Delivery::Acked(t(4))).unwrap();
         dtx.send(Delivery::Acked(t(4))).unwrap();

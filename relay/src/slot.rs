@@ -152,6 +152,65 @@ pub async fn preflight(db: &Client, config: &Config) -> Result<(), SlotError> {
     }
 }
 
+/// Checks the relay can mark rows: the marking columns exist and its role may read the outbox
+/// and update them. Without this a revoked grant or a misnamed column would only show once rows
+/// are in flight, as a relay that never confirms anything.
+pub async fn marking_preflight(db: &Client, config: &Config) -> Result<(), SlotError> {
+    let c = &config.outbox.columns;
+    let table = config.outbox_table_sql();
+    let mut columns = vec![
+        ("outbox.columns.failed_at", c.failed_at.as_str()),
+        ("outbox.columns.attempts", c.attempts.as_str()),
+        ("outbox.columns.last_error", c.last_error.as_str()),
+    ];
+    if config.pipeline.mark_delivered {
+        columns.insert(0, ("outbox.columns.delivered_at", c.delivered_at.as_str()));
+    }
+    let names: Vec<&str> = columns.iter().map(|(_, n)| *n).collect();
+    let rows = db
+        .query(
+            "SELECT n.name, a.attname IS NOT NULL, \
+                 a.attname IS NOT NULL AND has_column_privilege($1::text::regclass, n.name, 'UPDATE'), \
+                 has_table_privilege($1::text::regclass, 'SELECT'), current_user::text \
+             FROM unnest($2::text[]) AS n(name) \
+             LEFT JOIN pg_attribute a ON a.attrelid = $1::text::regclass AND a.attname = n.name \
+                 AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&table, &names],
+        )
+        .await
+        .map_err(|e| SlotError::query("checking the marking columns and grants", e))?;
+    for r in &rows {
+        let name: String = r.get(0);
+        let user: String = r.get(4);
+        let key = columns
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(k, _)| *k)
+            .unwrap_or("outbox.columns");
+        if !r.get::<_, bool>(1) {
+            return Err(SlotError::Setup(format!(
+                "column {name} of {table} does not exist, and the relay marks rows with it; apply \
+                 sql/001_outbox.sql or set {key} ({}) to the column's name",
+                crate::config::env_name(key)
+            )));
+        }
+        if !r.get::<_, bool>(3) {
+            return Err(SlotError::Setup(format!(
+                "role {user} may not SELECT from {table}; run: GRANT SELECT, UPDATE ON {table} TO {};",
+                quote_ident(&user)
+            )));
+        }
+        if !r.get::<_, bool>(2) {
+            return Err(SlotError::Setup(format!(
+                "role {user} may not UPDATE column {name} of {table}, so it cannot mark rows \
+                 delivered or failed; run: GRANT SELECT, UPDATE ON {table} TO {};",
+                quote_ident(&user)
+            )));
+        }
+    }
+    Ok(())
+}
+
 async fn require_table(db: &Client, table: &str, what: &str, keys: &str) -> Result<(), SlotError> {
     let exists: bool = db
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])

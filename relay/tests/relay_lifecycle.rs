@@ -278,7 +278,7 @@ async fn check_passes_on_a_correct_setup() {
         .expect("check finishes");
     assert!(status.success(), "{}", check.log());
     assert!(
-        check.log().contains("all 9 checks passed")
+        check.log().contains("all 10 checks passed")
             && check.log().contains("PASS transaction oracle"),
         "{}",
         check.log()

@@ -426,6 +426,7 @@ impl MarkingStage {
             deliveries_rx,
             completions_tx,
             None,
+            Default::default(),
         ));
         MarkingStage {
             deliveries,

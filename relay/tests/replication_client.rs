@@ -34,7 +34,10 @@ async fn authenticates_with_trust_md5_and_scram_and_rejects_a_wrong_password() {
     for user in [MD5_USER, SCRAM_USER] {
         let err = identify(&pg.url_for(user, "nope")).await.unwrap_err();
         assert!(matches!(err, ReplicationError::Auth(_)), "{err}");
-        assert!(err.is_permanent());
+        assert_eq!(
+            outbox_relay::error::Classify::action(&err),
+            outbox_relay::error::Action::Stop
+        );
         assert!(
             err.to_string().contains("password authentication failed"),
             "{err}"

@@ -188,6 +188,8 @@ pub struct Pipeline<S: Sink> {
     exactly_once: Option<ExactlyOnce>,
     pub counters: Counters,
     meters: Meters,
+    /// Readiness: in-flight count and completions, for the stall check.
+    health: Option<std::sync::Arc<crate::health::Health>>,
 }
 
 impl<S: Sink> Pipeline<S> {
@@ -219,7 +221,19 @@ impl<S: Sink> Pipeline<S> {
             exactly_once: (config.delivery == DeliveryMode::ExactlyOnce).then(ExactlyOnce::default),
             counters: Counters::default(),
             meters: Meters::new(),
+            health: None,
         }
+    }
+
+    /// Reports in-flight messages and completions to `health` (the stall check of `/readyz`).
+    pub fn set_health(&mut self, health: std::sync::Arc<crate::health::Health>) {
+        self.health = Some(health);
+    }
+
+    /// Whether a batch was begun and never closed (a first-start snapshot cut short): the
+    /// watermark would never pass it.
+    pub fn has_unfinished_batch(&self) -> bool {
+        self.watermark.has_unfinished()
     }
 
     /// Raises the confirmed position to `lsn` (the slot's position at start).
@@ -411,7 +425,7 @@ impl<S: Sink> Pipeline<S> {
                 return self.poison(seq, e.id, record, e.problem, 0, false).await;
             }
         };
-        let mut delays = crate::sink::kafka::backoff(&self.config.retry).build();
+        let mut delays = crate::retry::backoff(&self.config.retry).build();
         let mut attempt = 1;
         loop {
             let mut token = AckToken::new(seq, msg.id);
@@ -427,6 +441,15 @@ impl<S: Sink> Pipeline<S> {
                 Err(SinkError::Broken(why)) => return Err(PipelineError::SinkBroken(why)),
                 Err(SinkError::Fenced(why)) => return Err(PipelineError::Fenced(why)),
                 Err(SinkError::Aborted(why)) => return Err(PipelineError::TransactionAborted(why)),
+                Err(e @ SinkError::Unavailable { .. }) => {
+                    // Not the row's fault (authorization, a deleted topic): retried without
+                    // limit. The stream loop runs this step guarded, so SIGTERM, status updates
+                    // and the leader check are served meanwhile.
+                    let wait = delays.next().unwrap_or(Duration::from_secs(1));
+                    tracing::warn!(id = %msg.id, topic = %msg.topic, error = %e, retry_in = ?wait, "the broker cannot take the message now; trying again");
+                    self.meters.refused_retries.increment(1);
+                    tokio::time::sleep(wait).await;
+                }
                 Err(e) if attempt < self.config.dead_letter.max_attempts => {
                     let wait = delays.next().unwrap_or(Duration::from_secs(1));
                     tracing::warn!(id = %msg.id, topic = %msg.topic, attempt, error = %e, retry_in = ?wait, "the broker refused the message; trying again");
@@ -450,6 +473,9 @@ impl<S: Sink> Pipeline<S> {
         self.watermark.add_message(seq);
         self.in_flight += 1;
         self.meters.in_flight.set(self.in_flight as f64);
+        if let Some(h) = &self.health {
+            h.set_in_flight(self.in_flight, false);
+        }
     }
 
     /// Counts a message handed to the sink, and (exactly-once) into the open Kafka transaction.
@@ -758,6 +784,9 @@ impl<S: Sink> Pipeline<S> {
                     self.counters.completed += n;
                 }
                 self.meters.in_flight.set(self.in_flight as f64);
+                if let Some(h) = &self.health {
+                    h.set_in_flight(self.in_flight, true);
+                }
                 Ok(())
             }
             Some(Progress::Failed {

@@ -49,6 +49,13 @@ impl Watermark {
         self.entries.len()
     }
 
+    /// Whether the newest transaction has begun, has no end and was not abandoned.
+    pub fn has_unfinished(&self) -> bool {
+        self.entries
+            .back()
+            .is_some_and(|e| e.end_lsn.is_none() && !e.abandoned)
+    }
+
     /// A transaction starts; its messages carry the returned sequence number.
     pub fn begin(&mut self) -> TxSeq {
         self.entries.push_back(TxEntry {

@@ -5,6 +5,7 @@
 //! updates, how far the slot may advance.
 
 pub mod client;
+pub mod driver;
 pub mod lsn;
 pub mod pgoutput;
 pub mod protocol;

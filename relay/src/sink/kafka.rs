@@ -33,6 +33,7 @@ use tokio::sync::mpsc;
 use super::transactions::{self, PROGRESS_RECORD};
 use super::{AckToken, Delivery, Sink, SinkError};
 use crate::config::{Config, DeliveryMode, KafkaConfig, RetryConfig};
+use crate::retry::backoff;
 use crate::pipeline::position::SourcePosition;
 use crate::pipeline::routing::OutboxMessage;
 
@@ -78,18 +79,9 @@ pub fn probe_config(cfg: &KafkaConfig) -> ClientConfig {
     cc
 }
 
-/// The exponential backoff with jitter used for every retry in the relay.
-pub fn backoff(cfg: &RetryConfig) -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(cfg.initial_delay_ms))
-        .with_max_delay(Duration::from_millis(cfg.max_delay_ms))
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-}
-
 /// A message that failed transiently after librdkafka's own retries, waiting to be sent again.
 struct RetryItem {
+    code: Option<RDKafkaErrorCode>,
     topic: String,
     key: Option<Vec<u8>>,
     payload: Option<Vec<u8>>,
@@ -156,7 +148,8 @@ impl ClientContext for RelayContext {
     }
 }
 
-/// Errors after which sending the same message again cannot succeed.
+/// Errors after which sending the same message again cannot succeed: the message itself is
+/// refused (its size, its topic's name, its contents).
 fn is_permanent(code: RDKafkaErrorCode) -> bool {
     use RDKafkaErrorCode::*;
     matches!(
@@ -167,11 +160,22 @@ fn is_permanent(code: RDKafkaErrorCode) -> bool {
             | InvalidRecord
             | InvalidTopic
             | MessageBatchTooLarge
-            | TopicAuthorizationFailed
-            | ClusterAuthorizationFailed
-            | UnknownTopic
             | InvalidArgument
     )
+}
+
+/// The topic is gone from the broker (deleted, or never created): look it up (re-create it
+/// when allowed) before sending again.
+fn is_topic_gone(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(code, UnknownTopic | UnknownPartition | UnknownTopicOrPartition)
+}
+
+/// Conditions of the broker, not of the message: an ACL not rolled out yet, a deleted topic.
+/// Retried without limit, never dead-lettered.
+fn is_unavailable(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    is_topic_gone(code) || matches!(code, TopicAuthorizationFailed | ClusterAuthorizationFailed)
 }
 
 /// Errors librdkafka returns at once for one message, whatever the producer's state.
@@ -229,6 +233,7 @@ impl ProducerContext for RelayContext {
                     self.retry_pending.fetch_add(1, Ordering::SeqCst);
                     metrics::counter!(crate::metrics::RETRIES, "stage" => "broker").increment(1);
                     let item = RetryItem {
+                        code: error_code(err),
                         topic: msg.topic().to_owned(),
                         key: msg.key().map(<[u8]>::to_vec),
                         payload: msg.payload().map(<[u8]>::to_vec),
@@ -287,10 +292,9 @@ type RelayProducer = ThreadedProducer<RelayContext>;
 /// The Kafka implementation of [`Sink`].
 pub struct KafkaSink {
     producer: Arc<RelayProducer>,
-    admin: AdminClient<DefaultClientContext>,
+    topics: Arc<Topics>,
     cfg: KafkaConfig,
     retry_cfg: RetryConfig,
-    known_topics: HashSet<String>,
     retry_pending: Arc<AtomicUsize>,
     broken: Arc<AtomicBool>,
     deliveries: mpsc::UnboundedSender<Delivery>,
@@ -352,9 +356,15 @@ impl KafkaSink {
         });
         let producer: RelayProducer = client_config.create_with_context(ctx)?;
         let producer = Arc::new(producer);
-        let admin = transactions::connection_config(config).create()?;
+        let topics = Arc::new(Topics {
+            admin: transactions::connection_config(config).create()?,
+            cfg: cfg.clone(),
+            retry_cfg: retry_cfg.clone(),
+            known: std::sync::Mutex::new(HashSet::new()),
+        });
         tokio::spawn(retry_loop(
             Arc::downgrade(&producer),
+            topics.clone(),
             retry_rx,
             backoff(retry_cfg),
             retry_pending.clone(),
@@ -363,10 +373,9 @@ impl KafkaSink {
         ));
         Ok(KafkaSink {
             producer,
-            admin,
+            topics,
             cfg: cfg.clone(),
             retry_cfg: retry_cfg.clone(),
-            known_topics: HashSet::new(),
             retry_pending,
             broken,
             deliveries,
@@ -391,7 +400,7 @@ impl KafkaSink {
             t.timeout,
             t.transactional_id.clone(),
         );
-        self.ensure_topic_with(&topic, 1, true).await?;
+        self.topics.ensure(&topic, 1, true).await?;
         let producer = self.producer.clone();
         let mut delays = backoff(&self.retry_cfg).with_max_times(8).build();
         loop {
@@ -511,33 +520,52 @@ impl KafkaSink {
             Err(join) => SinkError::Broken(format!("abort task: {join}")),
         }
     }
+}
 
-    /// Makes sure `topic` exists: looks it up, and creates it when missing and allowed.
-    async fn ensure_topic(&mut self, topic: &str) -> Result<(), SinkError> {
-        self.ensure_topic_with(topic, self.cfg.topic_partitions, false)
-            .await
+/// The topics the sink knows exist, and how it makes sure of the others: shared by the sink
+/// and its retry task (which re-creates a topic deleted under it).
+struct Topics {
+    admin: AdminClient<DefaultClientContext>,
+    cfg: KafkaConfig,
+    retry_cfg: RetryConfig,
+    known: std::sync::Mutex<HashSet<String>>,
+}
+
+impl Topics {
+    fn is_known(&self, topic: &str) -> bool {
+        self.known.lock().is_ok_and(|k| k.contains(topic))
     }
 
-    /// [`KafkaSink::ensure_topic`], creating it with `partitions`, compacted if `compacted`.
-    async fn ensure_topic_with(
-        &mut self,
+    /// The broker said the topic is gone: look it up (and create it, if allowed) before the
+    /// next send.
+    fn forget(&self, topic: &str) {
+        if let Ok(mut k) = self.known.lock()
+            && k.remove(topic)
+        {
+            tracing::warn!(topic, "the broker no longer knows the topic; looking it up again (and creating it, if kafka.create_topics allows)");
+        }
+    }
+
+    /// Makes sure `topic` exists: looks it up (retrying while the brokers cannot answer), and
+    /// creates it with `partitions` (compacted if `compacted`) when missing and allowed.
+    async fn ensure(
+        self: &Arc<Self>,
         topic: &str,
         partitions: i32,
         compacted: bool,
     ) -> Result<(), SinkError> {
-        if self.known_topics.contains(topic) {
+        if self.is_known(topic) {
             return Ok(());
         }
         let exists = {
-            let producer = self.producer.clone();
-            let name = topic.to_owned();
-            let lookup = move || {
-                let producer = producer.clone();
-                let name = name.clone();
+            let lookup = || {
+                let me = self.clone();
+                let name = topic.to_owned();
                 async move {
                     tokio::task::spawn_blocking(move || {
-                        let md = producer
-                            .client()
+                        let md = me
+                            .admin
+                            .inner()
                             .fetch_metadata(Some(&name), Duration::from_secs(10))?;
                         Ok::<bool, KafkaError>(md.topics().iter().any(|t| {
                             t.name() == name && t.error().is_none() && !t.partitions().is_empty()
@@ -562,13 +590,15 @@ impl KafkaSink {
                     topic: topic.to_owned(),
                 });
             }
-            self.create_topic(topic, partitions, compacted).await?;
+            self.create(topic, partitions, compacted).await?;
         }
-        self.known_topics.insert(topic.to_owned());
+        if let Ok(mut k) = self.known.lock() {
+            k.insert(topic.to_owned());
+        }
         Ok(())
     }
 
-    async fn create_topic(
+    async fn create(
         &self,
         topic: &str,
         partitions: i32,
@@ -681,17 +711,28 @@ async fn enqueue(
 }
 
 /// Sends messages that failed transiently again, in the order they failed, after a backoff.
-/// Ends with the producer (it holds no strong reference: the producer's context holds this
-/// loop's channel, so a strong one would keep both alive forever).
+/// A message whose topic is gone has its topic looked up (and re-created, when allowed) first;
+/// one the broker cannot take for now (authorization) is kept and tried again after a longer
+/// backoff. Ends with the producer (it holds no strong reference while it waits: the producer's
+/// context holds this loop's channel, so a strong one would keep both alive forever).
 async fn retry_loop(
     producer: Weak<RelayProducer>,
+    topics: Arc<Topics>,
     mut items: mpsc::UnboundedReceiver<RetryItem>,
     backoff: ExponentialBuilder,
     pending: Arc<AtomicUsize>,
     deliveries: mpsc::UnboundedSender<Delivery>,
     broken: Arc<AtomicBool>,
 ) {
-    while let Some(item) = items.recv().await {
+    let mut again: std::collections::VecDeque<RetryItem> = std::collections::VecDeque::new();
+    loop {
+        let item = match again.pop_front() {
+            Some(item) => item,
+            None => match items.recv().await {
+                Some(item) => item,
+                None => return,
+            },
+        };
         let received = tokio::time::Instant::now();
         let delay = backoff
             .build()
@@ -706,13 +747,27 @@ async fn retry_loop(
             "delivery failed; sending again"
         );
         tokio::time::sleep_until(received + delay).await;
-        let Some(producer) = producer.upgrade() else {
+        if producer.strong_count() == 0 {
             return; // the sink was dropped (shutdown, or a broken producer replaced)
+        }
+        let mut item = item;
+        item.token.attempt += 1;
+        if item.code.is_some_and(is_topic_gone) {
+            topics.forget(&item.topic);
+            if let Err(e) = topics
+                .ensure(&item.topic, topics.cfg.topic_partitions, false)
+                .await
+            {
+                // Not allowed to create it (or the broker refuses): the poison path says why.
+                pending.fetch_sub(1, Ordering::SeqCst);
+                report_failed(&deliveries, item, e.to_string(), OwnedHeaders::new());
+                continue;
+            }
+        }
+        let Some(producer) = producer.upgrade() else {
+            return;
         };
-        let mut token = item.token;
-        token.attempt += 1;
-        let id = token.id;
-        let headers = item.headers.unwrap_or_default();
+        let headers = item.headers.take().unwrap_or_default();
         let result = enqueue(
             &producer,
             &item.topic,
@@ -720,37 +775,59 @@ async fn retry_loop(
             item.key.as_deref(),
             item.payload.as_deref(),
             &headers,
-            token,
+            item.token.clone(),
         )
         .await;
-        pending.fetch_sub(1, Ordering::SeqCst);
-        if let Err((e, token)) = result {
-            if error_code(&e) == Some(RDKafkaErrorCode::Fatal) {
-                report_broken(&broken, &deliveries, fatal_reason(&producer, &e));
-                continue;
+        match result {
+            Ok(()) => {
+                pending.fetch_sub(1, Ordering::SeqCst);
             }
-            let message = OutboxMessage {
-                id,
-                topic: item.topic,
-                key: item.key.map(bytes::Bytes::from).unwrap_or_default(),
-                payload: item.payload.map(bytes::Bytes::from),
-                headers: headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.key.to_owned(),
-                            bytes::Bytes::copy_from_slice(h.value.unwrap_or_default()),
-                        )
-                    })
-                    .collect(),
-            };
-            let _ = deliveries.send(Delivery::Failed {
-                token,
-                error: e.to_string(),
-                message: Box::new(message),
-            });
+            Err((e, _)) if error_code(&e) == Some(RDKafkaErrorCode::Fatal) => {
+                pending.fetch_sub(1, Ordering::SeqCst);
+                report_broken(&broken, &deliveries, fatal_reason(&producer, &e));
+            }
+            Err((e, _)) if error_code(&e).is_some_and(is_unavailable) => {
+                item.code = error_code(&e);
+                item.error = e.to_string();
+                item.headers = Some(headers);
+                again.push_back(item);
+            }
+            Err((e, _)) => {
+                pending.fetch_sub(1, Ordering::SeqCst);
+                report_failed(&deliveries, item, e.to_string(), headers);
+            }
         }
     }
+}
+
+/// Reports a message the retry task gives up on, for the poison path.
+fn report_failed(
+    deliveries: &mpsc::UnboundedSender<Delivery>,
+    item: RetryItem,
+    error: String,
+    headers: OwnedHeaders,
+) {
+    let headers = item.headers.unwrap_or(headers);
+    let message = OutboxMessage {
+        id: item.token.id,
+        topic: item.topic,
+        key: item.key.map(bytes::Bytes::from).unwrap_or_default(),
+        payload: item.payload.map(bytes::Bytes::from),
+        headers: headers
+            .iter()
+            .map(|h| {
+                (
+                    h.key.to_owned(),
+                    bytes::Bytes::copy_from_slice(h.value.unwrap_or_default()),
+                )
+            })
+            .collect(),
+    };
+    let _ = deliveries.send(Delivery::Failed {
+        token: item.token,
+        error,
+        message: Box::new(message),
+    });
 }
 
 /// The producer's own account of a fatal error, or `e`.
@@ -770,7 +847,9 @@ impl Sink for KafkaSink {
                 &KafkaError::MessageProduction(RDKafkaErrorCode::Fatal),
             )));
         }
-        self.ensure_topic(&msg.topic).await?;
+        self.topics
+            .ensure(&msg.topic, self.cfg.topic_partitions, false)
+            .await?;
         if let Some(t) = &mut self.txn
             && !t.open
         {
@@ -811,6 +890,15 @@ impl Sink for KafkaSink {
             // transaction already failed: librdkafka's "Erroneous state") means abort.
             Err((e, _)) if self.txn.is_some() && !error_code(&e).is_some_and(is_message_error) => {
                 Err(self.abort(e).await)
+            }
+            Err((e, _)) if error_code(&e).is_some_and(is_unavailable) => {
+                if error_code(&e).is_some_and(is_topic_gone) {
+                    self.topics.forget(&msg.topic);
+                }
+                Err(SinkError::Unavailable {
+                    topic: msg.topic.clone(),
+                    reason: e.to_string(),
+                })
             }
             Err((e, _)) => Err(SinkError::Rejected {
                 id: msg.id,
@@ -944,21 +1032,17 @@ mod tests {
     #[test]
     fn permanent_errors_are_not_retried() {
         assert!(is_permanent(RDKafkaErrorCode::MessageSizeTooLarge));
+        // An ACL not rolled out yet, a deleted topic: the broker's condition, not the row's.
+        for code in [
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::ClusterAuthorizationFailed,
+            RDKafkaErrorCode::UnknownTopic,
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        ] {
+            assert!(!is_permanent(code) && is_unavailable(code), "{code:?}");
+        }
         assert!(!is_permanent(RDKafkaErrorCode::NotEnoughReplicas));
         assert!(!is_permanent(RDKafkaErrorCode::RequestTimedOut));
         assert!(!is_permanent(RDKafkaErrorCode::MessageTimedOut));
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let cfg = RetryConfig {
-            initial_delay_ms: 100,
-            max_delay_ms: 1_000,
-        };
-        let delays: Vec<_> = backoff(&cfg).build().take(10).collect();
-        assert_eq!(delays.len(), 10);
-        // Jitter adds up to one base delay; the cap bounds the base.
-        assert!(delays.iter().all(|d| *d <= Duration::from_millis(2_000)));
-        assert!(delays[9] >= Duration::from_millis(1_000));
     }
 }

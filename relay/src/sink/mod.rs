@@ -112,6 +112,11 @@ pub enum SinkError {
         topic: String,
         reason: String,
     },
+    #[error(
+        "the broker cannot take messages for topic '{topic}' now: {reason}; retrying (check the \
+         relay's ACLs, or whether the topic was deleted)"
+    )]
+    Unavailable { topic: String, reason: String },
     #[error("the sink has stopped: {0}")]
     Closed(String),
     #[error("the producer failed and can send nothing more: {0}")]

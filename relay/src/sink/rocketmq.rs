@@ -43,7 +43,7 @@ use crate::rocketmq::client::{self, HalfMessage, HalfSend, Resolution, Route, Se
 use crate::rocketmq::connection::Connection;
 use crate::rocketmq::message::prop;
 use crate::rocketmq::{OwnHalves, topic_name};
-use crate::sink::kafka::backoff;
+use crate::retry::backoff;
 
 /// A half message the broker stored, and the oracle key that decides it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,231 @@
+//! The stream loop: WAL messages into the pipeline, completions back, until told to stop.
+//!
+//! What it guarantees, whatever a broker or Postgres does:
+//! - Status updates never wait for it: the replication connection runs on its own task
+//!   ([`StreamDriver`]), which reports the confirmed position this loop publishes through
+//!   [`StreamDriver::confirm`].
+//! - Every step that may wait (applying a message, a completion, a Kafka commit, a redrive) runs
+//!   against [`guarded`]: SIGTERM ends it within [`SHUTDOWN_GRACE`], losing the leader lock or
+//!   Postgres stopping ends it within [`super::session::LOCK_CHECK`]. A step cut short leaves its
+//!   transaction uncommitted in the watermark, so the slot never passes it.
+//! - Backpressure: no WAL message is taken while `pipeline.max_in_flight` messages are unconfirmed.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use super::RunError;
+use super::session::{Interrupt, Session};
+use crate::config::Config;
+use crate::pipeline::{Pipeline, PipelineError};
+use crate::redrive;
+use crate::replication::ReplicationError;
+use crate::replication::driver::StreamDriver;
+use crate::replication::pgoutput::PgOutput;
+use crate::replication::protocol::ServerMessage;
+use crate::sink::Sink;
+
+/// How long a step may go on after SIGTERM before it is cut short (most take microseconds; this
+/// lets a transaction being read reach its Commit).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// How a stream ended without an error.
+pub enum Ended {
+    /// SIGTERM: the loop stopped reading; the caller drains and confirms.
+    Shutdown,
+}
+
+/// Runs `work` unless an interrupt comes first.
+pub async fn guarded<T>(
+    work: impl Future<Output = Result<T, PipelineError>>,
+    session: &Session,
+    shutdown: &CancellationToken,
+) -> Result<Result<T, PipelineError>, Interrupt> {
+    let late = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        r = work => Ok(r),
+        _ = late => Err(Interrupt::Shutdown),
+        i = session.interrupted() => Err(i),
+    }
+}
+
+/// What an interrupt means for the supervisor (`Shutdown` is not an error).
+pub fn interrupt_error(i: Interrupt) -> Option<RunError> {
+    match i {
+        Interrupt::Shutdown => None,
+        Interrupt::PostgresStopping(why) => Some(PipelineError::PostgresStopping(why).into()),
+        Interrupt::LockLost => Some(RunError::LockLost),
+    }
+}
+
+/// Streams until SIGTERM (then stops gracefully) or an error.
+pub async fn run<S: Sink>(
+    mut driver: StreamDriver,
+    pipeline: &mut Pipeline<S>,
+    session: &Session,
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<(), RunError> {
+    match read_until_stopped(&mut driver, pipeline, session, config, shutdown).await {
+        Ok(Ended::Shutdown) => stop_gracefully(driver, pipeline, config).await,
+        Err(e) => {
+            use crate::error::{Action, Classify};
+            // Confirm what was published before a failure the relay stops on, so a restart
+            // repeats as little as possible; nothing can be confirmed when Postgres is going
+            // away or the sink is broken.
+            if e.action() == Action::Stop && !matches!(e, RunError::Pipeline(PipelineError::Fenced(_))) {
+                tracing::error!(error = %e, "stopping: confirming what was published before the failure");
+                if let Err(e) = stop_gracefully(driver, pipeline, config).await {
+                    tracing::warn!(error = %e, "could not confirm the in-flight messages");
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Applies a pipeline step's outcome: an interrupt or an error ends the loop.
+macro_rules! step {
+    ($outcome:expr) => {
+        match $outcome {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return Err(RunError::from(e)),
+            Err(i) => match interrupt_error(i) {
+                Some(e) => return Err(e),
+                None => return Ok(Ended::Shutdown),
+            },
+        }
+    };
+}
+
+async fn read_until_stopped<S: Sink>(
+    driver: &mut StreamDriver,
+    pipeline: &mut Pipeline<S>,
+    session: &Session,
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<Ended, RunError> {
+    // Blocked aggregates (dead_letter.policy = block_key) are tried again on this tick.
+    let mut redrive_tick = tokio::time::interval(Duration::from_millis(
+        config.dead_letter.block_retry_interval_ms.min(1_000),
+    ));
+    redrive_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut log = ProgressLog::new(pipeline);
+    // On SIGTERM in the middle of a transaction, read on to its Commit (bounded by the shutdown
+    // timeout): rows of it already published would otherwise be sent again after the restart.
+    let mut stopping_since: Option<Instant> = None;
+    let finish_tx_limit = Duration::from_millis(config.pipeline.shutdown_timeout_ms);
+    loop {
+        if let Some(since) = stopping_since
+            && (!pipeline.in_transaction() || since.elapsed() > finish_tx_limit)
+        {
+            return Ok(Ended::Shutdown);
+        }
+        // Exactly-once: when the open Kafka transaction is due for commit.
+        let commit_due = pipeline.kafka_transaction_due();
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled(), if stopping_since.is_none() => {
+                stopping_since = Some(Instant::now());
+            }
+            i = session.interrupted() => {
+                return Err(interrupt_error(i).unwrap_or(RunError::LockLost));
+            }
+            p = pipeline.next_progress() => {
+                step!(guarded(pipeline.on_progress(p), session, shutdown).await);
+            }
+            _ = tokio::time::sleep_until(commit_due.unwrap_or_else(Instant::now)), if commit_due.is_some() => {
+                step!(guarded(pipeline.commit_kafka_transaction(), session, shutdown).await);
+            }
+            _ = redrive_tick.tick(), if !pipeline.blocked().is_empty() && stopping_since.is_none() => {
+                step!(guarded(redrive::redrive_due(&session.db, config, pipeline), session, shutdown).await);
+            }
+            msg = driver.recv(), if pipeline.has_capacity() => {
+                match msg? {
+                    ServerMessage::XLogData { data, .. } => {
+                        let event = PgOutput::decode(data).map_err(ReplicationError::from)?;
+                        step!(guarded(pipeline.handle(event), session, shutdown).await);
+                    }
+                    ServerMessage::Keepalive { wal_end, .. } => pipeline.observe_idle(wal_end),
+                }
+            }
+        }
+        driver.confirm(pipeline.flushable());
+        log.tick(pipeline);
+    }
+}
+
+/// Stops reading, waits (bounded) for what is in flight, then confirms it to Postgres.
+async fn stop_gracefully<S: Sink>(
+    driver: StreamDriver,
+    pipeline: &mut Pipeline<S>,
+    config: &Config,
+) -> Result<(), RunError> {
+    tracing::info!(
+        in_flight = pipeline.in_flight(),
+        "stopping: waiting for in-flight messages to be confirmed"
+    );
+    let left = pipeline
+        .drain(Duration::from_millis(config.pipeline.shutdown_timeout_ms))
+        .await?;
+    if left > 0 {
+        tracing::warn!(
+            left,
+            "shutdown timeout reached; unconfirmed messages will be sent again on the next start"
+        );
+    }
+    let flushed = pipeline.flushable();
+    driver.finish(flushed, Duration::from_secs(5)).await;
+    tracing::info!(%flushed, "final position confirmed to Postgres");
+    Ok(())
+}
+
+/// Logs throughput every 30 s and once when the in-flight bound pauses reading.
+struct ProgressLog {
+    last: Instant,
+    rows_at_last: u64,
+    paused_logged: bool,
+}
+
+impl ProgressLog {
+    fn new<S: Sink>(pipeline: &Pipeline<S>) -> ProgressLog {
+        ProgressLog {
+            last: Instant::now(),
+            rows_at_last: pipeline.counters.rows,
+            paused_logged: false,
+        }
+    }
+
+    fn tick<S: Sink>(&mut self, pipeline: &Pipeline<S>) {
+        if pipeline.has_capacity() {
+            self.paused_logged = false;
+        } else if !self.paused_logged {
+            self.paused_logged = true;
+            tracing::debug!(
+                in_flight = pipeline.in_flight(),
+                "in-flight limit reached; pausing WAL reading until the broker confirms"
+            );
+        }
+        if self.last.elapsed() < Duration::from_secs(30) {
+            return;
+        }
+        let c = pipeline.counters;
+        let rows_per_sec = (c.rows - self.rows_at_last) as f64 / self.last.elapsed().as_secs_f64();
+        self.last = Instant::now();
+        self.rows_at_last = c.rows;
+        tracing::info!(
+            transactions = c.transactions,
+            rows = c.rows,
+            confirmed = c.completed,
+            rows_per_sec = rows_per_sec as u64,
+            in_flight = pipeline.in_flight(),
+            flushed = %pipeline.flushable(),
+            "progress"
+        );
+    }
+}
