@@ -11,7 +11,10 @@ RUN apt-get update \
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY relay ./relay
-# A workspace member: cargo reads its manifest even when only the relay is built.
+# Targets the manifest names (examples, tests) and the bench workspace member: cargo reads them
+# even when only the relay is built.
+COPY examples ./examples
+COPY tests ./tests
 COPY bench ./bench
 RUN cargo build --release --locked --bin outbox-relay
 

@@ -1279,7 +1279,11 @@ mod tests {
             assert_eq!(c.kafka.brokers, "env:9092");
             assert_eq!(
                 c.ignored_env,
-                ["RELAY_PORT", "RELAY_PORT_8080_TCP_ADDR", "RELAY_SERVICE_HOST"]
+                [
+                    "RELAY_PORT",
+                    "RELAY_PORT_8080_TCP_ADDR",
+                    "RELAY_SERVICE_HOST"
+                ]
             );
             Ok(())
         });

@@ -64,9 +64,7 @@ impl Classify for tokio_postgres::Error {
 impl Classify for ReplicationError {
     fn action(&self) -> Action {
         match self {
-            ReplicationError::Io(_) | ReplicationError::Connect { .. } => {
-                Action::ReconnectPostgres
-            }
+            ReplicationError::Io(_) | ReplicationError::Connect { .. } => Action::ReconnectPostgres,
             ReplicationError::Silent { .. } => Action::ReconnectPostgres,
             ReplicationError::Server(s) => postgres_action(Some(&s.code)),
             ReplicationError::Auth(_)

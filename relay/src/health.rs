@@ -206,7 +206,9 @@ mod tests {
         let h = Health::new(Duration::from_millis(50));
         h.set_broker(None);
         h.set_streaming(true);
-        h.set_marking(Some("permission denied for table outbox; GRANT UPDATE".into()));
+        h.set_marking(Some(
+            "permission denied for table outbox; GRANT UPDATE".into(),
+        ));
         assert!(h.readiness().unwrap_err()[0].contains("GRANT UPDATE"));
         h.set_marking(None);
         assert!(h.readiness().is_ok());

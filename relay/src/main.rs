@@ -74,7 +74,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Run) {
             Command::Check => {
                 let results = outbox_relay::check::run_checks(&config).await;
@@ -149,7 +149,11 @@ fn main() -> ExitCode {
                 }
             }
         }
-    })
+    });
+    // Work still blocked on a broker (a metadata request waiting out its timeout on a blocking
+    // thread) must not hold the exit: what mattered is confirmed already.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    code
 }
 
 async fn wait_for_signal(shutdown: CancellationToken) {

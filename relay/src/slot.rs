@@ -456,6 +456,9 @@ async fn publish_snapshot<S: Sink>(
         if rows.is_empty() {
             break;
         }
+        if published == 0 {
+            crate::failpoint::pause_point("snapshot-fetched").await;
+        }
         for r in &rows {
             let text = |i: usize| r.get::<_, Option<String>>(i).map(Bytes::from);
             let raw = RawRow {

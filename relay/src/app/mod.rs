@@ -52,7 +52,9 @@ pub enum RunError {
         message: String,
         sqlstate: Option<String>,
     },
-    #[error("the Postgres session holding the leader lock closed; streaming stops until it is taken again")]
+    #[error(
+        "the Postgres session holding the leader lock closed; streaming stops until it is taken again"
+    )]
     LockLost,
     #[error(transparent)]
     Slot(#[from] SlotError),
@@ -205,7 +207,10 @@ impl Supervisor {
                 Ok(false) => return Ok(()),
                 Err(e) if e.action() == Action::Stop => return Err(e),
                 Err(e) => {
-                    if self.wait_after(&e, "Postgres is not reachable yet; retrying").await {
+                    if self
+                        .wait_after(&e, "Postgres is not reachable yet; retrying")
+                        .await
+                    {
                         return Ok(());
                     }
                 }
@@ -355,11 +360,16 @@ impl Supervisor {
                 // broken producer the new one reads it back (a commit may have been cut short).
                 if let Some(b) = &self.built {
                     let p = &b.pipeline;
-                    let clean_abort = matches!(e, RunError::Pipeline(PipelineError::TransactionAborted(_)));
+                    let clean_abort =
+                        matches!(e, RunError::Pipeline(PipelineError::TransactionAborted(_)));
                     tracing::error!(error = %e, confirmed = %p.flushable(), in_flight = p.in_flight(),
                         "the sink failed; starting a new one (unconfirmed messages are sent again)");
                     self.rebuild = Some(Rebuild {
-                        known: if clean_abort { p.committed_position() } else { None },
+                        known: if clean_abort {
+                            p.committed_position()
+                        } else {
+                            None
+                        },
                         confirmed: p.flushable(),
                     });
                 } else {
@@ -392,7 +402,13 @@ impl Supervisor {
                         });
                     }
                 }
-                if self.wait_after(&e, "lost the connection to Postgres; reconnecting (position kept by the slot)").await {
+                if self
+                    .wait_after(
+                        &e,
+                        "lost the connection to Postgres; reconnecting (position kept by the slot)",
+                    )
+                    .await
+                {
                     return Some(Ok(()));
                 }
             }

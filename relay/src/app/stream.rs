@@ -78,7 +78,9 @@ pub async fn run<S: Sink>(
             // Confirm what was published before a failure the relay stops on, so a restart
             // repeats as little as possible; nothing can be confirmed when Postgres is going
             // away or the sink is broken.
-            if e.action() == Action::Stop && !matches!(e, RunError::Pipeline(PipelineError::Fenced(_))) {
+            if e.action() == Action::Stop
+                && !matches!(e, RunError::Pipeline(PipelineError::Fenced(_)))
+            {
                 tracing::error!(error = %e, "stopping: confirming what was published before the failure");
                 if let Err(e) = stop_gracefully(driver, pipeline, config).await {
                     tracing::warn!(error = %e, "could not confirm the in-flight messages");

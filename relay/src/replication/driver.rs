@@ -105,7 +105,11 @@ impl Drop for StreamDriver {
 }
 
 /// Sends one status update; `Err` ends the task.
-async fn status(stream: &mut ReplicationStream, at: Lsn, ask: bool) -> Result<(), ReplicationError> {
+async fn status(
+    stream: &mut ReplicationStream,
+    at: Lsn,
+    ask: bool,
+) -> Result<(), ReplicationError> {
     let mut update = StandbyStatusUpdate::now(at);
     update.reply_requested = ask;
     tracing::trace!(flushed = %at, ask, "standby status update");

@@ -33,9 +33,9 @@ use tokio::sync::mpsc;
 use super::transactions::{self, PROGRESS_RECORD};
 use super::{AckToken, Delivery, Sink, SinkError};
 use crate::config::{Config, DeliveryMode, KafkaConfig, RetryConfig};
-use crate::retry::backoff;
 use crate::pipeline::position::SourcePosition;
 use crate::pipeline::routing::OutboxMessage;
+use crate::retry::backoff;
 
 /// librdkafka properties the relay derives from its config.
 pub fn producer_config(cfg: &KafkaConfig, max_in_flight: usize) -> ClientConfig {
@@ -49,6 +49,10 @@ pub fn producer_config(cfg: &KafkaConfig, max_in_flight: usize) -> ClientConfig 
         .set("compression.type", &cfg.compression)
         .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
         .set("message.max.bytes", cfg.max_message_bytes.to_string())
+        // The relay creates topics itself (kafka.create_topics, with the partitions and
+        // replication it is told); a producer's metadata request must not create one with the
+        // broker's defaults, nor bring back a deleted topic behind the relay's back.
+        .set("allow.auto.create.topics", "false")
         // Room for everything the pipeline may have in flight, plus retries.
         .set(
             "queue.buffering.max.messages",
@@ -168,7 +172,10 @@ fn is_permanent(code: RDKafkaErrorCode) -> bool {
 /// when allowed) before sending again.
 fn is_topic_gone(code: RDKafkaErrorCode) -> bool {
     use RDKafkaErrorCode::*;
-    matches!(code, UnknownTopic | UnknownPartition | UnknownTopicOrPartition)
+    matches!(
+        code,
+        UnknownTopic | UnknownPartition | UnknownTopicOrPartition
+    )
 }
 
 /// Conditions of the broker, not of the message: an ACL not rolled out yet, a deleted topic.
@@ -357,7 +364,10 @@ impl KafkaSink {
         let producer: RelayProducer = client_config.create_with_context(ctx)?;
         let producer = Arc::new(producer);
         let topics = Arc::new(Topics {
-            admin: transactions::connection_config(config).create()?,
+            admin: transactions::connection_config(config)
+                .set("allow.auto.create.topics", "false")
+                .create()?,
+            producer: Arc::downgrade(&producer),
             cfg: cfg.clone(),
             retry_cfg: retry_cfg.clone(),
             known: std::sync::Mutex::new(HashSet::new()),
@@ -526,6 +536,9 @@ impl KafkaSink {
 /// and its retry task (which re-creates a topic deleted under it).
 struct Topics {
     admin: AdminClient<DefaultClientContext>,
+    /// Lookups go through the producer's own client, so its metadata cache learns at once that
+    /// a (re-)created topic exists.
+    producer: Weak<RelayProducer>,
     cfg: KafkaConfig,
     retry_cfg: RetryConfig,
     known: std::sync::Mutex<HashSet<String>>,
@@ -542,8 +555,43 @@ impl Topics {
         if let Ok(mut k) = self.known.lock()
             && k.remove(topic)
         {
-            tracing::warn!(topic, "the broker no longer knows the topic; looking it up again (and creating it, if kafka.create_topics allows)");
+            tracing::warn!(
+                topic,
+                "the broker no longer knows the topic; looking it up again (and creating it, if kafka.create_topics allows)"
+            );
         }
+    }
+
+    /// Whether `topic` exists, asked through the producer's client; retried while the brokers
+    /// cannot answer. `Closed` once the sink is gone.
+    async fn lookup(self: &Arc<Self>, topic: &str) -> Result<bool, SinkError> {
+        let ask = || {
+            let producer = self.producer.clone();
+            let name = topic.to_owned();
+            async move {
+                let Some(producer) = producer.upgrade() else {
+                    return Err((false, "the sink was dropped".to_owned()));
+                };
+                tokio::task::spawn_blocking(move || {
+                    let md = producer
+                        .client()
+                        .fetch_metadata(Some(&name), Duration::from_secs(10))?;
+                    Ok::<bool, KafkaError>(md.topics().iter().any(|t| {
+                        t.name() == name && t.error().is_none() && !t.partitions().is_empty()
+                    }))
+                })
+                .await
+                .map_err(|e| (true, e.to_string()))?
+                .map_err(|e| (true, e.to_string()))
+            }
+        };
+        ask.retry(backoff(&self.retry_cfg))
+            .when(|(retryable, _)| *retryable)
+            .notify(|(_, e), d| {
+                tracing::warn!(topic, error = %e, retry_in = ?d, "cannot read broker metadata; retrying")
+            })
+            .await
+            .map_err(|(_, e)| SinkError::Closed(e))
     }
 
     /// Makes sure `topic` exists: looks it up (retrying while the brokers cannot answer), and
@@ -557,33 +605,7 @@ impl Topics {
         if self.is_known(topic) {
             return Ok(());
         }
-        let exists = {
-            let lookup = || {
-                let me = self.clone();
-                let name = topic.to_owned();
-                async move {
-                    tokio::task::spawn_blocking(move || {
-                        let md = me
-                            .admin
-                            .inner()
-                            .fetch_metadata(Some(&name), Duration::from_secs(10))?;
-                        Ok::<bool, KafkaError>(md.topics().iter().any(|t| {
-                            t.name() == name && t.error().is_none() && !t.partitions().is_empty()
-                        }))
-                    })
-                    .await
-                    .map_err(|e| KafkaError::Canceled.to_string() + &e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()))
-                }
-            };
-            lookup
-                .retry(backoff(&self.retry_cfg))
-                .notify(|e, d| {
-                    tracing::warn!(topic, error = %e, retry_in = ?d, "cannot read broker metadata; retrying")
-                })
-                .await
-                .map_err(|e| SinkError::Closed(e.to_string()))?
-        };
+        let exists = self.lookup(topic).await?;
         if !exists {
             if !self.cfg.create_topics {
                 return Err(SinkError::MissingTopic {
@@ -591,6 +613,8 @@ impl Topics {
                 });
             }
             self.create(topic, partitions, compacted).await?;
+            // The producer learns the new topic now, not at its next metadata refresh.
+            let _ = self.lookup(topic).await;
         }
         if let Ok(mut k) = self.known.lock() {
             k.insert(topic.to_owned());
@@ -598,12 +622,7 @@ impl Topics {
         Ok(())
     }
 
-    async fn create(
-        &self,
-        topic: &str,
-        partitions: i32,
-        compacted: bool,
-    ) -> Result<(), SinkError> {
+    async fn create(&self, topic: &str, partitions: i32, compacted: bool) -> Result<(), SinkError> {
         let mut new = NewTopic::new(
             topic,
             partitions,

@@ -39,11 +39,11 @@ use tokio::task::JoinSet;
 use super::{AckToken, Delivery, Sink, SinkError};
 use crate::config::{Config, RetryConfig, RocketmqConfig};
 use crate::pipeline::routing::OutboxMessage;
+use crate::retry::backoff;
 use crate::rocketmq::client::{self, HalfMessage, HalfSend, Resolution, Route, SendError};
 use crate::rocketmq::connection::Connection;
 use crate::rocketmq::message::prop;
 use crate::rocketmq::{OwnHalves, topic_name};
-use crate::retry::backoff;
 
 /// A half message the broker stored, and the oracle key that decides it.
 #[derive(Debug, Clone, PartialEq, Eq)]

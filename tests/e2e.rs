@@ -1,11 +1,9 @@
 //! End-to-end behaviour of the relay against a private Postgres and a Tansu broker.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(120);
 const LINGER: Duration = Duration::from_secs(2);

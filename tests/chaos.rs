@@ -9,15 +9,13 @@
 //! --test chaos -- --nocapture` (the writer runs until that many rows are committed, faults keep
 //! coming meanwhile). `CHAOS_SEED` repeats a schedule.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 

@@ -5,12 +5,10 @@
 //! - The RocketMQ sink: every row becomes a transactional message, visible once, if and only if
 //!   the row is marked delivered, also when the relay is killed between the steps.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
-use common::*;
 use outbox_relay::rocketmq::client::{self, HalfSend, Resolution};
 use outbox_relay::rocketmq::connection::Connection;
 use outbox_relay::rocketmq::message::MessageExt;

@@ -1,11 +1,9 @@
 //! Poison rows never halt the pipeline (policy `dlq`), or halt it loudly (policy `halt`).
 //! Each bad input: the dead-letter record, the row marked failed, later rows still flowing.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(120);
 const LINGER: Duration = Duration::from_secs(2);

@@ -2,13 +2,11 @@
 //! transaction (and nothing when the transaction fails), the relay publishes it, and the
 //! idempotent consumer applies each message once, however often it is delivered.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};

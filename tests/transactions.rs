@@ -3,12 +3,10 @@
 //! the business transaction (fenced), lock timeout and Postgres down (unknown, never rollback),
 //! and the purge. Every case is asked both directly and over `GET /v1/transactions/{key}`.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use outbox_relay::config::Config;
 use outbox_relay::oracle::{Oracle, TxStatus};
 use tokio_util::sync::CancellationToken;

@@ -1,11 +1,9 @@
 //! Running the relay in production: an HA pair taking over from a killed relay, and the
 //! retention of delivered rows, JSON logs without secrets.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 

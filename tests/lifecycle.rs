@@ -1,11 +1,9 @@
 //! Starting, stopping and restarting the relay; memory bounds; idle WAL; setup diagnostics.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(180);
 const LINGER: Duration = Duration::from_secs(3);

@@ -5,11 +5,9 @@
 //! [`TxnBroker`]. These tests run against a broker that does both, except error injection, which
 //! only the mock cluster offers.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use rdkafka::mocking::MockCluster;
 
 const WAIT: Duration = Duration::from_secs(60);

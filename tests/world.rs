@@ -2,12 +2,10 @@
 //! the slot held by another process, Postgres down at start, large TOASTed values, the Kafka
 //! producer failing fatally.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use outbox_relay::replication::{Lsn, ReplicationClient};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};

@@ -240,6 +240,49 @@ impl PgCluster {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
     }
+
+    /// A least-privilege role for the relay, with the grants the README lists (REPLICATION,
+    /// SELECT and UPDATE on the outbox, the state table); returns its URL. Superusers bypass
+    /// grants, so tests about privileges run the relay as this role.
+    pub fn relay_role(&self, name: &str) -> String {
+        self.psql(&format!(
+            "CREATE ROLE {name} LOGIN REPLICATION; \
+             GRANT SELECT, UPDATE ON outbox TO {name}; \
+             GRANT SELECT, INSERT, UPDATE ON outbox_relay_state TO {name};"
+        ));
+        format!("postgres://{name}@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// The pid of the walsender serving `slot`, if one is active.
+    pub fn walsender_pid(&self, slot: &str) -> Option<u32> {
+        self.psql(&format!(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = '{slot}' AND active"
+        ))
+        .parse()
+        .ok()
+    }
+}
+
+/// Deletes `topic` through the Kafka admin API (DeleteTopics).
+pub async fn delete_topic(brokers: &str, topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    let results = admin
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await
+        .expect("DeleteTopics");
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("deleting {t}: {e}"));
+    }
+}
+
+/// Sends `sig` (e.g. `-STOP`) to process `pid`.
+pub fn signal_pid(pid: u32, sig: &str) {
+    signal(pid, sig);
 }
 
 impl Drop for PgCluster {
@@ -264,10 +307,7 @@ fn append(path: &Path, text: &str) {
 }
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
 }
 
 fn tansu_bin() -> PathBuf {

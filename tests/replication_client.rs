@@ -1,10 +1,8 @@
 //! The replication client against a real server: authentication methods, TLS, slot commands.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::support::*;
 use outbox_relay::replication::protocol::ServerMessage;
 use outbox_relay::replication::{Lsn, ReplicationClient, ReplicationError};
 

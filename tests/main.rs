@@ -1,0 +1,17 @@
+//! The integration tests: one binary, one module per area, one support module per server
+//! (`support/`). Every test starts its own Postgres cluster, brokers and relay on free ports.
+
+mod support;
+
+mod chaos;
+mod e2e;
+mod exactly_once;
+mod examples;
+mod lifecycle;
+mod operations;
+mod poison;
+mod replication_client;
+mod rocketmq;
+mod supervision;
+mod transactions;
+mod world;
