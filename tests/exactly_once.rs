@@ -142,6 +142,8 @@ async fn produce_errors_inside_a_transaction_abort_it_and_it_is_sent_again() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let mock = MockCluster::new(1).expect("mock cluster");
     mock.create_topic(TOPIC, 1, 1).expect("topic");
+    // The mock answers no CreateTopics, and the relay's clients never auto-create a topic.
+    mock.create_topic(PROGRESS, 1, 1).expect("progress topic");
     let brokers = mock.bootstrap_servers();
     let pg = PgCluster::start();
     pg.apply_schema();

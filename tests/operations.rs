@@ -111,10 +111,13 @@ async fn retention_deletes_only_delivered_rows_past_it() {
     )
     .await
     .expect("lock a row");
-    let deleted = tokio::time::timeout(WAIT, outbox_relay::retention::delete_expired(&db, &config))
-        .await
-        .expect("the deletion waited on a locked row")
-        .expect("delete");
+    let deleted = tokio::time::timeout(
+        WAIT,
+        outbox_relay::ops::retention::delete_expired(&db, &config),
+    )
+    .await
+    .expect("the deletion waited on a locked row")
+    .expect("delete");
     assert_eq!(deleted, 22);
     hold.rollback().await.expect("release");
     let left = |t: &'static str| {

@@ -283,7 +283,8 @@ async fn a_deleted_topic_is_recreated_and_nothing_is_dead_lettered() {
     let log = relay.log();
     assert!(!log.contains("dead-letter topic"), "{log}");
     assert_eq!(
-        log.matches("created topic topic=\"outbox.event.doomed\"").count(),
+        log.matches("created topic topic=\"outbox.event.doomed\"")
+            .count(),
         2,
         "created, then re-created by the relay:\n{log}"
     );

@@ -31,14 +31,14 @@ impl Checker {
         config.postgres.url = pg.url();
         config.http.addr = "127.0.0.1:0".into();
         config.transactions.lock_timeout_ms = lock_timeout.as_millis() as u64;
-        let oracle = outbox_relay::admin::oracle(&config);
+        let oracle = outbox_relay::ops::http::oracle(&config);
         let stop = CancellationToken::new();
-        let state = outbox_relay::admin::AdminState {
+        let state = outbox_relay::ops::http::AdminState {
             oracle: oracle.clone(),
             metrics: None,
             health: Default::default(),
         };
-        let addr = outbox_relay::admin::start(&config, state, stop.clone())
+        let addr = outbox_relay::ops::http::start(&config, state, stop.clone())
             .await
             .expect("admin listener")
             .expect("admin listener on");

@@ -409,7 +409,7 @@ async fn a_row_that_becomes_visible_while_its_update_runs_is_marked() {
 /// The progress stage (marking) on its own, fed acknowledgements by hand.
 struct MarkingStage {
     deliveries: tokio::sync::mpsc::UnboundedSender<outbox_relay::sink::Delivery>,
-    completions: tokio::sync::mpsc::UnboundedReceiver<outbox_relay::pipeline::Progress>,
+    completions: tokio::sync::mpsc::UnboundedReceiver<outbox_relay::pipeline::Completion>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -419,7 +419,7 @@ impl MarkingStage {
         config.postgres.url = postgres_url.to_owned();
         let (deliveries, deliveries_rx) = tokio::sync::mpsc::unbounded_channel();
         let (completions_tx, completions) = tokio::sync::mpsc::unbounded_channel();
-        let task = tokio::spawn(outbox_relay::progress::run(
+        let task = tokio::spawn(outbox_relay::marking::run(
             config,
             deliveries_rx,
             completions_tx,
@@ -452,7 +452,7 @@ impl MarkingStage {
             .await
             .expect("the completion never came");
         assert!(
-            matches!(&done, Some(outbox_relay::pipeline::Progress::Completed(v)) if v == &vec![(seq, 1)]),
+            matches!(&done, Some(outbox_relay::pipeline::Completion::Completed(v)) if v == &vec![(seq, 1)]),
             "{done:?}"
         );
     }

@@ -1025,8 +1025,8 @@ impl Config {
     pub fn outbox_table_sql(&self) -> String {
         format!(
             "{}.{}",
-            crate::replication::client::quote_ident(&self.outbox.schema),
-            crate::replication::client::quote_ident(&self.outbox.table)
+            crate::postgres::quote::quote_ident(&self.outbox.schema),
+            crate::postgres::quote::quote_ident(&self.outbox.table)
         )
     }
 
@@ -1034,8 +1034,8 @@ impl Config {
     pub fn state_table_sql(&self) -> String {
         format!(
             "{}.{}",
-            crate::replication::client::quote_ident(&self.outbox.schema),
-            crate::replication::client::quote_ident(&self.outbox.state_table)
+            crate::postgres::quote::quote_ident(&self.outbox.schema),
+            crate::postgres::quote::quote_ident(&self.outbox.state_table)
         )
     }
 }
@@ -1149,7 +1149,7 @@ mod tests {
     /// `config/relay.toml` documents every key, and its values are the defaults in code.
     #[test]
     fn example_file_lists_every_key_with_its_default() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/relay.toml");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/relay.toml");
         let file = Figment::from(Toml::file(&path));
         let mut keys = Vec::new();
         config_keys(
@@ -1174,7 +1174,7 @@ mod tests {
     #[test]
     fn readme_lists_every_key_with_its_environment_name() {
         let readme =
-            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
                 .unwrap();
         let mut keys = Vec::new();
         config_keys(

@@ -96,7 +96,7 @@ impl Classify for PipelineError {
             PipelineError::PostgresStopping(_) => Action::ReconnectPostgres,
             PipelineError::SinkBroken(_)
             | PipelineError::TransactionAborted(_)
-            | PipelineError::ProgressClosed => Action::RebuildSink,
+            | PipelineError::MarkingStopped => Action::RebuildSink,
             PipelineError::Poison { .. }
             | PipelineError::DeadLetter { .. }
             | PipelineError::Schema(_)
@@ -106,9 +106,9 @@ impl Classify for PipelineError {
     }
 }
 
-impl Classify for crate::slot::SlotError {
+impl Classify for crate::source::SlotError {
     fn action(&self) -> Action {
-        use crate::slot::SlotError;
+        use crate::source::SlotError;
         match self {
             SlotError::Query { sqlstate, .. } => postgres_action(sqlstate.as_deref()),
             SlotError::Replication(e) => e.action(),
@@ -140,11 +140,11 @@ mod tests {
         assert_eq!(io.action(), Action::ReconnectPostgres);
         let stopping = PipelineError::PostgresStopping("57P01".into());
         assert_eq!(stopping.action(), Action::ReconnectPostgres);
-        let slot = crate::slot::SlotError::Pipeline(PipelineError::PostgresStopping("x".into()));
+        let slot = crate::source::SlotError::Pipeline(PipelineError::PostgresStopping("x".into()));
         assert_eq!(slot.action(), Action::ReconnectPostgres);
-        let broken = crate::slot::SlotError::Pipeline(PipelineError::SinkBroken("x".into()));
+        let broken = crate::source::SlotError::Pipeline(PipelineError::SinkBroken("x".into()));
         assert_eq!(broken.action(), Action::RebuildSink);
-        let setup = crate::slot::SlotError::Setup("wal_level".into());
+        let setup = crate::source::SlotError::Setup("wal_level".into());
         assert_eq!(setup.action(), Action::Stop);
     }
 }

@@ -1,28 +1,51 @@
-//! outbox-relay: a transactional-outbox relay from Postgres logical replication to Kafka.
+//! outbox-relay: a transactional-outbox relay from Postgres logical replication to Kafka and
+//! RocketMQ.
 //!
 //! ```text
-//! WAL ─► replication ─► pipeline ─► sink ─► acks ─► progress ─► watermark ─► slot
+//! WAL ─► replication ─► pipeline ─► sink ─► (broker ack) ─► marking ─► watermark ─► slot
+//!        (wire, pgoutput,  (apply, route,  (kafka, rocketmq:      (delivered in   (contiguous
+//!         stream driver)    backpressure)   accept now, report     Postgres)       confirmed
+//!                                           the ack later)                         prefix)
+//!  beside the flow: source (slot, first-start snapshot, rows read back) · dead_letter ·
+//!                   exactly_once · oracle (check-backs) · rocketmq (remoting, responder)
+//!  around it:       app (supervisor, stream loop, shutdown) · error (one policy) · retry ·
+//!                   config · postgres (connections, leader lock, quoting, schema checks) · ops
 //! ```
+//!
+//! | room | what it does |
+//! |---|---|
+//! | [`app`] | the supervisor: session, leader lock, pipeline, stream; applies the error policy |
+//! | [`error`] | what each failure means: retry, reconnect Postgres, rebuild the sink, stop |
+//! | [`retry`] | the one backoff |
+//! | [`config`] | defaults < file < `RELAY_*`, validation naming the key and the fix (a leaf) |
+//! | [`postgres`] | ordinary connections, the leader lock, identifier quoting, schema preflight |
+//! | [`replication`] | the replication wire client, pgoutput decoder, the stream driver (knows no broker) |
+//! | [`source`] | the slot's lifecycle, the first-start snapshot, outbox rows read back by SQL |
+//! | [`pipeline`] | rows → messages (routing), the watermark, backpressure, completions |
+//! | [`dead_letter`] | dead-letter records, `block_key`: blocked aggregates and their redrive |
+//! | [`exactly_once`] | the source position and the Kafka transactions that carry it |
+//! | [`sink`] | the `Sink` contract; Kafka and RocketMQ |
+//! | [`marking`] | acknowledged rows marked delivered/failed; completions back to the pipeline |
+//! | [`rocketmq`] | RocketMQ remoting codec, client and check-back responder |
+//! | [`oracle`] | what happened to a local transaction (check-backs, HTTP) |
+//! | [`ops`] | admin HTTP, health, metrics, slot gauges, retention, `outbox-relay check` |
+//! | [`failpoint`] | crash and pause points for tests |
+//!
 //! See `README.md` for the guarantees and `config/relay.toml` for every setting.
 
-pub mod admin;
 pub mod app;
-pub mod check;
 pub mod config;
-pub mod db;
+pub mod dead_letter;
 pub mod error;
+pub mod exactly_once;
 pub mod failpoint;
-pub mod health;
-pub mod leader;
-pub mod metrics;
-pub mod monitor;
+pub mod marking;
+pub mod ops;
 pub mod oracle;
 pub mod pipeline;
-pub mod progress;
-pub mod redrive;
+pub mod postgres;
 pub mod replication;
-pub mod retention;
 pub mod retry;
 pub mod rocketmq;
 pub mod sink;
-pub mod slot;
+pub mod source;

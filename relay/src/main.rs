@@ -77,15 +77,15 @@ fn main() -> ExitCode {
     let code = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Run) {
             Command::Check => {
-                let results = outbox_relay::check::run_checks(&config).await;
-                if outbox_relay::check::print_report(&results) {
+                let results = outbox_relay::ops::check::run_checks(&config).await;
+                if outbox_relay::ops::check::print_report(&results) {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE
                 }
             }
             Command::Run => {
-                let metrics = match outbox_relay::metrics::install() {
+                let metrics = match outbox_relay::ops::metrics::install() {
                     Ok(handle) => Some(handle),
                     Err(e) => {
                         tracing::warn!("{e}; /metrics will answer 404");
@@ -94,17 +94,17 @@ fn main() -> ExitCode {
                 };
                 let shutdown = CancellationToken::new();
                 tokio::spawn(wait_for_signal(shutdown.clone()));
-                let oracle = outbox_relay::admin::oracle(&config);
-                let health = std::sync::Arc::new(outbox_relay::health::Health::new(
+                let oracle = outbox_relay::ops::http::oracle(&config);
+                let health = std::sync::Arc::new(outbox_relay::ops::health::Health::new(
                     std::time::Duration::from_millis(config.health.stall_ms),
                 ));
                 health.set_streaming(false); // the series exists (0) before the first stream
-                let state = outbox_relay::admin::AdminState {
+                let state = outbox_relay::ops::http::AdminState {
                     oracle: oracle.clone(),
                     metrics,
                     health: health.clone(),
                 };
-                match outbox_relay::admin::start(&config, state, shutdown.clone()).await {
+                match outbox_relay::ops::http::start(&config, state, shutdown.clone()).await {
                     Ok(Some(addr)) => tracing::info!(
                         %addr,
                         "admin HTTP listener: GET /metrics, /healthz, /readyz, /v1/transactions/{{key}}"
@@ -116,13 +116,13 @@ fn main() -> ExitCode {
                         return ExitCode::from(2);
                     }
                 }
-                tokio::spawn(outbox_relay::health::probe_broker(
+                tokio::spawn(outbox_relay::ops::health::probe_broker(
                     config.clone(),
                     health.clone(),
                     shutdown.clone(),
                 ));
-                tokio::spawn(outbox_relay::monitor::run(config.clone(), shutdown.clone()));
-                tokio::spawn(outbox_relay::retention::run(config.clone(), shutdown.clone()));
+                tokio::spawn(outbox_relay::ops::monitor::run(config.clone(), shutdown.clone()));
+                tokio::spawn(outbox_relay::ops::retention::run(config.clone(), shutdown.clone()));
                 let own = outbox_relay::rocketmq::OwnHalves::default();
                 let own_sink = config.sink == outbox_relay::config::SinkKind::Rocketmq;
                 tokio::spawn(outbox_relay::rocketmq::checkback::run(
@@ -136,7 +136,7 @@ fn main() -> ExitCode {
                     let config = config.clone();
                     let shutdown = shutdown.clone();
                     tokio::spawn(async move {
-                        outbox_relay::admin::purge_loop(&config, oracle, shutdown).await
+                        outbox_relay::ops::http::purge_loop(&config, oracle, shutdown).await
                     });
                 }
                 match outbox_relay::app::run(config, shutdown, own, health).await {

@@ -14,8 +14,8 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_postgres::Client;
 
-use crate::db;
-use crate::replication::client::quote_ident;
+use crate::postgres;
+use crate::postgres::quote::quote_ident;
 
 /// The oracle's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,10 +186,10 @@ impl Oracle {
         if let Some(c) = pooled.filter(|c| !c.is_closed()) {
             return Ok(c);
         }
-        db::connect(&self.pg).await.map_err(|e| {
+        postgres::connect(&self.pg).await.map_err(|e| {
             format!(
                 "cannot reach Postgres to check the transaction: {}",
-                db::describe(&e)
+                postgres::describe(&e)
             )
         })
     }
@@ -239,8 +239,8 @@ fn explain(e: &tokio_postgres::Error) -> String {
         Some("40001") => "the key changed during the check (a concurrent purge); ask again".into(),
         Some("42883") | Some("42P01") => format!(
             "{}: the transaction oracle is not installed; apply sql/003_transactions.sql in the outbox's schema",
-            db::describe(e)
+            postgres::describe(e)
         ),
-        _ => db::describe(e),
+        _ => postgres::describe(e),
     }
 }

@@ -23,10 +23,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DeliveryMode, SinkKind, redact_url};
+use crate::dead_letter::redrive;
 use crate::error::{Action, Classify, postgres_action};
-use crate::health::Health;
-use crate::pipeline::position::SourcePosition;
+use crate::exactly_once::position::SourcePosition;
+use crate::marking;
+use crate::ops::health::Health;
 use crate::pipeline::{Pipeline, PipelineError};
+use crate::postgres::{leader, schema};
 use crate::replication::driver::{DriverSettings, StreamDriver};
 use crate::replication::{Lsn, ReplicationClient, ReplicationError};
 use crate::retry::{backoff, sleep_or_shutdown};
@@ -34,8 +37,7 @@ use crate::rocketmq::OwnHalves;
 use crate::sink::kafka::KafkaSink;
 use crate::sink::rocketmq::RocketMqSink;
 use crate::sink::{AnySink, SinkError};
-use crate::slot::{self, SlotError};
-use crate::{leader, progress, redrive};
+use crate::source::{self, SlotError};
 use session::Session;
 
 /// Why the relay stopped.
@@ -94,7 +96,7 @@ impl RunError {
             url,
             message: format!(
                 "{}; check the user, password and database in postgres.url (RELAY_POSTGRES__URL)",
-                crate::db::describe(e)
+                crate::postgres::describe(e)
             ),
             sqlstate: e.code().map(|c| c.code().to_owned()),
         }
@@ -217,8 +219,8 @@ impl Supervisor {
             }
         }
         let db = &self.session.as_ref().expect("opened").db;
-        slot::preflight(db, &self.config).await?;
-        slot::marking_preflight(db, &self.config).await?;
+        schema::preflight(db, &self.config).await?;
+        schema::marking_preflight(db, &self.config).await?;
         Ok(())
     }
 
@@ -270,7 +272,7 @@ impl Supervisor {
             Err(e) => Err(RunError::Leader {
                 message: format!(
                     "{}; the relay does not read the slot without it",
-                    crate::db::describe(&e)
+                    crate::postgres::describe(&e)
                 ),
                 sqlstate: e.code().map(|c| c.code().to_owned()),
             }),
@@ -305,7 +307,7 @@ impl Supervisor {
             let mut repl = ReplicationClient::connect_with_timeout(&pg, Some(timeout)).await?;
             let id = repl.identify_system().await?;
             tracing::info!(system_id = %id.system_id, timeline = id.timeline, wal_position = %id.xlog_pos, "replication connection ready");
-            let start = slot::prepare(&session.db, &mut repl, config, pipeline).await?;
+            let start = source::prepare(&session.db, &mut repl, config, pipeline).await?;
             let stream = repl
                 .start_replication(&config.postgres.slot, start, &config.postgres.publication)
                 .await?;
@@ -445,7 +447,7 @@ async fn build_pipeline(
     health: &Arc<Health>,
 ) -> Result<Built, RunError> {
     let (deliveries_tx, deliveries_rx) = mpsc::unbounded_channel();
-    let (progress_tx, progress_rx) = mpsc::unbounded_channel();
+    let (completions_tx, completions_rx) = mpsc::unbounded_channel();
     let (sink, settler, covered) = match config.sink {
         SinkKind::Kafka => {
             let mut sink = KafkaSink::new(config, deliveries_tx.clone())?;
@@ -462,14 +464,14 @@ async fn build_pipeline(
             (AnySink::Rocketmq(sink), Some(settler), None)
         }
     };
-    let marking = tokio::spawn(progress::run(
+    let marking = tokio::spawn(marking::run(
         config.clone(),
         deliveries_rx,
-        progress_tx,
+        completions_tx,
         settler,
         health.clone(),
     ));
-    let mut pipeline = Pipeline::new(config, sink, deliveries_tx, progress_rx);
+    let mut pipeline = Pipeline::new(config, sink, deliveries_tx, completions_rx);
     pipeline.set_health(health.clone());
     if config.delivery == DeliveryMode::ExactlyOnce {
         let covered = known.or(covered).unwrap_or_default();

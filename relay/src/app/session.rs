@@ -1,6 +1,6 @@
 //! The ordinary Postgres session that holds the leader lock, and what can interrupt work.
 //!
-//! A relay streams only while this session is open and holds the lock ([`crate::leader`]).
+//! A relay streams only while this session is open and holds the lock ([`crate::postgres::leader`]).
 //! [`Session::interrupted`] resolves when the session closes (the lock went with it) or the
 //! server says it is shutting down; every step of the stream loop that may wait (on a broker, on
 //! Postgres) runs against it, so losing the lock stops streaming within [`LOCK_CHECK`].
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use crate::db::{self, ShutdownWatch};
+use crate::postgres::{self, ShutdownWatch};
 
 /// How often the session is checked for having closed.
 pub const LOCK_CHECK: Duration = Duration::from_millis(250);
@@ -74,6 +74,6 @@ impl Session {
 
 /// Opens a session; `Err` carries the driver error for the policy to judge.
 pub async fn open(pg: &tokio_postgres::Config) -> Result<Session, tokio_postgres::Error> {
-    let (db, stopping) = db::connect_watched(pg).await?;
+    let (db, stopping) = postgres::connect_watched(pg).await?;
     Ok(Session::new(db, stopping))
 }

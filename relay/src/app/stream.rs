@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use super::RunError;
 use super::session::{Interrupt, Session};
 use crate::config::Config;
+use crate::dead_letter::redrive;
 use crate::pipeline::{Pipeline, PipelineError};
-use crate::redrive;
 use crate::replication::ReplicationError;
 use crate::replication::driver::StreamDriver;
 use crate::replication::pgoutput::PgOutput;
@@ -138,8 +138,8 @@ async fn read_until_stopped<S: Sink>(
             i = session.interrupted() => {
                 return Err(interrupt_error(i).unwrap_or(RunError::LockLost));
             }
-            p = pipeline.next_progress() => {
-                step!(guarded(pipeline.on_progress(p), session, shutdown).await);
+            p = pipeline.next_completion() => {
+                step!(guarded(pipeline.on_completion(p), session, shutdown).await);
             }
             _ = tokio::time::sleep_until(commit_due.unwrap_or_else(Instant::now)), if commit_due.is_some() => {
                 step!(guarded(pipeline.commit_kafka_transaction(), session, shutdown).await);

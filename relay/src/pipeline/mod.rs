@@ -8,13 +8,11 @@
 //!
 //! Poison rows — rows that cannot become a message, or that the broker rejects for good after
 //! `dead_letter.max_attempts` sends — follow `dead_letter.policy`: `dlq` publishes a dead-letter
-//! record in the row's place (the row is then marked failed by the progress stage, and the
+//! record in the row's place (the row is then marked failed by the marking stage, and the
 //! pipeline goes on); `block_key` marks the row failed and parks later rows of its aggregate in
 //! the table until it goes through ([`blocking`]); `halt` stops with an error naming the row,
 //! before the slot passes it.
 
-pub mod blocking;
-pub mod position;
 pub mod routing;
 pub mod watermark;
 
@@ -24,20 +22,21 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use backon::BackoffBuilder;
-use bytes::Bytes;
 
 use crate::config::{Config, DeliveryMode, PoisonPolicy};
+use crate::dead_letter::blocking::{Aggregate, Blocked};
+use crate::dead_letter::record;
+use crate::exactly_once::position::SourcePosition;
+use crate::exactly_once::{ExactlyOnce, OpenBatch};
 use crate::replication::Lsn;
 use crate::replication::pgoutput::PgOutput;
 use crate::sink::{AckToken, Delivery, FailureNote, Sink, SinkError};
-use blocking::{Aggregate, Blocked};
-use position::SourcePosition;
 use routing::{ColumnMap, OutboxMessage, RawRow, Router, TopicTemplate};
 use watermark::{TxSeq, Watermark};
 
-/// Completions coming back from the progress stage (acknowledged and, if configured, marked).
+/// Completions coming back from the marking stage (acknowledged and, if configured, marked).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Progress {
+pub enum Completion {
     /// `(transaction, number of its messages)` now completed.
     Completed(Vec<(TxSeq, u64)>),
     /// The broker rejected this message for good; `message` is what was sent.
@@ -78,8 +77,8 @@ pub enum PipelineError {
     Schema(String),
     #[error("protocol order violated: {0}")]
     Order(String),
-    #[error("the progress stage stopped")]
-    ProgressClosed,
+    #[error("the marking stage stopped")]
+    MarkingStopped,
     #[error("Postgres is shutting down ({0}); releasing the replication connection so it can stop")]
     PostgresStopping(String),
     #[error(
@@ -97,7 +96,7 @@ pub enum PipelineError {
     Fenced(String),
 }
 
-/// Prometheus handles of the pipeline's metrics, taken once (see `crate::metrics`).
+/// Prometheus handles of the pipeline's metrics, taken once (see `crate::ops::metrics`).
 struct Meters {
     rows_read: metrics::Counter,
     published: metrics::Counter,
@@ -108,7 +107,7 @@ struct Meters {
 
 impl Meters {
     fn new() -> Meters {
-        use crate::metrics::*;
+        use crate::ops::metrics::*;
         Meters {
             rows_read: metrics::counter!(ROWS_READ),
             published: metrics::counter!(MESSAGES_PUBLISHED),
@@ -135,32 +134,6 @@ pub struct Counters {
     pub kafka_transactions: u64,
 }
 
-/// The Kafka transaction being filled (exactly-once).
-#[derive(Debug, Clone, Copy)]
-struct OpenBatch {
-    opened: tokio::time::Instant,
-    messages: usize,
-}
-
-/// Exactly-once state: which position the open Kafka transaction will commit, and which rows
-/// committed transactions already hold.
-#[derive(Debug, Default)]
-struct ExactlyOnce {
-    batch: Option<OpenBatch>,
-    /// Rows committed Kafka transactions hold: not sent again, only marked.
-    covered: SourcePosition,
-    /// The last position committed to Kafka by this pipeline (or `covered`, before any).
-    committed: SourcePosition,
-    /// End of the last Postgres transaction whose rows were all handed to the sink.
-    handed_end: Lsn,
-    /// The open Postgres transaction's commit LSN, its outbox rows read so far, and how many of
-    /// them were handled (handed to the sink, dead-lettered or found covered): the position a
-    /// commit records, so a row the relay stopped on is never counted as sent.
-    open_final_lsn: Lsn,
-    open_rows: u64,
-    handled_rows: u64,
-}
-
 /// The source transaction of a row read from the WAL.
 #[derive(Debug, Clone, Copy)]
 struct TxOrigin {
@@ -180,8 +153,8 @@ pub struct Pipeline<S: Sink> {
     /// The open transaction's id and commit time (from its Begin message).
     open_origin: Option<TxOrigin>,
     in_flight: usize,
-    progress: mpsc::UnboundedReceiver<Progress>,
-    /// The progress stage's input, for rows parked under `block_key` (marked, never sent).
+    completions: mpsc::UnboundedReceiver<Completion>,
+    /// The marking stage's input, for rows parked under `block_key` (marked, never sent).
     parked: mpsc::UnboundedSender<Delivery>,
     blocked: Blocked,
     /// `Some` with `delivery = "exactly_once"`.
@@ -189,17 +162,17 @@ pub struct Pipeline<S: Sink> {
     pub counters: Counters,
     meters: Meters,
     /// Readiness: in-flight count and completions, for the stall check.
-    health: Option<std::sync::Arc<crate::health::Health>>,
+    health: Option<std::sync::Arc<crate::ops::health::Health>>,
 }
 
 impl<S: Sink> Pipeline<S> {
     /// `deliveries` is the channel the sink reports on (parked rows are reported there too);
-    /// `progress` brings back what the progress stage completed.
+    /// `completions` brings back what the marking stage completed.
     pub fn new(
         config: &Config,
         sink: S,
         deliveries: mpsc::UnboundedSender<Delivery>,
-        progress: mpsc::UnboundedReceiver<Progress>,
+        completions: mpsc::UnboundedReceiver<Completion>,
     ) -> Self {
         let template = TopicTemplate::parse(&config.kafka.topic_template).unwrap_or_else(|_| {
             TopicTemplate::parse("outbox.event.{aggregatetype}").expect("valid")
@@ -213,7 +186,7 @@ impl<S: Sink> Pipeline<S> {
             open_tx: None,
             open_origin: None,
             in_flight: 0,
-            progress,
+            completions,
             parked: deliveries,
             blocked: Blocked::new(Duration::from_millis(
                 config.dead_letter.block_retry_interval_ms,
@@ -226,7 +199,7 @@ impl<S: Sink> Pipeline<S> {
     }
 
     /// Reports in-flight messages and completions to `health` (the stall check of `/readyz`).
-    pub fn set_health(&mut self, health: std::sync::Arc<crate::health::Health>) {
+    pub fn set_health(&mut self, health: std::sync::Arc<crate::ops::health::Health>) {
         self.health = Some(health);
     }
 
@@ -391,7 +364,7 @@ impl<S: Sink> Pipeline<S> {
         if !self.blocked.is_empty() {
             let aggregate = Aggregate::of_row(&raw);
             if let Some(blocker) = self.blocked.blocker(&aggregate)
-                && let Some(id) = row_uuid(&raw)
+                && let Some(id) = raw.uuid()
             {
                 let note = FailureNote {
                     error: format!(
@@ -407,7 +380,7 @@ impl<S: Sink> Pipeline<S> {
         self.send_row(seq, raw, origin).await
     }
 
-    /// Publishes a parked row of a blocked aggregate again (see `crate::redrive`).
+    /// Publishes a parked row of a blocked aggregate again (see `crate::dead_letter::redrive`).
     pub async fn redrive_row(&mut self, seq: TxSeq, raw: RawRow) -> Result<(), PipelineError> {
         self.send_row(seq, raw, None).await
     }
@@ -421,7 +394,7 @@ impl<S: Sink> Pipeline<S> {
         let msg = match self.router.route(&raw) {
             Ok(msg) => msg,
             Err(e) => {
-                let record = self.dead_letter_record_for_row(&raw, &e.problem);
+                let record = record::for_row(&self.config, &self.router, &raw, &e.problem);
                 return self.poison(seq, e.id, record, e.problem, 0, false).await;
             }
         };
@@ -459,7 +432,7 @@ impl<S: Sink> Pipeline<S> {
                 }
                 Err(e) => {
                     let error = e.to_string();
-                    let record = self.dead_letter_record(&msg, &error, attempt);
+                    let record = record::for_message(&self.config, &msg, &error, attempt);
                     let id = msg.id.to_string();
                     return self
                         .poison(seq, id, Some(record), error, attempt, false)
@@ -495,13 +468,13 @@ impl<S: Sink> Pipeline<S> {
     /// not sent, only marked delivered (the relay may have stopped before marking it).
     fn mark_covered(&mut self, seq: TxSeq, raw: &RawRow) {
         self.counters.covered += 1;
-        let Some(id) = row_uuid(raw) else {
+        let Some(id) = raw.uuid() else {
             return; // a row without a usable id never made it into a transaction
         };
         let mut token = AckToken::new(seq, id);
         token.xid = self.open_origin.map(|o| o.xid);
         self.track(seq);
-        // The progress stage outlives the pipeline; a closed channel surfaces as ProgressClosed.
+        // The marking stage outlives the pipeline; a closed channel surfaces as MarkingStopped.
         let _ = self.parked.send(Delivery::Acked(token));
     }
 
@@ -575,7 +548,7 @@ impl<S: Sink> Pipeline<S> {
             self.track(seq);
         }
         self.counters.parked += 1;
-        // The progress stage outlives the pipeline; a closed channel surfaces as ProgressClosed.
+        // The marking stage outlives the pipeline; a closed channel surfaces as MarkingStopped.
         let _ = self.parked.send(Delivery::Acked(token));
     }
 
@@ -685,80 +658,6 @@ impl<S: Sink> Pipeline<S> {
         Ok(())
     }
 
-    /// The dead-letter record of a message the broker rejected.
-    fn dead_letter_record(&self, msg: &OutboxMessage, error: &str, attempts: u32) -> OutboxMessage {
-        let mut headers: Vec<(String, Bytes)> = msg
-            .headers
-            .iter()
-            .filter(|(k, _)| !k.starts_with("dlq."))
-            .cloned()
-            .collect();
-        headers.push(("dlq.original_topic".into(), Bytes::from(msg.topic.clone())));
-        self.finish_dead_letter(
-            msg.id,
-            msg.key.clone(),
-            msg.payload.clone(),
-            headers,
-            error,
-            attempts,
-        )
-    }
-
-    /// The dead-letter record of a row that could not become a message; `None` without an id.
-    fn dead_letter_record_for_row(&self, raw: &RawRow, error: &str) -> Option<OutboxMessage> {
-        let id = row_uuid(raw)?;
-        let mut headers = vec![("id".to_owned(), Bytes::from(id.to_string()))];
-        for (name, value) in [
-            ("type", &raw.event_type),
-            ("aggregatetype", &raw.aggregatetype),
-        ] {
-            if let Some(v) = value {
-                headers.push((name.to_owned(), v.clone()));
-            }
-        }
-        if let Some(t) = self.router.intended_topic(raw) {
-            headers.push(("dlq.original_topic".into(), Bytes::from(t)));
-        }
-        if let Some(h) = &raw.headers {
-            headers.push(("dlq.original_headers".into(), h.clone()));
-        }
-        let key = raw.aggregateid.clone().unwrap_or_default();
-        Some(self.finish_dead_letter(id, key, raw.payload.clone(), headers, error, 0))
-    }
-
-    fn finish_dead_letter(
-        &self,
-        id: uuid::Uuid,
-        key: Bytes,
-        payload: Option<Bytes>,
-        mut headers: Vec<(String, Bytes)>,
-        error: &str,
-        attempts: u32,
-    ) -> OutboxMessage {
-        headers.push(("dlq.original_key".into(), key.clone()));
-        headers.push(("dlq.error".into(), Bytes::from(error.to_owned())));
-        headers.push(("dlq.attempts".into(), Bytes::from(attempts.to_string())));
-        // A payload that may itself be too large for the broker is left out; its size is kept.
-        let limit = usize::try_from(self.config.kafka.max_message_bytes / 2).unwrap_or(usize::MAX);
-        let payload = match payload {
-            Some(p) if p.len() > limit => {
-                headers.push((
-                    "dlq.payload_omitted_bytes".into(),
-                    Bytes::from(p.len().to_string()),
-                ));
-                None
-            }
-            other => other,
-        };
-        OutboxMessage {
-            id,
-            topic: self.config.dead_letter.topic.clone(),
-            key,
-            payload,
-            headers,
-        }
-    }
-
     /// Opens a pseudo-transaction (for the first-start snapshot and redrives).
     pub fn begin_batch(&mut self) -> TxSeq {
         self.watermark.begin()
@@ -770,14 +669,14 @@ impl<S: Sink> Pipeline<S> {
     }
 
     /// Next completion report; cancel-safe.
-    pub async fn next_progress(&mut self) -> Option<Progress> {
-        self.progress.recv().await
+    pub async fn next_completion(&mut self) -> Option<Completion> {
+        self.completions.recv().await
     }
 
-    pub async fn on_progress(&mut self, p: Option<Progress>) -> Result<(), PipelineError> {
+    pub async fn on_completion(&mut self, p: Option<Completion>) -> Result<(), PipelineError> {
         match p {
-            None => Err(PipelineError::ProgressClosed),
-            Some(Progress::Completed(done)) => {
+            None => Err(PipelineError::MarkingStopped),
+            Some(Completion::Completed(done)) => {
                 for (seq, n) in done {
                     self.watermark.complete(seq, n);
                     self.in_flight = self.in_flight.saturating_sub(n as usize);
@@ -789,7 +688,7 @@ impl<S: Sink> Pipeline<S> {
                 }
                 Ok(())
             }
-            Some(Progress::Failed {
+            Some(Completion::Failed {
                 token,
                 error,
                 message,
@@ -806,7 +705,7 @@ impl<S: Sink> Pipeline<S> {
                         },
                     });
                 }
-                let record = self.dead_letter_record(&message, &error, token.attempt);
+                let record = record::for_message(&self.config, &message, &error, token.attempt);
                 self.poison(
                     token.tx_seq,
                     token.id.to_string(),
@@ -817,8 +716,8 @@ impl<S: Sink> Pipeline<S> {
                 )
                 .await
             }
-            Some(Progress::PostgresStopping(why)) => Err(PipelineError::PostgresStopping(why)),
-            Some(Progress::SinkBroken(why)) => Err(match self.sink.fenced() {
+            Some(Completion::PostgresStopping(why)) => Err(PipelineError::PostgresStopping(why)),
+            Some(Completion::SinkBroken(why)) => Err(match self.sink.fenced() {
                 Some(fenced) => PipelineError::Fenced(fenced),
                 None => PipelineError::SinkBroken(why),
             }),
@@ -831,8 +730,8 @@ impl<S: Sink> Pipeline<S> {
             self.commit_kafka_transaction().await?;
         }
         while !self.has_capacity() {
-            let p = self.next_progress().await;
-            self.on_progress(p).await?;
+            let p = self.next_completion().await;
+            self.on_completion(p).await?;
         }
         Ok(())
     }
@@ -843,8 +742,8 @@ impl<S: Sink> Pipeline<S> {
         self.commit_kafka_transaction().await?;
         let deadline = tokio::time::Instant::now() + timeout;
         while self.in_flight > 0 {
-            match tokio::time::timeout_at(deadline, self.next_progress()).await {
-                Ok(p) => self.on_progress(p).await?,
+            match tokio::time::timeout_at(deadline, self.next_completion()).await {
+                Ok(p) => self.on_completion(p).await?,
                 Err(_) => break,
             }
         }
@@ -856,19 +755,12 @@ impl<S: Sink> Pipeline<S> {
     }
 }
 
-/// The row's id as a UUID, if it has a usable one.
-fn row_uuid(raw: &RawRow) -> Option<uuid::Uuid> {
-    raw.id
-        .as_ref()
-        .and_then(|b| std::str::from_utf8(b).ok())
-        .and_then(|s| uuid::Uuid::parse_str(s).ok())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::pipeline::routing::OutboxMessage;
     use crate::replication::pgoutput::encode;
+    use bytes::Bytes;
 
     /// A sink that records what it is handed; completions are driven by the test. Messages for
     /// `refuse_topic` are refused, as a broker refuses a message it will never accept.
@@ -951,12 +843,12 @@ mod tests {
         assert_ne!(seq_a, seq_b);
 
         // The second transaction completes first: the watermark waits for the first.
-        tx.send(Progress::Completed(vec![(seq_b, 1)])).unwrap();
-        let next = p.next_progress().await;
-        p.on_progress(next).await.unwrap();
+        tx.send(Completion::Completed(vec![(seq_b, 1)])).unwrap();
+        let next = p.next_completion().await;
+        p.on_completion(next).await.unwrap();
         assert_eq!(p.flushable(), Lsn(10));
         assert!(p.has_capacity());
-        tx.send(Progress::Completed(vec![(seq_a, 2)])).unwrap();
+        tx.send(Completion::Completed(vec![(seq_a, 2)])).unwrap();
         assert_eq!(p.drain(Duration::from_secs(1)).await.unwrap(), 0);
         assert_eq!(p.flushable(), Lsn(210));
         assert_eq!(p.sink.sent[0].0.topic, "outbox.event.order");
@@ -1121,14 +1013,14 @@ mod tests {
         feed(&mut p, encode::commit(10, 20)).await;
         let (msg, mut token) = p.sink.sent[0].clone();
         token.attempt = 3;
-        tx.send(Progress::Failed {
+        tx.send(Completion::Failed {
             token,
             error: "Broker: Invalid topic".into(),
             message: Box::new(msg),
         })
         .unwrap();
-        let next = p.next_progress().await;
-        p.on_progress(next).await.unwrap();
+        let next = p.next_completion().await;
+        p.on_completion(next).await.unwrap();
         assert_eq!(
             p.in_flight(),
             1,
@@ -1141,7 +1033,7 @@ mod tests {
             Some(&b"outbox.event.order"[..])
         );
         let seq = token.tx_seq;
-        tx.send(Progress::Completed(vec![(seq, 1)])).unwrap();
+        tx.send(Completion::Completed(vec![(seq, 1)])).unwrap();
         assert_eq!(p.drain(Duration::from_secs(1)).await.unwrap(), 0);
         assert_eq!(p.flushable(), Lsn(20));
     }
@@ -1160,14 +1052,14 @@ mod tests {
         feed(&mut p, insert(1, 3)).await;
         let (msg, token) = p.sink.sent[0].clone();
         let id = msg.id.to_string();
-        tx.send(Progress::Failed {
+        tx.send(Completion::Failed {
             token,
             error: "too large".into(),
             message: Box::new(msg),
         })
         .unwrap();
-        let next = p.next_progress().await;
-        let err = p.on_progress(next).await.unwrap_err().to_string();
+        let next = p.next_completion().await;
+        let err = p.on_completion(next).await.unwrap_err().to_string();
         assert!(
             err.contains("too large")
                 && err.contains(&id)

@@ -24,6 +24,16 @@ pub struct RawRow {
     pub topic: Option<Bytes>,
 }
 
+impl RawRow {
+    /// The row's id as a UUID, if it has a usable one.
+    pub fn uuid(&self) -> Option<uuid::Uuid> {
+        self.id
+            .as_ref()
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|s| uuid::Uuid::parse_str(s).ok())
+    }
+}
+
 /// A message ready for a sink.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxMessage {

@@ -22,6 +22,7 @@ use tokio_postgres::config::{Host, SslMode};
 use super::lsn::Lsn;
 use super::protocol::{ServerMessage, StandbyStatusUpdate};
 use super::wire::DecodeError;
+use crate::postgres::quote::{quote_ident, quote_literal};
 
 /// Anything that went wrong on the replication connection.
 #[derive(Debug, thiserror::Error)]
@@ -710,16 +711,6 @@ fn message_name(m: &Message) -> &'static str {
     }
 }
 
-/// Quotes an SQL identifier: `my"slot` → `"my""slot"`.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Quotes an SQL string literal: `it's` → `'it''s'`.
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -730,12 +721,5 @@ mod tests {
         assert_eq!(frame_len(b"d\0\0\0\x08abcd").unwrap(), Some(9));
         assert!(frame_len(b"d\0\0\0\x02").is_err());
         assert!(frame_len(b"d\xff\xff\xff\xff").is_err());
-    }
-
-    #[test]
-    fn quoting() {
-        assert_eq!(quote_ident("outbox"), "\"outbox\"");
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(quote_literal("it's"), "'it''s'");
     }
 }

@@ -11,7 +11,7 @@
 //! or reordering) is not any message's fault: it is reported once as `Broken`, and the relay
 //! replaces the producer.
 //!
-//! With `delivery = "exactly_once"` the producer is transactional (see [`super::transactions`]):
+//! With `delivery = "exactly_once"` the producer is transactional (see [`crate::exactly_once::transactions`]):
 //! messages go into a Kafka transaction that [`Sink::commit`] closes with the progress record;
 //! their delivery reports are held until the commit succeeds and only then passed on. Nothing is
 //! retried inside a transaction: any failure aborts it, and the relay re-reads it from the slot.
@@ -30,10 +30,10 @@ use rdkafka::message::{DeliveryResult, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use tokio::sync::mpsc;
 
-use super::transactions::{self, PROGRESS_RECORD};
 use super::{AckToken, Delivery, Sink, SinkError};
 use crate::config::{Config, DeliveryMode, KafkaConfig, RetryConfig};
-use crate::pipeline::position::SourcePosition;
+use crate::exactly_once::position::SourcePosition;
+use crate::exactly_once::transactions::{self, PROGRESS_RECORD};
 use crate::pipeline::routing::OutboxMessage;
 use crate::retry::backoff;
 
@@ -104,7 +104,7 @@ pub struct RelayContext {
     /// Set once the producer failed fatally and `Broken` was reported.
     broken: Arc<AtomicBool>,
     /// Metric handles, looked up once rather than per message.
-    metrics: crate::metrics::AckMetrics,
+    metrics: crate::ops::metrics::AckMetrics,
     /// Exactly-once: every delivery report goes here, to be held until the transaction commits.
     transactional: Option<mpsc::UnboundedSender<Delivery>>,
 }
@@ -238,7 +238,8 @@ impl ProducerContext for RelayContext {
                 let permanent = error_code(err).is_some_and(is_permanent);
                 if !permanent || token.attempt < self.max_attempts {
                     self.retry_pending.fetch_add(1, Ordering::SeqCst);
-                    metrics::counter!(crate::metrics::RETRIES, "stage" => "broker").increment(1);
+                    metrics::counter!(crate::ops::metrics::RETRIES, "stage" => "broker")
+                        .increment(1);
                     let item = RetryItem {
                         code: error_code(err),
                         topic: msg.topic().to_owned(),
@@ -323,7 +324,7 @@ struct Transactions {
     /// Delivery reports of the open transaction, held until it commits.
     reports: mpsc::UnboundedReceiver<Delivery>,
     /// Acknowledgement metrics, recorded when a commit makes messages visible.
-    metrics: crate::metrics::AckMetrics,
+    metrics: crate::ops::metrics::AckMetrics,
 }
 
 impl KafkaSink {
@@ -344,7 +345,7 @@ impl KafkaSink {
             retry_pending: retry_pending.clone(),
             max_attempts: config.dead_letter.max_attempts,
             broken: broken.clone(),
-            metrics: crate::metrics::AckMetrics::new(),
+            metrics: crate::ops::metrics::AckMetrics::new(),
             transactional: exactly_once.then_some(reports_tx),
         };
         let mut client_config = producer_config(cfg, config.pipeline.max_in_flight);
@@ -359,7 +360,7 @@ impl KafkaSink {
             open: false,
             sent: 0,
             reports: reports_rx,
-            metrics: crate::metrics::AckMetrics::new(),
+            metrics: crate::ops::metrics::AckMetrics::new(),
         });
         let producer: RelayProducer = client_config.create_with_context(ctx)?;
         let producer = Arc::new(producer);

@@ -26,14 +26,13 @@
 
 pub mod kafka;
 pub mod rocketmq;
-pub mod transactions;
 
 use std::future::Future;
 use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::pipeline::position::SourcePosition;
+use crate::exactly_once::position::SourcePosition;
 use crate::pipeline::routing::OutboxMessage;
 use crate::pipeline::watermark::TxSeq;
 
@@ -46,7 +45,7 @@ pub struct AckToken {
     pub id: Uuid,
     /// Send attempts so far (1 on the first send).
     pub attempt: u32,
-    /// The inserting transaction's id, for rows read from the WAL (the progress stage asks
+    /// The inserting transaction's id, for rows read from the WAL (the marking stage asks
     /// Postgres whether it is still in progress when the row is not visible yet).
     pub xid: Option<u32>,
     /// The inserting transaction's commit time (microseconds since 2000-01-01 UTC, Postgres'

@@ -4,7 +4,7 @@
 //! 1. `publish` sends the row as a **half message** (stored, invisible) with the properties
 //!    `KEYS` = the outbox id and `OUTBOX_TX_KEY` = `<outbox id>:<unique message id>`, and reports
 //!    it `Acked` once the broker stored it (SEND_OK), with a [`HalfRef`] in the token.
-//! 2. The progress stage marks the row delivered in a Postgres transaction that also runs
+//! 2. The marking stage marks the row delivered in a Postgres transaction that also runs
 //!    `outbox_tx_begin(OUTBOX_TX_KEY)` (the oracle, `sql/003_transactions.sql`): the mark and the
 //!    key's `commit` are one atomic fact.
 //! 3. It then hands the half message to the [`Settler`], which sends END_TRANSACTION commit (or
@@ -82,7 +82,7 @@ struct Shared {
     routes: Mutex<HashMap<String, (Route, Instant)>>,
     own: OwnHalves,
     generation: u64,
-    ack_metrics: crate::metrics::AckMetrics,
+    ack_metrics: crate::ops::metrics::AckMetrics,
 }
 
 /// A message ready to be sent as a half message (any number of times).
@@ -377,7 +377,7 @@ impl Settler {
                 Resolution::Unknown => "unknown",
             };
             let result = if outcome.is_ok() { "ok" } else { "error" };
-            metrics::counter!(crate::metrics::ROCKETMQ_END_TRANSACTIONS, "resolution" => label, "result" => result)
+            metrics::counter!(crate::ops::metrics::ROCKETMQ_END_TRANSACTIONS, "resolution" => label, "result" => result)
                 .increment(1);
             if let Err(e) = outcome {
                 tracing::warn!(key = %h.key, resolution = label, error = %e,
@@ -414,14 +414,14 @@ impl RocketMqSink {
                 routes: Mutex::new(HashMap::new()),
                 own,
                 generation,
-                ack_metrics: crate::metrics::AckMetrics::new(),
+                ack_metrics: crate::ops::metrics::AckMetrics::new(),
             }),
             deliveries,
             sends: JoinSet::new(),
         }
     }
 
-    /// The settler the progress stage commits marked rows' messages with.
+    /// The settler the marking stage commits marked rows' messages with.
     pub fn settler(&self) -> Settler {
         Settler {
             shared: self.shared.clone(),
@@ -480,7 +480,7 @@ async fn finish_send(
             }
         }
         token.attempt += 1;
-        metrics::counter!(crate::metrics::RETRIES, "stage" => "broker").increment(1);
+        metrics::counter!(crate::ops::metrics::RETRIES, "stage" => "broker").increment(1);
         tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(30))).await;
         outcome = match shared.start_send(&prepared).await {
             Ok(answer) => answer.await,

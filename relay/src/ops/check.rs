@@ -11,8 +11,9 @@ use std::time::Duration;
 use rdkafka::producer::{BaseProducer, Producer};
 
 use crate::config::{Config, redact_url};
+use crate::postgres::{self as db, schema};
 use crate::replication::ReplicationClient;
-use crate::{db, slot};
+use crate::source as slot;
 
 /// One line of the report.
 #[derive(Debug, Clone)]
@@ -148,7 +149,7 @@ async fn postgres_checks(c: &tokio_postgres::Client, config: &Config) -> Vec<Che
         }
         Err(e) => out.push(fail("slots and senders", db::describe(&e))),
     }
-    out.push(match slot::preflight(c, config).await {
+    out.push(match schema::preflight(c, config).await {
         Ok(()) => pass(
             "outbox table and publication",
             format!(
@@ -159,7 +160,7 @@ async fn postgres_checks(c: &tokio_postgres::Client, config: &Config) -> Vec<Che
         ),
         Err(e) => fail("outbox table and publication", e.to_string()),
     });
-    out.push(match slot::marking_preflight(c, config).await {
+    out.push(match schema::marking_preflight(c, config).await {
         Ok(()) => pass(
             "marking columns and grant",
             format!(

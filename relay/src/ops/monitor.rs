@@ -11,11 +11,11 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::db;
-use crate::metrics::{
+use crate::ops::metrics::{
     OLDEST_UNDELIVERED, REPLICATION_LAG, RETAINED_WAL, RETAINED_WAL_WARNING, SAFE_WAL_SIZE,
 };
-use crate::replication::client::quote_ident;
+use crate::postgres;
+use crate::postgres::quote::quote_ident;
 
 /// How often the warning is repeated while the retained WAL stays above the threshold.
 const WARN_EVERY: Duration = Duration::from_secs(300);
@@ -46,7 +46,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) {
     let mut oldest_failing = false;
     loop {
         if client.as_ref().is_none_or(Client::is_closed) {
-            client = db::connect(&pg).await.ok();
+            client = postgres::connect(&pg).await.ok();
             if let Some(c) = &client {
                 // A poll must never become a long-running query on a big outbox.
                 let _ = c.batch_execute("SET statement_timeout = '5s'").await;
@@ -68,7 +68,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) {
                     metrics::gauge!(RETAINED_WAL).set(0.0);
                 }
                 Err(e) => {
-                    tracing::debug!(error = %db::describe(&e), "cannot read the slot's position")
+                    tracing::debug!(error = %postgres::describe(&e), "cannot read the slot's position")
                 }
             }
             match c.query_one(&oldest_sql, &[]).await {
@@ -78,7 +78,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) {
                 }
                 Err(e) if !oldest_failing => {
                     oldest_failing = true;
-                    tracing::warn!(error = %db::describe(&e), "cannot read the age of the oldest undelivered row (the outbox needs a created_at column)");
+                    tracing::warn!(error = %postgres::describe(&e), "cannot read the age of the oldest undelivered row (the outbox needs a created_at column)");
                 }
                 Err(_) => {}
             }

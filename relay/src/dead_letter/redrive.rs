@@ -11,18 +11,18 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio_postgres::Client;
 
+use bytes::Bytes;
+
 use crate::config::{Config, PoisonPolicy};
-use crate::pipeline::blocking::Aggregate;
+use crate::dead_letter::blocking::Aggregate;
 use crate::pipeline::routing::RawRow;
 use crate::pipeline::{Pipeline, PipelineError};
-use crate::replication::client::quote_ident;
+use crate::postgres::quote::quote_ident;
 use crate::sink::Sink;
+use crate::source::rows::parked_rows;
 
-/// Parked rows taken per aggregate and try; a longer backlog continues on the next turn.
-const ROWS_PER_TRY: i64 = 1000;
 /// How long a redrive waits for the broker before leaving the rest for the next turn.
 const CONFIRM_WAIT: Duration = Duration::from_secs(5);
 
@@ -93,7 +93,7 @@ pub async fn redrive_due<S: Sink>(
         let rows = match parked_rows(db, config, &aggregate).await {
             Ok(rows) => rows,
             Err(e) => {
-                tracing::warn!(%aggregate, error = %crate::db::describe(&e), "cannot read the held-back rows; trying later");
+                tracing::warn!(%aggregate, error = %crate::postgres::describe(&e), "cannot read the held-back rows; trying later");
                 let now = tokio::time::Instant::now();
                 pipeline.blocked_mut().tried(&aggregate, now, false);
                 continue;
@@ -159,69 +159,9 @@ async fn redrive_aggregate<S: Sink>(
             return Ok(Outcome::StillFailing);
         }
     }
-    if total as i64 >= ROWS_PER_TRY {
+    if total as i64 >= crate::source::rows::PARKED_PER_TRY {
         Ok(Outcome::MoreLeft(total))
     } else {
         Ok(Outcome::Unblocked(total))
     }
-}
-
-/// The aggregate's parked rows, oldest first.
-async fn parked_rows(
-    db: &Client,
-    config: &Config,
-    aggregate: &Aggregate,
-) -> Result<Vec<RawRow>, tokio_postgres::Error> {
-    let c = &config.outbox.columns;
-    let present: Vec<String> = db
-        .query(
-            "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass \
-             AND attnum > 0 AND NOT attisdropped",
-            &[&config.outbox_table_sql()],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let optional = |column: &str| {
-        if present.iter().any(|p| p == column) {
-            format!("{}::text", quote_ident(column))
-        } else {
-            "NULL::text".to_owned()
-        }
-    };
-    let sql = format!(
-        "SELECT {id}::text, {at}::text, {aid}::text, {ty}::text, {payload}::text, {headers}, {topic} \
-         FROM {table} WHERE {at}::text = $1 AND {aid}::text = $2 AND {failed} IS NOT NULL \
-         AND {delivered} IS NULL ORDER BY {seq} LIMIT {ROWS_PER_TRY}",
-        id = quote_ident(&c.id),
-        at = quote_ident(&c.aggregatetype),
-        aid = quote_ident(&c.aggregateid),
-        ty = quote_ident(&c.event_type),
-        payload = quote_ident(&c.payload),
-        headers = optional(&c.headers),
-        topic = optional(&c.topic),
-        table = config.outbox_table_sql(),
-        failed = quote_ident(&c.failed_at),
-        delivered = quote_ident(&c.delivered_at),
-        seq = quote_ident(&c.seq),
-    );
-    let at = String::from_utf8_lossy(&aggregate.aggregatetype).into_owned();
-    let aid = String::from_utf8_lossy(&aggregate.aggregateid).into_owned();
-    let rows = db.query(&sql, &[&at, &aid]).await?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            let text = |i: usize| r.get::<_, Option<String>>(i).map(Bytes::from);
-            RawRow {
-                id: text(0),
-                aggregatetype: text(1),
-                aggregateid: text(2),
-                event_type: text(3),
-                payload: text(4),
-                headers: text(5),
-                topic: text(6),
-            }
-        })
-        .collect())
 }

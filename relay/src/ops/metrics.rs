@@ -22,7 +22,7 @@ pub const RETRIES: &str = "outbox_relay_retries_total";
 pub const DEAD_LETTERED: &str = "outbox_relay_dead_lettered_total";
 /// Counter: rows marked in the outbox, by `state` (`delivered`, `failed`); its rate is marks/s.
 pub const ROWS_MARKED: &str = "outbox_relay_rows_marked_total";
-/// Histogram: rows per marking statement (the progress stage's batch size).
+/// Histogram: rows per marking statement (the marking stage's batch size).
 pub const MARK_BATCH_ROWS: &str = "outbox_relay_mark_batch_rows";
 /// Histogram: seconds from the source transaction's commit (Postgres' clock) to the broker's
 /// acknowledgement of the row's message (the relay's clock). Rows read from the WAL only.

@@ -13,9 +13,9 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::db;
-use crate::metrics::ROWS_DELETED;
-use crate::replication::client::quote_ident;
+use crate::ops::metrics::ROWS_DELETED;
+use crate::postgres;
+use crate::postgres::quote::quote_ident;
 
 /// The DELETE of one batch: `$1` retention in seconds, `$2` batch size.
 pub fn delete_sql(config: &Config) -> String {
@@ -77,7 +77,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) {
             _ = tokio::time::sleep(every) => {}
         }
         if client.as_ref().is_none_or(Client::is_closed) {
-            client = db::connect(&pg).await.ok();
+            client = postgres::connect(&pg).await.ok();
         }
         let Some(c) = &client else { continue };
         let started = Instant::now();
@@ -94,7 +94,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) {
             }
             Err(e) => {
                 if !failing {
-                    tracing::warn!(error = %db::describe(&e), "cannot delete delivered rows past their retention; retrying every retention.interval_ms");
+                    tracing::warn!(error = %postgres::describe(&e), "cannot delete delivered rows past their retention; retrying every retention.interval_ms");
                     failing = true;
                 }
             }

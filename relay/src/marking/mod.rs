@@ -1,4 +1,4 @@
-//! The progress stage: broker acknowledgements in, rows marked, completions out.
+//! The marking stage: broker acknowledgements in, rows marked, completions out.
 //!
 //! Acks are gathered into batches and marked with one `UPDATE ... WHERE id = ANY($1)` on an
 //! ordinary connection. A batch is every ack that arrived while the previous UPDATE ran (up to
@@ -28,12 +28,12 @@ use tokio_postgres::Client;
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::db;
 use crate::error::needs_operator;
-use crate::health::Health;
-use crate::pipeline::Progress;
+use crate::ops::health::Health;
+use crate::pipeline::Completion;
 use crate::pipeline::watermark::TxSeq;
-use crate::replication::client::quote_ident;
+use crate::postgres;
+use crate::postgres::quote::quote_ident;
 use crate::rocketmq::client::Resolution;
 use crate::sink::rocketmq::{HalfRef, Settler};
 use crate::sink::{Delivery, FailureNote};
@@ -44,12 +44,12 @@ async fn connected<'a>(
     pg: &tokio_postgres::Config,
 ) -> Result<&'a Client, tokio_postgres::Error> {
     if slot.as_ref().is_none_or(Client::is_closed) {
-        *slot = Some(db::connect(pg).await?);
+        *slot = Some(postgres::connect(pg).await?);
     }
     Ok(slot.as_ref().expect("connected just above"))
 }
 
-/// One write the progress stage makes.
+/// One write the marking stage makes.
 #[derive(Clone, Copy)]
 enum Mark<'a> {
     Delivered,
@@ -201,7 +201,7 @@ impl Marker {
         rows: &[(Uuid, Option<u32>)],
         halves: &HashMap<Uuid, Box<HalfRef>>,
         config: &Config,
-        completions: &mpsc::UnboundedSender<Progress>,
+        completions: &mpsc::UnboundedSender<Completion>,
         health: &Health,
     ) -> Option<Settled> {
         let mut delays = crate::retry::backoff(&config.retry).build();
@@ -257,7 +257,7 @@ impl Marker {
                                 }
                             }
                             Err(e) => {
-                                tracing::warn!(error = %db::describe(&e), "cannot read transaction status")
+                                tracing::warn!(error = %postgres::describe(&e), "cannot read transaction status")
                             }
                         }
                     }
@@ -301,23 +301,23 @@ impl Marker {
                     // A missing grant or column: nothing is marked (so nothing is confirmed)
                     // until an operator fixes it; readiness says so meanwhile.
                     let wait = delays.next().unwrap_or(Duration::from_secs(30));
-                    let advice = marking_advice(config, &db::describe(&e));
+                    let advice = marking_advice(config, &postgres::describe(&e));
                     tracing::error!(error = %advice, retry_in = ?wait, "cannot mark rows in the outbox; the slot waits and /readyz is 503 until this is fixed");
                     health.set_marking(Some(advice));
                     tokio::time::sleep(wait).await;
                 }
                 Err(e) => {
-                    let stopping = db::is_shutdown(&e);
+                    let stopping = postgres::is_shutdown(&e);
                     if stopping && !told_stopping {
                         told_stopping = true;
-                        let why = db::describe(&e);
-                        if completions.send(Progress::PostgresStopping(why)).is_err() {
+                        let why = postgres::describe(&e);
+                        if completions.send(Completion::PostgresStopping(why)).is_err() {
                             return None;
                         }
                     }
                     let wait = delays.next().unwrap_or(Duration::from_secs(30));
                     tracing::warn!(
-                        error = %db::describe(&e),
+                        error = %postgres::describe(&e),
                         retry_in = ?wait,
                         "marking rows in the outbox failed; retrying (the slot waits)"
                     );
@@ -497,7 +497,7 @@ fn push_completion(done: &mut Vec<(TxSeq, u64)>, seq: TxSeq) {
 struct BatchOutcome {
     marker: Marker,
     done: Vec<(TxSeq, u64)>,
-    rejected: Vec<Progress>,
+    rejected: Vec<Completion>,
     /// False if the pipeline went away while marking.
     ok: bool,
 }
@@ -509,7 +509,7 @@ struct Batch {
     delivered: Vec<(Uuid, Option<u32>)>,
     failed: Vec<(Uuid, Option<u32>, Box<FailureNote>)>,
     done: Vec<(TxSeq, u64)>,
-    rejected: Vec<Progress>,
+    rejected: Vec<Completion>,
     /// RocketMQ sink: the half message of each row.
     halves: HashMap<Uuid, Box<HalfRef>>,
     /// RocketMQ sink: half messages of rows acknowledged twice in this batch (read again after a
@@ -537,13 +537,13 @@ impl Batch {
                 token,
                 error,
                 message,
-            } => self.rejected.push(Progress::Failed {
+            } => self.rejected.push(Completion::Failed {
                 token,
                 error,
                 message,
             }),
             // After the marks of what was acknowledged before it.
-            Delivery::Broken(why) => self.rejected.push(Progress::SinkBroken(why)),
+            Delivery::Broken(why) => self.rejected.push(Completion::SinkBroken(why)),
         }
     }
 
@@ -552,7 +552,7 @@ impl Batch {
         self,
         mut marker: Marker,
         config: Arc<Config>,
-        completions: mpsc::UnboundedSender<Progress>,
+        completions: mpsc::UnboundedSender<Completion>,
         settler: Option<Settler>,
         health: Arc<Health>,
     ) -> BatchOutcome {
@@ -593,9 +593,10 @@ impl Batch {
             );
             if ok {
                 tracing::trace!(rows = delivered.len(), "marked delivered");
-                metrics::counter!(crate::metrics::ROWS_MARKED, "state" => "delivered")
+                metrics::counter!(crate::ops::metrics::ROWS_MARKED, "state" => "delivered")
                     .increment(delivered.len() as u64);
-                metrics::histogram!(crate::metrics::MARK_BATCH_ROWS).record(delivered.len() as f64);
+                metrics::histogram!(crate::ops::metrics::MARK_BATCH_ROWS)
+                    .record(delivered.len() as f64);
             }
         }
         // Rows with the same note (a blocked aggregate's parked rows) share one UPDATE.
@@ -620,7 +621,7 @@ impl Batch {
                     .await,
             );
             if ok {
-                metrics::counter!(crate::metrics::ROWS_MARKED, "state" => "failed")
+                metrics::counter!(crate::ops::metrics::ROWS_MARKED, "state" => "failed")
                     .increment(n as u64);
                 tracing::info!(rows = n, first = %rows[0].0, error = %note.error, attempts = note.attempts, "rows marked failed");
             }
@@ -658,7 +659,7 @@ impl Batch {
                 // report nothing of it and have the relay read everything unconfirmed again
                 // (rows marked meanwhile are recognised as delivered and not sent twice).
                 done.clear();
-                rejected.push(Progress::SinkBroken(format!(
+                rejected.push(Completion::SinkBroken(format!(
                     "a check-back settled the message of row {first} (and {} more) as rolled back \
                      before the relay marked it: another relay of producer group {} answered it, \
                      or marking took longer than the broker's transactionTimeout; sending the \
@@ -692,7 +693,7 @@ const PASS_THROUGH_GATHER: Duration = Duration::from_millis(5);
 pub async fn run(
     config: Config,
     mut deliveries: mpsc::UnboundedReceiver<Delivery>,
-    completions: mpsc::UnboundedSender<Progress>,
+    completions: mpsc::UnboundedSender<Completion>,
     settler: Option<Settler>,
     health: Arc<Health>,
 ) {
@@ -721,7 +722,7 @@ pub async fn run(
                     return;
                 }
                 idle.push(marker);
-                if !done.is_empty() && completions.send(Progress::Completed(done)).is_err() {
+                if !done.is_empty() && completions.send(Completion::Completed(done)).is_err() {
                     return;
                 }
                 for r in rejected {
@@ -796,7 +797,7 @@ mod tests {
         let mut total = 0;
         while total < 2 {
             match crx.recv().await.unwrap() {
-                Progress::Completed(v) => total += v.iter().map(|(_, n)| n).sum::<u64>(),
+                Completion::Completed(v) => total += v.iter().map(|(_, n)| n).sum::<u64>(),
                 other => panic!("{other:?}"),
             }
         }
@@ -813,7 +814,10 @@ mod tests {
             message: Box::new(message),
         })
         .unwrap();
-        assert!(matches!(crx.recv().await.unwrap(), Progress::Failed { .. }));
+        assert!(matches!(
+            crx.recv().await.unwrap(),
+            Completion::Failed { .. }
+        ));
         drop(dtx);
         task.await.unwrap();
     }

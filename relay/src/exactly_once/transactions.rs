@@ -16,7 +16,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::config::Config;
-use crate::pipeline::position::SourcePosition;
+use crate::exactly_once::position::SourcePosition;
 use crate::pipeline::watermark::TxSeq;
 
 /// The transaction "sequence" of a progress record's delivery token: not a source transaction.

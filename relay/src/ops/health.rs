@@ -15,7 +15,7 @@ use rdkafka::producer::{BaseProducer, Producer};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SinkKind};
-use crate::metrics::STREAMING;
+use crate::ops::metrics::STREAMING;
 
 /// What the probes report; shared by the runtime (streaming) and the broker probe.
 #[derive(Debug)]
@@ -174,7 +174,9 @@ pub async fn probe_broker(
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()))
             }
-            None => crate::check::rocketmq_masters(&config).await.map(|_| ()),
+            None => crate::ops::check::rocketmq_masters(&config)
+                .await
+                .map(|_| ()),
         };
         health.set_broker(outcome.err());
         tokio::select! {

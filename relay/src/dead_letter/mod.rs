@@ -1,0 +1,7 @@
+//! Rows the broker will never accept (poison rows) and what `dead_letter.policy` does with them:
+//! the dead-letter record that takes a row's place ([`record`]), and under `block_key` the
+//! aggregates held back behind a failed row ([`blocking`]) and their retries ([`redrive`]).
+
+pub mod blocking;
+pub mod record;
+pub mod redrive;

@@ -1,0 +1,108 @@
+//! Outbox rows read back by SQL (the first-start snapshot's cursor, the parked rows of a blocked
+//! aggregate), in the shape the pipeline takes from the WAL: every column as text, optional
+//! columns the table lacks read as NULL.
+
+use bytes::Bytes;
+use tokio_postgres::{GenericClient, Row};
+
+use crate::config::Config;
+use crate::dead_letter::blocking::Aggregate;
+use crate::pipeline::routing::RawRow;
+use crate::postgres::quote::quote_ident;
+
+/// Parked rows taken per aggregate and try; a longer backlog continues on the next turn.
+pub const PARKED_PER_TRY: i64 = 1000;
+
+/// The columns the outbox table has.
+pub struct Columns {
+    present: Vec<String>,
+}
+
+impl Columns {
+    pub async fn read(
+        db: &impl GenericClient,
+        config: &Config,
+    ) -> Result<Columns, tokio_postgres::Error> {
+        let present = db
+            .query(
+                "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass \
+                 AND attnum > 0 AND NOT attisdropped",
+                &[&config.outbox_table_sql()],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        Ok(Columns { present })
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.present.iter().any(|p| p == name)
+    }
+
+    /// `"name"::text`, or `NULL::text` when the table lacks the column.
+    fn text(&self, name: &str) -> String {
+        if self.has(name) {
+            format!("{}::text", quote_ident(name))
+        } else {
+            "NULL::text".to_owned()
+        }
+    }
+
+    /// The select list [`raw_row`] reads: id, aggregatetype, aggregateid, type, payload,
+    /// headers, topic.
+    pub fn select_list(&self, config: &Config) -> String {
+        let c = &config.outbox.columns;
+        [
+            &c.id,
+            &c.aggregatetype,
+            &c.aggregateid,
+            &c.event_type,
+            &c.payload,
+            &c.headers,
+            &c.topic,
+        ]
+        .map(|n| self.text(n))
+        .join(", ")
+    }
+}
+
+/// A row selected with [`Columns::select_list`].
+pub fn raw_row(r: &Row) -> RawRow {
+    let text = |i: usize| r.get::<_, Option<String>>(i).map(Bytes::from);
+    RawRow {
+        id: text(0),
+        aggregatetype: text(1),
+        aggregateid: text(2),
+        event_type: text(3),
+        payload: text(4),
+        headers: text(5),
+        topic: text(6),
+    }
+}
+
+/// The aggregate's parked rows (failed, not delivered), oldest first, at most
+/// [`PARKED_PER_TRY`].
+pub async fn parked_rows(
+    db: &impl GenericClient,
+    config: &Config,
+    aggregate: &Aggregate,
+) -> Result<Vec<RawRow>, tokio_postgres::Error> {
+    let c = &config.outbox.columns;
+    let columns = Columns::read(db, config).await?;
+    let sql = format!(
+        "SELECT {select} FROM {table} WHERE {at}::text = $1 AND {aid}::text = $2 \
+         AND {failed} IS NOT NULL AND {delivered} IS NULL ORDER BY {seq} LIMIT {PARKED_PER_TRY}",
+        select = columns.select_list(config),
+        at = quote_ident(&c.aggregatetype),
+        aid = quote_ident(&c.aggregateid),
+        table = config.outbox_table_sql(),
+        failed = quote_ident(&c.failed_at),
+        delivered = quote_ident(&c.delivered_at),
+        seq = quote_ident(&c.seq),
+    );
+    let at = String::from_utf8_lossy(&aggregate.aggregatetype).into_owned();
+    let aid = String::from_utf8_lossy(&aggregate.aggregateid).into_owned();
+    let rows = db.query(&sql, &[&at, &aid]).await?;
+    Ok(rows.iter().map(raw_row).collect())
+}

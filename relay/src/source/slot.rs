@@ -1,0 +1,188 @@
+//! The replication slot's lifecycle and the first-start snapshot.
+//!
+//! First start (no slot): record in the state table that a snapshot is under way, create the slot
+//! with an exported snapshot, publish every undelivered row that snapshot shows, wait until all
+//! are confirmed, then record the snapshot as done. Streaming starts at the slot's consistent
+//! point, so a row is either in the snapshot or in the stream, never both, never neither.
+//! If the relay dies mid-snapshot, the next start finds the state row unfinished, drops the slot
+//! and does it again (rows already marked delivered are skipped; the rest may be sent twice,
+//! which consumers deduplicate by id).
+//!
+//! Slot lost: when the slot was invalidated (`wal_status = 'lost'`, WAL removed under
+//! `max_slot_wal_keep_size`) or dropped after a finished snapshot, the relay says so loudly and
+//! recovers the same way as a first start: a new slot, and every row still undelivered in the
+//! table published from its snapshot. The outbox table is the source of truth; nothing committed
+//! is silently skipped.
+
+use tokio_postgres::Client;
+
+use crate::config::Config;
+use crate::pipeline::{Pipeline, PipelineError};
+use crate::replication::{Lsn, ReplicationClient, ReplicationError};
+use crate::sink::Sink;
+
+/// Something about the slot or the schema stops the relay; the text says how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    #[error("Postgres query failed ({context}): {message}")]
+    Query {
+        context: String,
+        message: String,
+        /// SQLSTATE, when the server answered; `None` for connection failures.
+        sqlstate: Option<String>,
+    },
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl SlotError {
+    pub(crate) fn query(context: &str, e: tokio_postgres::Error) -> SlotError {
+        SlotError::Query {
+            context: context.to_owned(),
+            message: crate::postgres::describe(&e),
+            sqlstate: e.code().map(|c| c.code().to_owned()),
+        }
+    }
+}
+
+/// What the slot looks like now.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    pub active_pid: Option<i32>,
+    pub confirmed_flush: Option<Lsn>,
+    /// `reserved`, `extended`, `unreserved` (at risk) or `lost` (invalidated).
+    pub wal_status: Option<String>,
+    /// Bytes of WAL that can still be written before the slot is at risk of invalidation
+    /// (`None` without a `max_slot_wal_keep_size`).
+    pub safe_wal_size: Option<i64>,
+    /// Bytes of WAL the slot keeps on the server (from its restart position to the WAL end).
+    pub retained_bytes: Option<i64>,
+    /// Bytes between the slot's confirmed position and the WAL end.
+    pub lag_bytes: Option<i64>,
+}
+
+pub async fn slot_info(db: &Client, slot: &str) -> Result<Option<SlotInfo>, SlotError> {
+    let row = db
+        .query_opt(
+            "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, \
+                 wal_status, safe_wal_size, \
+                 (pg_current_wal_lsn() - restart_lsn)::bigint, \
+                 (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| SlotError::query("reading pg_replication_slots", e))?;
+    Ok(row.map(|r| SlotInfo {
+        plugin: r.get(0),
+        database: r.get(1),
+        active_pid: r.get(2),
+        confirmed_flush: r.get::<_, Option<String>>(3).and_then(|s| s.parse().ok()),
+        wal_status: r.get(4),
+        safe_wal_size: r.get(5),
+        retained_bytes: r.get(6),
+        lag_bytes: r.get(7),
+    }))
+}
+
+async fn drop_slot(db: &Client, slot: &str, active_pid: Option<i32>) -> Result<(), SlotError> {
+    if let Some(pid) = active_pid {
+        return Err(SlotError::Setup(format!(
+            "slot '{slot}' is in use by process {pid}; stop the other relay first"
+        )));
+    }
+    db.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .map_err(|e| SlotError::query("dropping the slot", e))?;
+    Ok(())
+}
+
+/// Whether a finished first-start snapshot is recorded for `slot`: `None` if no record exists.
+async fn snapshot_done(db: &Client, config: &Config) -> Result<Option<bool>, SlotError> {
+    let row = db
+        .query_opt(
+            &format!(
+                "SELECT snapshot_done_at IS NOT NULL FROM {} WHERE slot_name = $1",
+                config.state_table_sql()
+            ),
+            &[&config.postgres.slot],
+        )
+        .await
+        .map_err(|e| SlotError::query("reading the relay state table", e))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Prepares the slot for streaming and returns the position to start from.
+/// On first start this publishes the snapshot through `pipeline` and waits for it to complete.
+pub async fn prepare<S: Sink>(
+    db: &Client,
+    repl: &mut ReplicationClient,
+    config: &Config,
+    pipeline: &mut Pipeline<S>,
+) -> Result<Lsn, SlotError> {
+    let slot = &config.postgres.slot;
+    let mut info = slot_info(db, slot).await?;
+    if let Some(i) = &info {
+        if i.plugin.as_deref() != Some("pgoutput") {
+            return Err(SlotError::Setup(format!(
+                "slot '{slot}' exists with plugin {:?}, not pgoutput; drop it (SELECT pg_drop_replication_slot('{slot}')) or set postgres.slot to another name",
+                i.plugin
+            )));
+        }
+        let current_db: String = db
+            .query_one("SELECT current_database()", &[])
+            .await
+            .map_err(|e| SlotError::query("current_database()", e))?
+            .get(0);
+        if i.database.as_deref() != Some(current_db.as_str()) {
+            return Err(SlotError::Setup(format!(
+                "slot '{slot}' belongs to database {:?}, but postgres.url names '{current_db}'; use another slot name",
+                i.database
+            )));
+        }
+        if i.wal_status.as_deref() == Some("lost") {
+            tracing::error!(
+                slot,
+                "SLOT LOST: Postgres invalidated the replication slot (it removed WAL the slot still \
+                 needed, see max_slot_wal_keep_size); changes in that WAL can no longer be streamed. \
+                 Recovering: dropping the slot, creating a new one and publishing every row that is \
+                 still undelivered in the outbox table. Rows published but not yet marked may be sent \
+                 twice. Raise max_slot_wal_keep_size or alert on wal_status to avoid this."
+            );
+            drop_slot(db, slot, i.active_pid).await?;
+            info = None;
+        } else if snapshot_done(db, config).await? == Some(false) {
+            tracing::warn!(
+                slot,
+                "the first-start snapshot of this slot did not finish; dropping the slot and starting over"
+            );
+            drop_slot(db, slot, i.active_pid).await?;
+            info = None;
+        }
+    } else if snapshot_done(db, config).await? == Some(true) {
+        tracing::error!(
+            slot,
+            "SLOT LOST: the replication slot this relay streamed from no longer exists (dropped?). \
+             Changes committed since it vanished cannot be streamed. Recovering: creating a new slot \
+             and publishing every row that is still undelivered in the outbox table. Rows published \
+             but not yet marked may be sent twice."
+        );
+    }
+    if let Some(i) = info {
+        // After a Postgres crash the slot's position may be older than what this process already
+        // confirmed (the slot is only saved at checkpoints); starting from our own position makes
+        // the server skip transactions we completed instead of sending them again.
+        let slot_position = i.confirmed_flush.unwrap_or(Lsn::ZERO);
+        let start = slot_position.max(pipeline.flushable());
+        tracing::info!(slot, confirmed_flush = %slot_position, start = %start, "resuming from the existing slot");
+        pipeline.start_at(start);
+        return Ok(start);
+    }
+    super::snapshot::first_start(db, repl, config, pipeline).await
+}
