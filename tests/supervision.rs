@@ -294,19 +294,16 @@ async fn a_deleted_topic_is_recreated_and_nothing_is_dead_lettered() {
 /// relay starts, warns once, and delivers. Before: "unknown field: found `port`".
 #[tokio::test(flavor = "multi_thread")]
 async fn kubernetes_service_variables_do_not_stop_the_relay() {
-    let pg = PgCluster::start();
-    pg.apply_schema();
-    let broker = Tansu::start();
-    let relay = Relay::start(&relay_env(
-        &pg,
-        &broker.brokers(),
-        &[
-            ("RELAY_SERVICE_HOST", "10.0.0.9"),
-            ("RELAY_SERVICE_PORT", "8080"),
-            ("RELAY_PORT", "tcp://10.0.0.9:8080"),
-            ("RELAY_PORT_8080_TCP_ADDR", "10.0.0.9"),
-        ],
-    ));
+    let Stack {
+        pg,
+        relay,
+        broker: _broker,
+    } = Stack::start(&[
+        ("RELAY_SERVICE_HOST", "10.0.0.9"),
+        ("RELAY_SERVICE_PORT", "8080"),
+        ("RELAY_PORT", "tcp://10.0.0.9:8080"),
+        ("RELAY_PORT_8080_TCP_ADDR", "10.0.0.9"),
+    ]);
     let mut db = pg.client().await;
     wait_streaming(&db, WAIT).await;
     insert_rows(&mut db, "k8s", 1, 3, true).await;
@@ -327,17 +324,14 @@ async fn kubernetes_service_variables_do_not_stop_the_relay() {
 /// noticed it for the kernel's ~15 minutes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_frozen_replication_connection_is_detected_and_replaced() {
-    let pg = PgCluster::start();
-    pg.apply_schema();
-    let broker = Tansu::start();
-    let relay = Relay::start(&relay_env(
-        &pg,
-        &broker.brokers(),
-        &[
-            ("RELAY_POSTGRES__REPLICATION_TIMEOUT_MS", "3000"),
-            ("RELAY_RETRY__MAX_DELAY_MS", "500"),
-        ],
-    ));
+    let Stack {
+        pg,
+        relay,
+        broker: _broker,
+    } = Stack::start(&[
+        ("RELAY_POSTGRES__REPLICATION_TIMEOUT_MS", "3000"),
+        ("RELAY_RETRY__MAX_DELAY_MS", "500"),
+    ]);
     let mut db = pg.client().await;
     wait_streaming(&db, WAIT).await;
     let walsender = pg.walsender_pid("outbox_relay").expect("walsender");

@@ -31,21 +31,23 @@
 //! | [`ops`] | admin HTTP, health, metrics, slot gauges, retention, `outbox-relay check` |
 //! | [`failpoint`] | crash and pause points for tests |
 //!
+//! Rooms the binary, the tests and the bench do not use are `pub(crate)`.
+//!
 //! See `README.md` for the guarantees and `config/relay.toml` for every setting.
 
 pub mod app;
 pub mod config;
-pub mod dead_letter;
+pub(crate) mod dead_letter;
 pub mod error;
-pub mod exactly_once;
-pub mod failpoint;
+pub(crate) mod exactly_once;
+pub(crate) mod failpoint;
 pub mod marking;
 pub mod ops;
 pub mod oracle;
 pub mod pipeline;
-pub mod postgres;
+pub(crate) mod postgres;
 pub mod replication;
-pub mod retry;
+pub(crate) mod retry;
 pub mod rocketmq;
 pub mod sink;
-pub mod source;
+pub(crate) mod source;

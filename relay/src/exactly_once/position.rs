@@ -36,7 +36,7 @@ impl SourcePosition {
     }
 
     /// The progress record's value.
-    pub fn to_record(&self, slot: &str, transactional_id: &str) -> Vec<u8> {
+    pub fn to_record(self, slot: &str, transactional_id: &str) -> Vec<u8> {
         let record = ProgressRecord {
             slot: slot.to_owned(),
             transactional_id: transactional_id.to_owned(),

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 
 use backon::BackoffBuilder;
 
+use crate::config::TopicTemplate;
 use crate::config::{Config, DeliveryMode, PoisonPolicy};
 use crate::dead_letter::blocking::{Aggregate, Blocked};
 use crate::dead_letter::record;
@@ -31,7 +32,7 @@ use crate::exactly_once::{ExactlyOnce, OpenBatch};
 use crate::replication::Lsn;
 use crate::replication::pgoutput::PgOutput;
 use crate::sink::{AckToken, Delivery, FailureNote, Sink, SinkError};
-use routing::{ColumnMap, OutboxMessage, RawRow, Router, TopicTemplate};
+use routing::{ColumnMap, OutboxMessage, RawRow, Router};
 use watermark::{TxSeq, Watermark};
 
 /// Completions coming back from the marking stage (acknowledged and, if configured, marked).

@@ -14,14 +14,8 @@ use std::sync::{Arc, Mutex};
 /// The longest topic or group name RocketMQ accepts.
 const MAX_NAME: usize = 127;
 
-fn name_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '%' | '|')
-}
-
-/// Whether `name` is a valid RocketMQ group name.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 255 && name.chars().all(name_char)
-}
+use crate::config::rocketmq_name_char as name_char;
+pub use crate::config::rocketmq_name_ok as valid_name;
 
 /// The RocketMQ topic for a routed topic name: characters RocketMQ does not allow in topic names
 /// (only letters, digits, `_`, `-`, `%` and `|` are) become `_`, so the default

@@ -7,4 +7,4 @@ pub mod rows;
 pub mod slot;
 pub mod snapshot;
 
-pub use slot::{SlotError, SlotInfo, prepare, slot_info};
+pub use slot::{SlotError, prepare, slot_info};

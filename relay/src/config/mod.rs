@@ -2,7 +2,12 @@
 //!
 //! Nesting in environment names uses `__`: `RELAY_POSTGRES__URL` sets `postgres.url`. Every key has
 //! a default here, a commented line in `config/relay.toml`, and a validation that says how to fix a
-//! bad value. This module is a leaf: it uses nothing else of the relay.
+//! bad value. This room is a leaf: it uses nothing else of the relay but the SQL quoting leaf
+//! (`postgres::quote`), for the table names it renders.
+
+mod template;
+
+pub use template::TopicTemplate;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -586,6 +591,26 @@ fn foreign_env_keys(vars: impl Iterator<Item = String>) -> Vec<String> {
     foreign
 }
 
+/// A character RocketMQ allows in topic and group names.
+pub fn rocketmq_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '%' | '|')
+}
+
+/// Whether `name` is a valid RocketMQ group name.
+pub fn rocketmq_name_ok(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 255 && name.chars().all(rocketmq_name_char)
+}
+
+/// The error for `key` set to `value`, with the fix.
+fn invalid(key: &'static str, value: impl ToString, fix: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        env: env_name(key),
+        value: value.to_string(),
+        fix: fix.into(),
+    }
+}
+
 /// The environment variable that sets `key`, e.g. `kafka.brokers` → `RELAY_KAFKA__BROKERS`.
 pub fn env_name(key: &str) -> String {
     format!("RELAY_{}", key.to_uppercase().replace('.', "__"))
@@ -626,14 +651,19 @@ impl Config {
 
     /// Checks every value a user can get wrong, naming the key and the fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn invalid(key: &'static str, value: impl ToString, fix: impl Into<String>) -> ConfigError {
-            ConfigError::Invalid {
-                key,
-                env: env_name(key),
-                value: value.to_string(),
-                fix: fix.into(),
-            }
-        }
+        self.validate_postgres()?;
+        self.validate_outbox()?;
+        self.validate_kafka()?;
+        self.validate_exactly_once()?;
+        self.validate_pipeline()?;
+        self.validate_operations()?;
+        self.validate_rocketmq()?;
+        self.validate_log()?;
+        Ok(())
+    }
+
+    /// Validates the replication and ordinary connections.
+    fn validate_postgres(&self) -> Result<(), ConfigError> {
         let p = &self.postgres;
         if let Err(e) = p.url.parse::<tokio_postgres::Config>() {
             return Err(invalid(
@@ -679,6 +709,11 @@ impl Config {
                  (like wal_receiver_timeout)",
             ));
         }
+        Ok(())
+    }
+
+    /// Validates table, column and topic names.
+    fn validate_outbox(&self) -> Result<(), ConfigError> {
         for (key, v) in [
             ("outbox.schema", &self.outbox.schema),
             ("outbox.table", &self.outbox.table),
@@ -710,6 +745,11 @@ impl Config {
                 return Err(invalid(key, "", "must not be empty"));
             }
         }
+        Ok(())
+    }
+
+    /// Validates the Kafka sink.
+    fn validate_kafka(&self) -> Result<(), ConfigError> {
         let k = &self.kafka;
         if self.sink == SinkKind::Kafka && k.brokers.trim().is_empty() {
             return Err(invalid(
@@ -718,7 +758,7 @@ impl Config {
                 "list the bootstrap servers as host:port[,host:port]",
             ));
         }
-        if let Err(fix) = crate::pipeline::routing::TopicTemplate::parse(&k.topic_template) {
+        if let Err(fix) = TopicTemplate::parse(&k.topic_template) {
             return Err(invalid("kafka.topic_template", &k.topic_template, fix));
         }
         if k.topic_partitions < 1 {
@@ -769,6 +809,11 @@ impl Config {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// Validates exactly-once delivery.
+    fn validate_exactly_once(&self) -> Result<(), ConfigError> {
         if self.delivery == DeliveryMode::ExactlyOnce {
             let e = &self.exactly_once;
             if e.transactional_id.trim().is_empty() {
@@ -813,6 +858,11 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Validates the pipeline and the dead-letter policy.
+    fn validate_pipeline(&self) -> Result<(), ConfigError> {
         let pl = &self.pipeline;
         if pl.max_in_flight == 0 {
             return Err(invalid(
@@ -857,6 +907,11 @@ impl Config {
                  add the seq column (sql/001_outbox.sql) or use dlq or halt",
             ));
         }
+        Ok(())
+    }
+
+    /// Validates retries, metrics, retention, the admin listener and the oracle.
+    fn validate_operations(&self) -> Result<(), ConfigError> {
         let r = &self.retry;
         if r.initial_delay_ms == 0 || r.max_delay_ms < r.initial_delay_ms {
             return Err(invalid(
@@ -927,6 +982,11 @@ impl Config {
                 "must be at least 1; 60000 is usual (set transactions.retention_hours = 0 to never purge)",
             ));
         }
+        Ok(())
+    }
+
+    /// Validates RocketMQ check-backs and the RocketMQ sink.
+    fn validate_rocketmq(&self) -> Result<(), ConfigError> {
         let r = &self.rocketmq;
         if !r.name_server.is_empty() {
             let bad = r.name_servers().into_iter().find(|a| {
@@ -972,7 +1032,7 @@ impl Config {
                     "sink = rocketmq needs the name server(s), host:port[;host:port]",
                 ));
             }
-            if !crate::rocketmq::valid_name(&r.producer_group) {
+            if !rocketmq_name_ok(&r.producer_group) {
                 return Err(invalid(
                     "rocketmq.producer_group",
                     &r.producer_group,
@@ -1003,6 +1063,11 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Validates logging.
+    fn validate_log(&self) -> Result<(), ConfigError> {
         if !["text", "json"].contains(&self.log.format.as_str()) {
             return Err(invalid(
                 "log.format",
