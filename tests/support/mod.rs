@@ -327,9 +327,39 @@ fn wait_listening(port: u16, name: &str) {
     }
 }
 
+/// A broker process on a port of 127.0.0.1, killed on drop.
+struct BrokerProcess {
+    child: Child,
+    port: u16,
+}
+
+impl BrokerProcess {
+    /// Spawns `cmd` (quiet) and waits until it listens on `port`.
+    fn spawn(mut cmd: Command, port: u16, name: &str) -> BrokerProcess {
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        wait_listening(port, name);
+        BrokerProcess { child, port }
+    }
+
+    fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A Tansu broker with in-memory storage.
 pub struct Tansu {
-    child: Child,
+    process: BrokerProcess,
     pub port: u16,
 }
 
@@ -337,30 +367,26 @@ impl Tansu {
     pub fn start() -> Tansu {
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu_bin())
-            .args(["broker", "--storage-engine", "memory://tansu/"])
+        let mut cmd = Command::new(tansu_bin());
+        cmd.args(["broker", "--storage-engine", "memory://tansu/"])
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tansu");
-        wait_listening(port, "tansu");
-        Tansu { child, port }
+            .env_remove("RUST_LOG");
+        let process = BrokerProcess::spawn(cmd, port, "tansu");
+        Tansu { process, port }
     }
 
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.process.brokers()
     }
 
     /// Freezes the broker (SIGSTOP): connections stay open, nothing answers. Data is kept.
     pub fn pause(&self) {
-        signal(self.child.id(), "-STOP");
+        signal(self.process.child.id(), "-STOP");
     }
 
     /// Thaws a paused broker (SIGCONT).
     pub fn resume(&self) {
-        signal(self.child.id(), "-CONT");
+        signal(self.process.child.id(), "-CONT");
     }
 
     pub fn create_topic(&self, name: &str, partitions: u32) {
@@ -369,13 +395,6 @@ impl Tansu {
             .arg(format!("tcp://127.0.0.1:{}", self.port))
             .args(["--partitions", &partitions.to_string(), name]);
         run_ok(c, "tansu topic create");
-    }
-}
-
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -406,7 +425,7 @@ fn noida_db_bin() -> PathBuf {
 /// mock cluster accepts transactions but writes no markers (a `read_committed` consumer sees
 /// aborted records) and gives every `init_transactions` a new producer id (no fencing).
 pub struct TxnBroker {
-    child: Child,
+    process: BrokerProcess,
     pub port: u16,
     _dir: tempfile::TempDir,
 }
@@ -415,33 +434,22 @@ impl TxnBroker {
     pub fn start() -> TxnBroker {
         let port = free_port();
         let dir = tempfile::tempdir().expect("tempdir");
-        let child = Command::new(noida_db_bin())
-            .args(["start", "--only", "kafka", "--host", "127.0.0.1"])
+        let mut cmd = Command::new(noida_db_bin());
+        cmd.args(["start", "--only", "kafka", "--host", "127.0.0.1"])
             .arg("--kafka-port")
             .arg(port.to_string())
             .arg("--data-dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start noida-db");
-        wait_listening(port, "noida-db");
+            .arg(dir.path());
+        let process = BrokerProcess::spawn(cmd, port, "noida-db");
         TxnBroker {
-            child,
+            process,
             port,
             _dir: dir,
         }
     }
 
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for TxnBroker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.brokers()
     }
 }
 
@@ -659,8 +667,11 @@ pub struct Relay {
     _dir: tempfile::TempDir,
 }
 
-pub fn relay_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_outbox-relay")
+/// The relay binary under test: the one cargo built, or `OUTBOX_RELAY_BIN` (to run the tests
+/// against another build, e.g. an older commit's, and see which fail).
+pub fn relay_bin() -> String {
+    std::env::var("OUTBOX_RELAY_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_outbox-relay").to_owned())
 }
 
 /// The environment a relay needs to reach `pg` and `broker`, plus `extra`.

@@ -86,21 +86,37 @@ pub async fn run_checks(config: &Config) -> Vec<CheckResult> {
 }
 
 async fn postgres_checks(c: &tokio_postgres::Client, config: &Config) -> Vec<CheckResult> {
-    let mut out = Vec::new();
+    vec![
+        wal_level_check(c).await,
+        replication_privilege_check(c).await,
+        slots_check(c, config).await,
+        table_check(c, config).await,
+        marking_check(c, config).await,
+        slot_check(c, config).await,
+        oracle_check(c, config).await,
+    ]
+}
+
+async fn wal_level_check(c: &tokio_postgres::Client) -> CheckResult {
     match c.query_one("SHOW wal_level", &[]).await {
         Ok(r) => {
             let level: String = r.get(0);
-            out.push(if level == "logical" {
+            if level == "logical" {
                 pass("wal_level", "logical")
             } else {
                 fail(
                     "wal_level",
-                    format!("wal_level is '{level}'; set wal_level=logical in postgresql.conf and restart Postgres"),
+                    format!(
+                        "wal_level is '{level}'; set wal_level=logical in postgresql.conf and restart Postgres"
+                    ),
                 )
-            });
+            }
         }
-        Err(e) => out.push(fail("wal_level", db::describe(&e))),
+        Err(e) => fail("wal_level", db::describe(&e)),
     }
+}
+
+async fn replication_privilege_check(c: &tokio_postgres::Client) -> CheckResult {
     match c
         .query_one(
             "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
@@ -110,17 +126,20 @@ async fn postgres_checks(c: &tokio_postgres::Client, config: &Config) -> Vec<Che
     {
         Ok(r) => {
             let user: String = r.get(0);
-            out.push(if r.get::<_, bool>(1) {
+            if r.get::<_, bool>(1) {
                 pass("replication privilege", format!("role {user} may replicate"))
             } else {
                 fail(
                     "replication privilege",
                     format!("role {user} lacks REPLICATION; run: ALTER ROLE \"{user}\" REPLICATION;"),
                 )
-            });
+            }
         }
-        Err(e) => out.push(fail("replication privilege", db::describe(&e))),
+        Err(e) => fail("replication privilege", db::describe(&e)),
     }
+}
+
+async fn slots_check(c: &tokio_postgres::Client, config: &Config) -> CheckResult {
     match c
         .query_one(
             "SELECT current_setting('max_replication_slots')::int - \
@@ -138,18 +157,26 @@ async fn postgres_checks(c: &tokio_postgres::Client, config: &Config) -> Vec<Che
                 .ok()
                 .flatten()
                 .is_some();
-            out.push(if (free_slots > 0 || slot_exists) && senders > 0 {
-                pass("slots and senders", format!("{free_slots} free slots, max_wal_senders={senders}"))
+            if (free_slots > 0 || slot_exists) && senders > 0 {
+                pass(
+                    "slots and senders",
+                    format!("{free_slots} free slots, max_wal_senders={senders}"),
+                )
             } else {
                 fail(
                     "slots and senders",
-                    format!("{free_slots} free replication slots, max_wal_senders={senders}; raise max_replication_slots / max_wal_senders in postgresql.conf and restart"),
+                    format!(
+                        "{free_slots} free replication slots, max_wal_senders={senders}; raise max_replication_slots / max_wal_senders in postgresql.conf and restart"
+                    ),
                 )
-            });
+            }
         }
-        Err(e) => out.push(fail("slots and senders", db::describe(&e))),
+        Err(e) => fail("slots and senders", db::describe(&e)),
     }
-    out.push(match schema::preflight(c, config).await {
+}
+
+async fn table_check(c: &tokio_postgres::Client, config: &Config) -> CheckResult {
+    match schema::preflight(c, config).await {
         Ok(()) => pass(
             "outbox table and publication",
             format!(
@@ -159,8 +186,11 @@ async fn postgres_checks(c: &tokio_postgres::Client, config: &Config) -> Vec<Che
             ),
         ),
         Err(e) => fail("outbox table and publication", e.to_string()),
-    });
-    out.push(match schema::marking_preflight(c, config).await {
+    }
+}
+
+async fn marking_check(c: &tokio_postgres::Client, config: &Config) -> CheckResult {
+    match schema::marking_preflight(c, config).await {
         Ok(()) => pass(
             "marking columns and grant",
             format!(
@@ -173,8 +203,11 @@ async fn postgres_checks(c: &tokio_postgres::Client, config: &Config) -> Vec<Che
             ),
         ),
         Err(e) => fail("marking columns and grant", e.to_string()),
-    });
-    out.push(match slot::slot_info(c, &config.postgres.slot).await {
+    }
+}
+
+async fn slot_check(c: &tokio_postgres::Client, config: &Config) -> CheckResult {
+    match slot::slot_info(c, &config.postgres.slot).await {
         Ok(None) => pass(
             "replication slot",
             format!(
@@ -203,7 +236,9 @@ async fn postgres_checks(c: &tokio_postgres::Client, config: &Config) -> Vec<Che
             let detail = format!(
                 "'{}': confirmed flush {}, lag {} bytes, WAL retained {} bytes, wal_status {}, safe_wal_size {}, {}",
                 config.postgres.slot,
-                i.confirmed_flush.map(|l| l.to_string()).unwrap_or_else(|| "none".into()),
+                i.confirmed_flush
+                    .map(|l| l.to_string())
+                    .unwrap_or_else(|| "none".into()),
                 i.lag_bytes.unwrap_or(0),
                 i.retained_bytes.unwrap_or(0),
                 i.wal_status.as_deref().unwrap_or("unknown"),
@@ -229,9 +264,7 @@ async fn postgres_checks(c: &tokio_postgres::Client, config: &Config) -> Vec<Che
             }
         }
         Err(e) => fail("replication slot", e.to_string()),
-    });
-    out.push(oracle_check(c, config).await);
-    out
+    }
 }
 
 /// The transaction oracle (`sql/003_transactions.sql`): required when RocketMQ check-backs are
