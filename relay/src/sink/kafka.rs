@@ -4,9 +4,18 @@
 //! librdkafka's delivery report, i.e. after every in-sync replica has it. librdkafka retries
 //! transient errors itself, in order (idempotence keeps ordering and drops broker-side
 //! duplicates); when it gives up on a transient error (`kafka.message_timeout_ms` > 0) this sink
-//! sends the message again after an exponential backoff with jitter. Errors the broker will never
-//! get over (message too large, invalid topic, authorization) are retried up to
-//! `dead_letter.max_attempts` sends, then reported `Failed` with the message. A fatal producer
+//! sends the message again after an exponential backoff with jitter. Errors of the message itself
+//! (too large, invalid topic name) are retried up to `dead_letter.max_attempts` sends, then
+//! reported `Failed` with the message. Conditions of the broker (an authorization error while
+//! ACLs roll out, a topic deleted under the relay) are retried without limit; a deleted topic is
+//! looked up again and re-created when `kafka.create_topics` allows.
+//!
+//! At-least-once, `publish` never waits for the broker: a message for a known topic goes to
+//! librdkafka at once; one for a topic not seen yet waits in the sink (in order, counted in
+//! `flush`) while a task of its own looks the topic up and creates it; a message librdkafka
+//! refuses at once goes to the retry task. The relay's and its admin client's metadata requests
+//! never auto-create a topic (`allow.auto.create.topics=false`): topics are created by the relay,
+//! with the configured partitions and replication, or not at all. A fatal producer
 //! error (librdkafka's idempotence guard: the producer cannot go on without risking duplicates
 //! or reordering) is not any message's fault: it is reported once as `Broken`, and the relay
 //! replaces the producer.
@@ -16,7 +25,7 @@
 //! their delivery reports are held until the commit succeeds and only then passed on. Nothing is
 //! retried inside a transaction: any failure aborts it, and the relay re-reads it from the slot.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -306,8 +315,91 @@ pub struct KafkaSink {
     retry_pending: Arc<AtomicUsize>,
     broken: Arc<AtomicBool>,
     deliveries: mpsc::UnboundedSender<Delivery>,
+    /// Where a message librdkafka refused at once goes: the retry task.
+    handoff: Handoff,
     /// `Some` with `delivery = "exactly_once"`.
     txn: Option<Transactions>,
+}
+
+/// What a task needs to send a message or pass it to the retry task.
+#[derive(Clone)]
+struct Handoff {
+    producer: Weak<RelayProducer>,
+    retries: mpsc::UnboundedSender<RetryItem>,
+    /// Messages held by the sink outside librdkafka (waiting for a retry or for their topic).
+    pending: Arc<AtomicUsize>,
+    deliveries: mpsc::UnboundedSender<Delivery>,
+    broken: Arc<AtomicBool>,
+}
+
+impl Handoff {
+    /// Sends `item` (counted in `pending`) now; a refusal goes to the retry task, which backs
+    /// off and reports the message `Failed` after `dead_letter.max_attempts` sends when the
+    /// broker refuses it for good. Never waits.
+    fn send(&self, mut item: RetryItem) {
+        let Some(producer) = self.producer.upgrade() else {
+            return; // the sink is gone: nobody is left to report to
+        };
+        let headers = item.headers.take().unwrap_or_default();
+        let mut record = BaseRecord::with_opaque_to(&item.topic, Box::new(item.token.clone()))
+            .headers(headers.clone());
+        if let Some(k) = &item.key {
+            record = record.key(&k[..]);
+        }
+        if let Some(p) = &item.payload {
+            record = record.payload(&p[..]);
+        }
+        match producer.send(record) {
+            Ok(()) => {
+                self.pending.fetch_sub(1, Ordering::SeqCst);
+            }
+            Err((e, _)) if error_code(&e) == Some(RDKafkaErrorCode::Fatal) => {
+                self.pending.fetch_sub(1, Ordering::SeqCst);
+                report_broken(&self.broken, &self.deliveries, fatal_reason(&producer, &e));
+            }
+            Err((e, _)) => {
+                item.code = error_code(&e);
+                item.error = e.to_string();
+                item.headers = Some(headers);
+                if self.retries.send(item).is_err() {
+                    self.pending.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+}
+
+/// Looks `topic` up (creating it when missing and allowed) apart from the stream loop, then
+/// sends what waited for it, in order; when the topic cannot be had (missing with
+/// `kafka.create_topics` off, creation refused) the waiting messages are reported `Failed` with
+/// the reason, for the poison path.
+async fn resolve_topic(topics: Arc<Topics>, handoff: Handoff, topic: String) {
+    let outcome = topics
+        .ensure_fresh(&topic, topics.cfg.topic_partitions, false)
+        .await;
+    if let Err(SinkError::Closed(_)) = outcome {
+        return; // the sink was dropped
+    }
+    loop {
+        let waiting = topics.take_waiting(&topic, outcome.is_ok());
+        if waiting.is_empty() {
+            return;
+        }
+        for item in waiting {
+            match &outcome {
+                Ok(()) => handoff.send(item),
+                Err(e) => {
+                    handoff.pending.fetch_sub(1, Ordering::SeqCst);
+                    report_failed(
+                        &handoff.deliveries,
+                        item,
+                        e.to_string(),
+                        OwnedHeaders::new(),
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// The transactional side of an exactly-once sink.
@@ -335,6 +427,7 @@ impl KafkaSink {
     ) -> Result<KafkaSink, KafkaError> {
         let (cfg, retry_cfg) = (&config.kafka, &config.retry);
         let (retry_tx, retry_rx) = mpsc::unbounded_channel();
+        let retry_tx_sink = retry_tx.clone();
         let retry_pending = Arc::new(AtomicUsize::new(0));
         let broken = Arc::new(AtomicBool::new(false));
         let exactly_once = config.delivery == DeliveryMode::ExactlyOnce;
@@ -371,16 +464,21 @@ impl KafkaSink {
             producer: Arc::downgrade(&producer),
             cfg: cfg.clone(),
             retry_cfg: retry_cfg.clone(),
-            known: std::sync::Mutex::new(HashSet::new()),
+            known: std::sync::Mutex::new(HashMap::new()),
         });
+        let handoff = Handoff {
+            producer: Arc::downgrade(&producer),
+            retries: retry_tx_sink,
+            pending: retry_pending.clone(),
+            deliveries: deliveries.clone(),
+            broken: broken.clone(),
+        };
         tokio::spawn(retry_loop(
-            Arc::downgrade(&producer),
+            handoff.clone(),
             topics.clone(),
             retry_rx,
             backoff(retry_cfg),
-            retry_pending.clone(),
-            deliveries.clone(),
-            broken.clone(),
+            config.dead_letter.max_attempts,
         ));
         Ok(KafkaSink {
             producer,
@@ -390,6 +488,7 @@ impl KafkaSink {
             retry_pending,
             broken,
             deliveries,
+            handoff,
             txn,
         })
     }
@@ -442,6 +541,53 @@ impl KafkaSink {
             .await
             .map_err(|e| SinkError::Broken(format!("progress reader task: {e}")))?
             .map_err(SinkError::Closed)
+    }
+
+    /// At-least-once: takes `msg` without waiting for the broker. Its topic known, it goes to
+    /// librdkafka at once; otherwise it waits (in order, counted as pending) while a task of its
+    /// own looks the topic up and creates it. A refusal goes to the retry task.
+    fn accept(&mut self, msg: &OutboxMessage, token: AckToken) {
+        if self.topics.is_known(&msg.topic) {
+            let headers = build_headers(&msg.headers);
+            let mut record = BaseRecord::with_opaque_to(&msg.topic, Box::new(token))
+                .headers(headers)
+                .key(&msg.key[..]);
+            if let Some(p) = &msg.payload {
+                record = record.payload(&p[..]);
+            }
+            let Err((e, record)) = self.producer.send(record) else {
+                return;
+            };
+            // Rare: hand it to the retry task (or report the producer broken).
+            let token = *record.delivery_opaque;
+            self.retry_pending.fetch_add(1, Ordering::SeqCst);
+            let mut item = retry_item(msg, token);
+            item.code = error_code(&e);
+            item.error = e.to_string();
+            if error_code(&e) == Some(RDKafkaErrorCode::Fatal) {
+                self.retry_pending.fetch_sub(1, Ordering::SeqCst);
+                report_broken(
+                    &self.broken,
+                    &self.deliveries,
+                    fatal_reason(&self.producer, &e),
+                );
+            } else if self.handoff.retries.send(item).is_err() {
+                self.retry_pending.fetch_sub(1, Ordering::SeqCst);
+            }
+            return;
+        }
+        self.retry_pending.fetch_add(1, Ordering::SeqCst);
+        match self.topics.admit(retry_item(msg, token)) {
+            Admit::SendNow(item) => self.handoff.send(*item),
+            Admit::Queued => {}
+            Admit::Resolve => {
+                tokio::spawn(resolve_topic(
+                    self.topics.clone(),
+                    self.handoff.clone(),
+                    msg.topic.clone(),
+                ));
+            }
+        }
     }
 
     /// What a failed transactional call means: fenced, or the producer is unusable.
@@ -542,19 +688,80 @@ struct Topics {
     producer: Weak<RelayProducer>,
     cfg: KafkaConfig,
     retry_cfg: RetryConfig,
-    known: std::sync::Mutex<HashSet<String>>,
+    known: std::sync::Mutex<HashMap<String, TopicState>>,
+}
+
+/// What the sink knows of a topic (absent: nothing yet).
+enum TopicState {
+    /// It exists: messages go straight to librdkafka.
+    Ready,
+    /// A task is looking it up (and creating it); messages wait here, in order.
+    Resolving(VecDeque<RetryItem>),
+}
+
+/// What [`Topics::admit`] decided for a message.
+enum Admit {
+    /// The topic exists: send it now.
+    SendNow(Box<RetryItem>),
+    /// It waits for the topic's resolution, already under way.
+    Queued,
+    /// It waits, and nobody is resolving the topic yet: start that.
+    Resolve,
 }
 
 impl Topics {
     fn is_known(&self, topic: &str) -> bool {
-        self.known.lock().is_ok_and(|k| k.contains(topic))
+        self.known
+            .lock()
+            .is_ok_and(|k| matches!(k.get(topic), Some(TopicState::Ready)))
+    }
+
+    /// Takes `item` for its topic: to send now if the topic is known, else to wait (in order)
+    /// for the topic's resolution.
+    fn admit(&self, item: RetryItem) -> Admit {
+        let Ok(mut known) = self.known.lock() else {
+            return Admit::SendNow(Box::new(item)); // poisoned: librdkafka will say
+        };
+        match known.get_mut(&item.topic) {
+            Some(TopicState::Ready) => Admit::SendNow(Box::new(item)),
+            Some(TopicState::Resolving(waiting)) => {
+                waiting.push_back(item);
+                Admit::Queued
+            }
+            None => {
+                let topic = item.topic.clone();
+                known.insert(topic, TopicState::Resolving(VecDeque::from([item])));
+                Admit::Resolve
+            }
+        }
+    }
+
+    /// The messages waiting for `topic`; when none are left, the topic is marked ready (if
+    /// `ready`) or forgotten, so later messages go straight through or start a new resolution.
+    fn take_waiting(&self, topic: &str, ready: bool) -> VecDeque<RetryItem> {
+        let Ok(mut known) = self.known.lock() else {
+            return VecDeque::new();
+        };
+        let waiting = match known.get_mut(topic) {
+            Some(TopicState::Resolving(waiting)) => std::mem::take(waiting),
+            _ => VecDeque::new(),
+        };
+        if waiting.is_empty() {
+            if ready {
+                known.insert(topic.to_owned(), TopicState::Ready);
+            } else {
+                known.remove(topic);
+            }
+        }
+        waiting
     }
 
     /// The broker said the topic is gone: look it up (and create it, if allowed) before the
     /// next send.
     fn forget(&self, topic: &str) {
         if let Ok(mut k) = self.known.lock()
-            && k.remove(topic)
+            && matches!(k.get(topic), Some(TopicState::Ready))
+            && k.remove(topic).is_some()
         {
             tracing::warn!(
                 topic,
@@ -606,6 +813,16 @@ impl Topics {
         if self.is_known(topic) {
             return Ok(());
         }
+        self.ensure_fresh(topic, partitions, compacted).await
+    }
+
+    /// [`Topics::ensure`] without asking what is known first.
+    async fn ensure_fresh(
+        self: &Arc<Self>,
+        topic: &str,
+        partitions: i32,
+        compacted: bool,
+    ) -> Result<(), SinkError> {
         let exists = self.lookup(topic).await?;
         if !exists {
             if !self.cfg.create_topics {
@@ -618,7 +835,8 @@ impl Topics {
             let _ = self.lookup(topic).await;
         }
         if let Ok(mut k) = self.known.lock() {
-            k.insert(topic.to_owned());
+            // A topic being resolved by its task stays so: the task sends what waits for it.
+            k.entry(topic.to_owned()).or_insert(TopicState::Ready);
         }
         Ok(())
     }
@@ -685,6 +903,19 @@ impl Topics {
     }
 }
 
+/// `msg` as the sink holds it while it waits (for its topic, or for a retry).
+fn retry_item(msg: &OutboxMessage, token: AckToken) -> RetryItem {
+    RetryItem {
+        code: None,
+        topic: msg.topic.clone(),
+        key: Some(msg.key.to_vec()),
+        payload: msg.payload.as_ref().map(|p| p.to_vec()),
+        headers: Some(build_headers(&msg.headers)),
+        token,
+        error: String::new(),
+    }
+}
+
 fn build_headers(headers: &[(String, bytes::Bytes)]) -> OwnedHeaders {
     headers.iter().fold(
         OwnedHeaders::new_with_capacity(headers.len()),
@@ -736,14 +967,21 @@ async fn enqueue(
 /// backoff. Ends with the producer (it holds no strong reference while it waits: the producer's
 /// context holds this loop's channel, so a strong one would keep both alive forever).
 async fn retry_loop(
-    producer: Weak<RelayProducer>,
+    handoff: Handoff,
     topics: Arc<Topics>,
     mut items: mpsc::UnboundedReceiver<RetryItem>,
     backoff: ExponentialBuilder,
-    pending: Arc<AtomicUsize>,
-    deliveries: mpsc::UnboundedSender<Delivery>,
-    broken: Arc<AtomicBool>,
+    max_attempts: u32,
 ) {
+    let Handoff {
+        producer,
+        pending,
+        deliveries,
+        broken,
+        retries,
+    } = handoff;
+    // The loop's own sender would keep its channel open for ever.
+    drop(retries);
     let mut again: std::collections::VecDeque<RetryItem> = std::collections::VecDeque::new();
     loop {
         let item = match again.pop_front() {
@@ -806,15 +1044,19 @@ async fn retry_loop(
                 pending.fetch_sub(1, Ordering::SeqCst);
                 report_broken(&broken, &deliveries, fatal_reason(&producer, &e));
             }
-            Err((e, _)) if error_code(&e).is_some_and(is_unavailable) => {
+            // Refused for the message itself, `dead_letter.max_attempts` times: the poison path.
+            Err((e, _))
+                if error_code(&e).is_some_and(is_permanent)
+                    && item.token.attempt >= max_attempts =>
+            {
+                pending.fetch_sub(1, Ordering::SeqCst);
+                report_failed(&deliveries, item, e.to_string(), headers);
+            }
+            Err((e, _)) => {
                 item.code = error_code(&e);
                 item.error = e.to_string();
                 item.headers = Some(headers);
                 again.push_back(item);
-            }
-            Err((e, _)) => {
-                pending.fetch_sub(1, Ordering::SeqCst);
-                report_failed(&deliveries, item, e.to_string(), headers);
             }
         }
     }
@@ -866,6 +1108,10 @@ impl Sink for KafkaSink {
                 &self.producer,
                 &KafkaError::MessageProduction(RDKafkaErrorCode::Fatal),
             )));
+        }
+        if self.txn.is_none() {
+            self.accept(msg, token);
+            return Ok(());
         }
         self.topics
             .ensure(&msg.topic, self.cfg.topic_partitions, false)

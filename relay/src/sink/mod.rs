@@ -128,8 +128,11 @@ pub enum SinkError {
 
 /// A broker the relay publishes to. See the module documentation for the contract.
 pub trait Sink: Send {
-    /// Hands one message over. Waits only for room in the sink's queue and for one-time setup
-    /// (such as creating the topic), never for the broker's acknowledgement.
+    /// Hands one message over and reports its outcome later. Never waits for the broker's
+    /// acknowledgement; a sink may wait for room in its queue or for a one-time setup (the
+    /// RocketMQ sink's send of a half message, an exactly-once sink's topic lookup): the stream
+    /// loop runs every call guarded, so such waits hold up WAL reading, never status updates,
+    /// SIGTERM or the leader check.
     fn publish(
         &mut self,
         msg: &OutboxMessage,
