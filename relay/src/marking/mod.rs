@@ -16,474 +16,26 @@
 //! check-back already settled as rolled back is not marked; the batch then reports the sink
 //! broken instead of complete, so the relay reads the unconfirmed rows again.
 
+mod marker;
+mod rocketmq;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::BackoffBuilder;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use tokio::sync::mpsc;
-use tokio_postgres::Client;
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::error::needs_operator;
 use crate::ops::health::Health;
 use crate::pipeline::Completion;
 use crate::pipeline::watermark::TxSeq;
-use crate::postgres;
-use crate::postgres::quote::quote_ident;
-use crate::rocketmq::client::Resolution;
 use crate::sink::rocketmq::{HalfRef, Settler};
 use crate::sink::{Delivery, FailureNote};
-
-/// The connection in `slot`, (re)connected when needed.
-async fn connected<'a>(
-    slot: &'a mut Option<Client>,
-    pg: &tokio_postgres::Config,
-) -> Result<&'a Client, tokio_postgres::Error> {
-    if slot.as_ref().is_none_or(Client::is_closed) {
-        *slot = Some(postgres::connect(pg).await?);
-    }
-    Ok(slot.as_ref().expect("connected just above"))
-}
-
-/// One write the marking stage makes.
-#[derive(Clone, Copy)]
-enum Mark<'a> {
-    Delivered,
-    /// Rows failed (dead-lettered or parked) with the same note.
-    Failed(&'a FailureNote),
-}
-
-/// How long a confirmed row whose inserting transaction is unknown may stay invisible to the
-/// marking connection before the relay decides it was deleted (see `execute_until_done`).
-const NOT_VISIBLE_LIMIT: Duration = Duration::from_secs(30);
-
-/// Which of the given transactions (32-bit ids) had ended, committed or aborted, as of this
-/// statement's snapshot: `pg_visible_in_snapshot` is true for a transaction the snapshot does
-/// not see as running. `pg_xact_status` would not do: it reads the commit log, which says
-/// "committed" a moment before the transaction leaves the list of running ones and its rows
-/// become visible to other sessions (for as long as a synchronous standby is awaited). Ids are
-/// widened to full ids against the snapshot's xmax.
-const XACT_ENDED_SQL: &str = "SELECT x FROM unnest($1::bigint[]) AS x, \
-          (SELECT pg_current_snapshot() AS snap) AS s \
-     WHERE pg_visible_in_snapshot( \
-          (pg_snapshot_xmax(s.snap)::text::bigint \
-           - ((pg_snapshot_xmax(s.snap)::text::bigint - x) % 4294967296))::text::xid8, s.snap)";
-
-struct Marker {
-    pg: tokio_postgres::Config,
-    delivered_sql: String,
-    failed_sql: String,
-    /// Which of the given rows are already delivered.
-    already_sql: String,
-    /// RocketMQ sink: the outcome of those of the given oracle keys that are decided.
-    keys_sql: String,
-    /// RocketMQ sink: records the given oracle keys as committed (in the marking transaction).
-    begin_sql: String,
-    client: Option<Client>,
-}
-
-/// What one marking statement (or transaction) did.
-#[derive(Default)]
-struct Executed {
-    /// Rows neither marked now nor marked before: not visible (yet), or gone.
-    missing: Vec<Uuid>,
-    /// Rows with half messages: marked (now, or by an earlier attempt whose outcome was lost),
-    /// their oracle keys committed with the mark.
-    marked: Vec<Uuid>,
-    /// Rows with half messages that were marked before (a repeat after a restart).
-    already: Vec<Uuid>,
-    /// Rows whose half message a check-back settled as rolled back before it was marked.
-    fenced: Vec<Uuid>,
-}
-
-impl Marker {
-    fn new(config: &Config) -> Marker {
-        let c = &config.outbox.columns;
-        let table = config.outbox_table_sql();
-        let d = quote_ident(&c.delivered_at);
-        let id = quote_ident(&c.id);
-        let schema = quote_ident(&config.outbox.schema);
-        Marker {
-            pg: config.pg_config(),
-            delivered_sql: format!(
-                "UPDATE {table} SET {d} = now() WHERE {id} = ANY($1) AND {d} IS NULL RETURNING {id}"
-            ),
-            failed_sql: format!(
-                "UPDATE {table} SET {f} = now(), {a} = {a} + $2, {e} = $3 WHERE {id} = ANY($1) AND {d} IS NULL RETURNING {id}",
-                f = quote_ident(&c.failed_at),
-                a = quote_ident(&c.attempts),
-                e = quote_ident(&c.last_error),
-            ),
-            already_sql: format!(
-                "SELECT {id} FROM {table} WHERE {id} = ANY($1) AND {d} IS NOT NULL"
-            ),
-            keys_sql: format!(
-                "SELECT tx_key, outcome FROM {schema}.outbox_tx WHERE tx_key = ANY($1)"
-            ),
-            begin_sql: format!("SELECT {schema}.outbox_tx_begin(k) FROM unnest($1::text[]) AS k"),
-            client: None,
-        }
-    }
-
-    /// Of `xids`, those whose transaction had ended (committed or aborted) as of now: a statement
-    /// that starts after this one sees their final outcome.
-    async fn ended(
-        &mut self,
-        xids: &[u32],
-    ) -> Result<std::collections::HashSet<u32>, tokio_postgres::Error> {
-        let client = connected(&mut self.client, &self.pg).await?;
-        let wide: Vec<i64> = xids.iter().map(|x| i64::from(*x)).collect();
-        let rows = client.query(XACT_ENDED_SQL, &[&wide]).await?;
-        Ok(rows
-            .iter()
-            .filter_map(|r| u32::try_from(r.get::<_, i64>(0)).ok())
-            .collect())
-    }
-
-    /// Marks `ids`. Rows with a half message in `halves` (RocketMQ sink) are marked in one
-    /// transaction with `outbox_tx_begin` of their oracle keys (see [`Marker::execute_keyed`]).
-    async fn execute(
-        &mut self,
-        mark: Mark<'_>,
-        ids: &[Uuid],
-        halves: &HashMap<Uuid, Box<HalfRef>>,
-    ) -> Result<Executed, tokio_postgres::Error> {
-        let Marker {
-            pg,
-            delivered_sql,
-            failed_sql,
-            already_sql,
-            keys_sql,
-            begin_sql,
-            client: slot,
-        } = self;
-        let client = connected(slot, pg).await?;
-        let sql = MarkSql {
-            delivered: delivered_sql,
-            failed: failed_sql,
-            already: already_sql,
-            keys: keys_sql,
-            begin: begin_sql,
-        };
-        let result = if halves.is_empty() {
-            execute_plain(client, &sql, mark, ids).await
-        } else {
-            execute_keyed(client, &sql, mark, ids, halves).await
-        };
-        if result.is_err() {
-            // With a transaction open, dropping the connection rolls it back.
-            *slot = None;
-        }
-        result
-    }
-
-    /// Runs `mark` on `ids` until every row is marked. Returns false if the pipeline is gone.
-    ///
-    /// A row the broker confirmed may not be visible yet: logical decoding hands over a
-    /// transaction once its commit record is in the WAL, a moment before the transaction is
-    /// visible to other sessions (longer while the commit waits for a synchronous standby). An
-    /// UPDATE then finds nothing; counting the row done would leave it unmarked for good. So a
-    /// row not found is given up only when an UPDATE that started after its transaction had
-    /// ended (seen by `ended`) still does not find it: it was deleted, or inserted and deleted in
-    /// one transaction. Rows whose transaction is unknown (snapshot, redrive) are tried again
-    /// for up to `NOT_VISIBLE_LIMIT`, then given up with a warning.
-    ///
-    /// `rows` are (id, inserting transaction if known); the lookup by id is built only when an
-    /// UPDATE misses, which is rare. `halves`: see [`Marker::execute`]; the outcome for those
-    /// rows is returned for settling their half messages. `None` if the pipeline is gone.
-    async fn execute_until_done(
-        &mut self,
-        mark: Mark<'_>,
-        rows: &[(Uuid, Option<u32>)],
-        halves: &HashMap<Uuid, Box<HalfRef>>,
-        config: &Config,
-        completions: &mpsc::UnboundedSender<Completion>,
-        health: &Health,
-    ) -> Option<Settled> {
-        let mut delays = crate::retry::backoff(&config.retry).build();
-        let mut told_stopping = false;
-        let mut pending: Vec<Uuid> = rows.iter().map(|(id, _)| *id).collect();
-        let mut xids: Option<HashMap<Uuid, u32>> = None;
-        // Rows whose transaction had ended before the latest UPDATE began.
-        let mut ended_rows: std::collections::HashSet<Uuid> = std::collections::HashSet::new();
-        let mut invisible_since: Option<tokio::time::Instant> = None;
-        let mut invisible_wait = Duration::from_millis(1);
-        let mut settled = Settled::default();
-        loop {
-            match self.execute(mark, &pending, halves).await {
-                Ok(done) => {
-                    health.set_marking(None);
-                    let Executed {
-                        missing: mut rest,
-                        marked,
-                        already,
-                        fenced,
-                    } = done;
-                    settled.marked.extend(marked);
-                    settled.skipped.extend(already);
-                    settled.fenced.extend(fenced);
-                    if rest.is_empty() {
-                        return Some(settled);
-                    }
-                    // Gone: their transaction had ended before an UPDATE that still missed them.
-                    let gone = rest.iter().filter(|id| ended_rows.contains(id));
-                    settled
-                        .skipped
-                        .extend(gone.filter(|id| halves.contains_key(id)));
-                    rest.retain(|id| !ended_rows.contains(id));
-                    if rest.is_empty() {
-                        return Some(settled);
-                    }
-                    let xids = xids.get_or_insert_with(|| {
-                        rows.iter()
-                            .filter_map(|(id, x)| x.map(|x| (*id, x)))
-                            .collect()
-                    });
-                    let known: Vec<u32> =
-                        rest.iter().filter_map(|id| xids.get(id)).copied().collect();
-                    let mut waiting = rest.len();
-                    if !known.is_empty() {
-                        match self.ended(&known).await {
-                            Ok(ended) => {
-                                for id in &rest {
-                                    if xids.get(id).is_some_and(|x| ended.contains(x)) {
-                                        ended_rows.insert(*id);
-                                        waiting -= 1;
-                                    }
-                                }
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %postgres::describe(&e), "cannot read transaction status")
-                            }
-                        }
-                    }
-                    pending = rest;
-                    if waiting == 0 {
-                        // Every transaction has ended: one more UPDATE settles these rows.
-                        continue;
-                    }
-                    if pending.iter().all(|id| xids.contains_key(id)) {
-                        tracing::debug!(
-                            rows = waiting,
-                            "confirmed rows of transactions whose commit is not visible yet; waiting"
-                        );
-                    } else {
-                        let since = *invisible_since.get_or_insert_with(tokio::time::Instant::now);
-                        if since.elapsed() > NOT_VISIBLE_LIMIT {
-                            tracing::warn!(
-                                rows = pending.len(),
-                                first = %pending[0],
-                                "rows the broker confirmed are not in the outbox table (deleted?); not marking them"
-                            );
-                            settled
-                                .skipped
-                                .extend(pending.iter().filter(|id| halves.contains_key(id)));
-                            return Some(settled);
-                        }
-                        tracing::debug!(
-                            rows = pending.len(),
-                            "confirmed rows not visible yet; marking them again shortly"
-                        );
-                    }
-                    tokio::time::sleep(invisible_wait).await;
-                    invisible_wait = (invisible_wait * 2).min(Duration::from_millis(100));
-                }
-                Err(e) if e.code().is_some_and(|c| c.code() == "OB001") => {
-                    // A check-back settled a key between reading the keys and beginning them;
-                    // the next attempt finds it settled (fenced).
-                    tracing::debug!("a check-back settled a key while marking; marking again");
-                }
-                Err(e) if e.code().is_some_and(|c| needs_operator(c.code())) => {
-                    // A missing grant or column: nothing is marked (so nothing is confirmed)
-                    // until an operator fixes it; readiness says so meanwhile.
-                    let wait = delays.next().unwrap_or(Duration::from_secs(30));
-                    let advice = marking_advice(config, &postgres::describe(&e));
-                    tracing::error!(error = %advice, retry_in = ?wait, "cannot mark rows in the outbox; the slot waits and /readyz is 503 until this is fixed");
-                    health.set_marking(Some(advice));
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e) => {
-                    let stopping = postgres::is_shutdown(&e);
-                    if stopping && !told_stopping {
-                        told_stopping = true;
-                        let why = postgres::describe(&e);
-                        if completions.send(Completion::PostgresStopping(why)).is_err() {
-                            return None;
-                        }
-                    }
-                    let wait = delays.next().unwrap_or(Duration::from_secs(30));
-                    tracing::warn!(
-                        error = %postgres::describe(&e),
-                        retry_in = ?wait,
-                        "marking rows in the outbox failed; retrying (the slot waits)"
-                    );
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        }
-    }
-}
-
-/// What to do about a marking statement refused for a privilege or a column.
-fn marking_advice(config: &Config, error: &str) -> String {
-    let c = &config.outbox.columns;
-    format!(
-        "{error}; the relay's role needs SELECT and UPDATE on {table} (GRANT SELECT, UPDATE ON {table} \
-         TO <role>) and the columns {d}, {f}, {a}, {e} must exist (outbox.columns.*, apply \
-         sql/001_outbox.sql)",
-        table = config.outbox_table_sql(),
-        d = c.delivered_at,
-        f = c.failed_at,
-        a = c.attempts,
-        e = c.last_error,
-    )
-}
-
-/// The statements of one [`Marker`].
-struct MarkSql<'a> {
-    delivered: &'a str,
-    failed: &'a str,
-    already: &'a str,
-    keys: &'a str,
-    begin: &'a str,
-}
-
-/// The marking UPDATE for `ids`; returns the rows it changed.
-async fn update(
-    client: &Client,
-    sql: &MarkSql<'_>,
-    mark: Mark<'_>,
-    ids: &[Uuid],
-) -> Result<Vec<Uuid>, tokio_postgres::Error> {
-    let rows = match mark {
-        Mark::Delivered => client.query(sql.delivered, &[&ids]).await?,
-        Mark::Failed(note) => {
-            let attempts = i32::try_from(note.attempts).unwrap_or(i32::MAX);
-            client
-                .query(sql.failed, &[&ids, &attempts, &note.error])
-                .await?
-        }
-    };
-    Ok(rows.iter().map(|r| r.get::<_, Uuid>(0)).collect())
-}
-
-/// Of `rest` (rows the UPDATE did not change), those marked delivered before.
-async fn already_delivered(
-    client: &Client,
-    sql: &MarkSql<'_>,
-    rest: &[Uuid],
-) -> Result<std::collections::HashSet<Uuid>, tokio_postgres::Error> {
-    if rest.is_empty() {
-        return Ok(Default::default());
-    }
-    let rows = client.query(sql.already, &[&rest]).await?;
-    Ok(rows.iter().map(|r| r.get::<_, Uuid>(0)).collect())
-}
-
-/// The rows of `live` the UPDATE did not change.
-fn unchanged(live: &[Uuid], updated: &[Uuid]) -> Vec<Uuid> {
-    if updated.len() == live.len() {
-        return Vec::new();
-    }
-    let updated: std::collections::HashSet<&Uuid> = updated.iter().collect();
-    live.iter()
-        .filter(|id| !updated.contains(id))
-        .copied()
-        .collect()
-}
-
-/// Marks `ids` with one UPDATE (no half messages involved).
-async fn execute_plain(
-    client: &Client,
-    sql: &MarkSql<'_>,
-    mark: Mark<'_>,
-    ids: &[Uuid],
-) -> Result<Executed, tokio_postgres::Error> {
-    let updated = update(client, sql, mark, ids).await?;
-    let rest = unchanged(ids, &updated);
-    let already = already_delivered(client, sql, &rest).await?;
-    Ok(Executed {
-        missing: rest
-            .into_iter()
-            .filter(|id| !already.contains(id))
-            .collect(),
-        ..Executed::default()
-    })
-}
-
-/// Marks rows with half messages in one transaction with `outbox_tx_begin` of their keys.
-///
-/// Everything is read inside the transaction, so a retry after any failure (a lost COMMIT
-/// reply included) decides the same way: a key already committed means an earlier attempt
-/// marked the row (commit its message, mark nothing again); a key settled as rolled back means
-/// a check-back came first (fenced: not marked, the row is sent again).
-async fn execute_keyed(
-    client: &Client,
-    sql: &MarkSql<'_>,
-    mark: Mark<'_>,
-    ids: &[Uuid],
-    halves: &HashMap<Uuid, Box<HalfRef>>,
-) -> Result<Executed, tokio_postgres::Error> {
-    let mut out = Executed::default();
-    client.batch_execute("BEGIN").await?;
-    let keys: Vec<&str> = ids
-        .iter()
-        .filter_map(|id| halves.get(id).map(|h| h.key.as_str()))
-        .collect();
-    let outcomes: HashMap<String, String> = client
-        .query(sql.keys, &[&keys])
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let mut live = Vec::with_capacity(ids.len());
-    for id in ids {
-        match halves.get(id).and_then(|h| outcomes.get(&h.key)) {
-            Some(outcome) if outcome == "rollback" => out.fenced.push(*id),
-            Some(_) => out.marked.push(*id),
-            None => live.push(*id),
-        }
-    }
-    let updated = update(client, sql, mark, &live).await?;
-    let begin: Vec<&str> = updated
-        .iter()
-        .filter_map(|id| halves.get(id).map(|h| h.key.as_str()))
-        .collect();
-    if !begin.is_empty() {
-        client.execute(sql.begin, &[&begin]).await?;
-    }
-    let rest = unchanged(&live, &updated);
-    let already = already_delivered(client, sql, &rest).await?;
-    client.batch_execute("COMMIT").await?;
-    out.marked
-        .extend(updated.iter().filter(|id| halves.contains_key(id)));
-    out.already = already
-        .iter()
-        .filter(|id| halves.contains_key(id))
-        .copied()
-        .collect();
-    out.missing = rest
-        .into_iter()
-        .filter(|id| !already.contains(id))
-        .collect();
-    Ok(out)
-}
-
-/// What marking decided for rows with half messages (RocketMQ sink).
-#[derive(Default)]
-struct Settled {
-    /// Marked now: commit their half messages.
-    marked: Vec<Uuid>,
-    /// Marked before, or gone from the table: roll their half messages back.
-    skipped: Vec<Uuid>,
-    /// Settled as rolled back by a check-back before they could be marked: roll their half
-    /// messages back (if the check's answer has not yet) and send the rows again.
-    fenced: Vec<Uuid>,
-}
+use marker::{Mark, Marker};
+use rocketmq::Settled;
 
 /// Adds one completion to the run-length list of `(transaction, count)`.
 fn push_completion(done: &mut Vec<(TxSeq, u64)>, seq: TxSeq) {
@@ -547,7 +99,7 @@ impl Batch {
         }
     }
 
-    /// Marks the batch's rows with `marker`.
+    /// Marks the batch's rows with `marker`, then settles their half messages (RocketMQ sink).
     async fn mark(
         self,
         mut marker: Marker,
@@ -564,111 +116,24 @@ impl Batch {
             mut halves,
             displaced,
         } = self;
-        let mut settled = Settled::default();
-        let mut ok = true;
-        let mut merge = |s: Option<Settled>| match s {
-            Some(s) => {
-                settled.marked.extend(s.marked);
-                settled.skipped.extend(s.skipped);
-                settled.fenced.extend(s.fenced);
-                true
-            }
-            None => false,
-        };
         if !halves.is_empty() {
             crate::failpoint::pause_point("rocketmq-before-mark").await;
         }
-        if !delivered.is_empty() {
-            ok = merge(
-                marker
-                    .execute_until_done(
-                        Mark::Delivered,
-                        &delivered,
-                        &halves,
-                        &config,
-                        &completions,
-                        &health,
-                    )
-                    .await,
-            );
-            if ok {
-                tracing::trace!(rows = delivered.len(), "marked delivered");
-                metrics::counter!(crate::ops::metrics::ROWS_MARKED, "state" => "delivered")
-                    .increment(delivered.len() as u64);
-                metrics::histogram!(crate::ops::metrics::MARK_BATCH_ROWS)
-                    .record(delivered.len() as f64);
-            }
-        }
-        // Rows with the same note (a blocked aggregate's parked rows) share one UPDATE.
-        let mut rest = &failed[..];
-        while ok && let Some((_, _, note)) = rest.first() {
-            let n = rest
-                .iter()
-                .take_while(|(_, _, other)| other == note)
-                .count();
-            let rows: Vec<(Uuid, Option<u32>)> =
-                rest[..n].iter().map(|(id, xid, _)| (*id, *xid)).collect();
-            ok = merge(
-                marker
-                    .execute_until_done(
-                        Mark::Failed(note),
-                        &rows,
-                        &halves,
-                        &config,
-                        &completions,
-                        &health,
-                    )
-                    .await,
-            );
-            if ok {
-                metrics::counter!(crate::ops::metrics::ROWS_MARKED, "state" => "failed")
-                    .increment(n as u64);
-                tracing::info!(rows = n, first = %rows[0].0, error = %note.error, attempts = note.attempts, "rows marked failed");
-            }
-            rest = &rest[n..];
-        }
-        if ok && !halves.is_empty() {
-            crate::failpoint::crash_point("rocketmq-after-mark");
-            let mut settle: Vec<(HalfRef, Resolution)> = displaced
-                .into_iter()
-                .map(|h| (h, Resolution::Rollback))
-                .collect();
-            for (ids, resolution) in [
-                (&settled.marked, Resolution::Commit),
-                (&settled.skipped, Resolution::Rollback),
-                (&settled.fenced, Resolution::Rollback),
-            ] {
-                settle.extend(
-                    ids.iter()
-                        .filter_map(|id| halves.remove(id))
-                        .map(|h| (*h, resolution)),
-                );
-            }
-            if !settled.skipped.is_empty() {
-                tracing::info!(
-                    rows = settled.skipped.len(),
-                    first = %settled.skipped[0],
-                    "rolling back the RocketMQ messages of rows delivered before (read again after a restart) or no longer in the outbox"
-                );
-            }
-            if let Some(settler) = &settler {
-                settler.settle(settle).await;
-            }
-            if let Some(first) = settled.fenced.first() {
-                // Their messages are gone. Completing the batch would let the slot pass them:
-                // report nothing of it and have the relay read everything unconfirmed again
-                // (rows marked meanwhile are recognised as delivered and not sent twice).
-                done.clear();
-                rejected.push(Completion::SinkBroken(format!(
-                    "a check-back settled the message of row {first} (and {} more) as rolled back \
-                     before the relay marked it: another relay of producer group {} answered it, \
-                     or marking took longer than the broker's transactionTimeout; sending the \
-                     unconfirmed rows again (if this repeats, raise the broker's \
-                     transactionTimeout)",
-                    settled.fenced.len() - 1,
-                    config.rocketmq.producer_group,
-                )));
-            }
+        let how = MarkWith {
+            halves: &halves,
+            config: &config,
+            completions: &completions,
+            health: &health,
+        };
+        let settled = mark_rows(&mut marker, &delivered, &failed, &how).await;
+        let ok = settled.is_some();
+        if let Some(settled) = settled
+            && !halves.is_empty()
+            && let Some(broken) =
+                rocketmq::settle(settled, &mut halves, displaced, settler.as_ref(), &config).await
+        {
+            done.clear();
+            rejected.push(broken);
         }
         BatchOutcome {
             marker,
@@ -677,6 +142,55 @@ impl Batch {
             ok,
         }
     }
+}
+
+/// What marking a batch needs besides its rows.
+struct MarkWith<'a> {
+    halves: &'a HashMap<Uuid, Box<HalfRef>>,
+    config: &'a Config,
+    completions: &'a mpsc::UnboundedSender<Completion>,
+    health: &'a Health,
+}
+
+/// Marks `delivered` rows delivered and `failed` rows failed (rows with the same note share one
+/// UPDATE); `None` if the pipeline went away meanwhile.
+async fn mark_rows(
+    marker: &mut Marker,
+    delivered: &[(Uuid, Option<u32>)],
+    failed: &[(Uuid, Option<u32>, Box<FailureNote>)],
+    how: &MarkWith<'_>,
+) -> Option<Settled> {
+    let mut settled = Settled::default();
+    if !delivered.is_empty() {
+        settled.merge(
+            marker
+                .execute_until_done(Mark::Delivered, delivered, how)
+                .await?,
+        );
+        tracing::trace!(rows = delivered.len(), "marked delivered");
+        metrics::counter!(crate::ops::metrics::ROWS_MARKED, "state" => "delivered")
+            .increment(delivered.len() as u64);
+        metrics::histogram!(crate::ops::metrics::MARK_BATCH_ROWS).record(delivered.len() as f64);
+    }
+    let mut rest = failed;
+    while let Some((_, _, note)) = rest.first() {
+        let n = rest
+            .iter()
+            .take_while(|(_, _, other)| other == note)
+            .count();
+        let rows: Vec<(Uuid, Option<u32>)> =
+            rest[..n].iter().map(|(id, xid, _)| (*id, *xid)).collect();
+        settled.merge(
+            marker
+                .execute_until_done(Mark::Failed(note), &rows, how)
+                .await?,
+        );
+        metrics::counter!(crate::ops::metrics::ROWS_MARKED, "state" => "failed")
+            .increment(n as u64);
+        tracing::info!(rows = n, first = %rows[0].0, error = %note.error, attempts = note.attempts, "rows marked failed");
+        rest = &rest[n..];
+    }
+    Some(settled)
 }
 
 /// How long acknowledgements are gathered before they are passed on when nothing is marked:
