@@ -31,7 +31,7 @@ async fn a_frozen_broker_blocks_neither_status_updates_nor_sigterm() {
     let mut relay = Relay::start(&relay_env(
         &pg,
         &broker.brokers(),
-        &[("RELAY_PIPELINE__SHUTDOWN_TIMEOUT_MS", "1000")],
+        &[("RELAY_PIPELINE__SHUTDOWN_TIMEOUT_MS", "500")],
     ));
     let mut db = pg.client().await;
     wait_streaming(&db, WAIT).await;

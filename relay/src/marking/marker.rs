@@ -10,12 +10,12 @@ use tokio_postgres::Client;
 use uuid::Uuid;
 
 use super::rocketmq::{Settled, execute_keyed};
+use super::statements::{Executed, Mark, MarkSql, already_delivered, unchanged, update};
 use crate::config::Config;
 use crate::error::needs_operator;
 use crate::pipeline::Completion;
 use crate::postgres;
 use crate::postgres::quote::quote_ident;
-use crate::sink::FailureNote;
 use crate::sink::rocketmq::HalfRef;
 
 /// The connection in `slot`, (re)connected when needed.
@@ -27,14 +27,6 @@ pub(super) async fn connected<'a>(
         *slot = Some(postgres::connect(pg).await?);
     }
     Ok(slot.as_ref().expect("connected just above"))
-}
-
-/// One write the marking stage makes.
-#[derive(Clone, Copy)]
-pub(super) enum Mark<'a> {
-    Delivered,
-    /// Rows failed (dead-lettered or parked) with the same note.
-    Failed(&'a FailureNote),
 }
 
 /// How long a confirmed row whose inserting transaction is unknown may stay invisible to the
@@ -64,20 +56,6 @@ pub(super) struct Marker {
     /// RocketMQ sink: records the given oracle keys as committed (in the marking transaction).
     begin_sql: String,
     client: Option<Client>,
-}
-
-/// What one marking statement (or transaction) did.
-#[derive(Default)]
-pub(super) struct Executed {
-    /// Rows neither marked now nor marked before: not visible (yet), or gone.
-    pub(super) missing: Vec<Uuid>,
-    /// Rows with half messages: marked (now, or by an earlier attempt whose outcome was lost),
-    /// their oracle keys committed with the mark.
-    pub(super) marked: Vec<Uuid>,
-    /// Rows with half messages that were marked before (a repeat after a restart).
-    pub(super) already: Vec<Uuid>,
-    /// Rows whose half message a check-back settled as rolled back before it was marked.
-    pub(super) fenced: Vec<Uuid>,
 }
 
 impl Marker {
@@ -344,59 +322,6 @@ pub(super) fn marking_advice(config: &Config, error: &str) -> String {
         a = c.attempts,
         e = c.last_error,
     )
-}
-
-/// The statements of one [`Marker`].
-pub(super) struct MarkSql<'a> {
-    pub(super) delivered: &'a str,
-    pub(super) failed: &'a str,
-    pub(super) already: &'a str,
-    pub(super) keys: &'a str,
-    pub(super) begin: &'a str,
-}
-
-/// The marking UPDATE for `ids`; returns the rows it changed.
-pub(super) async fn update(
-    client: &Client,
-    sql: &MarkSql<'_>,
-    mark: Mark<'_>,
-    ids: &[Uuid],
-) -> Result<Vec<Uuid>, tokio_postgres::Error> {
-    let rows = match mark {
-        Mark::Delivered => client.query(sql.delivered, &[&ids]).await?,
-        Mark::Failed(note) => {
-            let attempts = i32::try_from(note.attempts).unwrap_or(i32::MAX);
-            client
-                .query(sql.failed, &[&ids, &attempts, &note.error])
-                .await?
-        }
-    };
-    Ok(rows.iter().map(|r| r.get::<_, Uuid>(0)).collect())
-}
-
-/// Of `rest` (rows the UPDATE did not change), those marked delivered before.
-pub(super) async fn already_delivered(
-    client: &Client,
-    sql: &MarkSql<'_>,
-    rest: &[Uuid],
-) -> Result<std::collections::HashSet<Uuid>, tokio_postgres::Error> {
-    if rest.is_empty() {
-        return Ok(Default::default());
-    }
-    let rows = client.query(sql.already, &[&rest]).await?;
-    Ok(rows.iter().map(|r| r.get::<_, Uuid>(0)).collect())
-}
-
-/// The rows of `live` the UPDATE did not change.
-pub(super) fn unchanged(live: &[Uuid], updated: &[Uuid]) -> Vec<Uuid> {
-    if updated.len() == live.len() {
-        return Vec::new();
-    }
-    let updated: std::collections::HashSet<&Uuid> = updated.iter().collect();
-    live.iter()
-        .filter(|id| !updated.contains(id))
-        .copied()
-        .collect()
 }
 
 /// Marks `ids` with one UPDATE (no half messages involved).

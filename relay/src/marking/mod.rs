@@ -18,6 +18,7 @@
 
 mod marker;
 mod rocketmq;
+mod statements;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,8 +35,9 @@ use crate::pipeline::Completion;
 use crate::pipeline::watermark::TxSeq;
 use crate::sink::rocketmq::{HalfRef, Settler};
 use crate::sink::{Delivery, FailureNote};
-use marker::{Mark, Marker};
+use marker::Marker;
 use rocketmq::Settled;
+use statements::Mark;
 
 /// Adds one completion to the run-length list of `(transaction, count)`.
 fn push_completion(done: &mut Vec<(TxSeq, u64)>, seq: TxSeq) {

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use super::marker::{Executed, Mark, MarkSql, already_delivered, unchanged, update};
+use super::statements::{Executed, Mark, MarkSql, already_delivered, unchanged, update};
 use crate::config::Config;
 use crate::pipeline::Completion;
 use crate::rocketmq::client::Resolution;
