@@ -7,6 +7,7 @@ mod chaos;
 mod e2e;
 mod exactly_once;
 mod examples;
+mod failover;
 mod lifecycle;
 mod operations;
 mod poison;

@@ -253,6 +253,15 @@ impl PgCluster {
         format!("postgres://{name}@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// Moves the (stopped) cluster to `port`: the next start listens there.
+    pub fn set_port(&mut self, port: u16) {
+        append(
+            &self.data().join("postgresql.conf"),
+            &format!("\nport = {port}\n"),
+        );
+        self.port = port;
+    }
+
     /// The pid of the walsender serving `slot`, if one is active.
     pub fn walsender_pid(&self, slot: &str) -> Option<u32> {
         self.psql(&format!(

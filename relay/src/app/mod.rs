@@ -58,6 +58,18 @@ pub enum RunError {
         "the Postgres session holding the leader lock closed; streaming stops until it is taken again"
     )]
     LockLost,
+    #[error(
+        "POSTGRES CHANGED UNDER THE RELAY: the server now answering is system {} timeline {}, the \
+         positions this relay holds came from system {} timeline {} (a failover or promotion, or \
+         postgres.url now reaches another server). Dropping them: streaming resumes from this \
+         server's own slot (or, without one, from a new slot and every undelivered row), so \
+         nothing is skipped; messages in flight may be published again",
+        to.0, to.1, from.0, from.1
+    )]
+    IdentityChanged {
+        from: (String, u32),
+        to: (String, u32),
+    },
     #[error(transparent)]
     Slot(#[from] SlotError),
     #[error(transparent)]
@@ -80,6 +92,7 @@ impl Classify for RunError {
                 postgres_action(sqlstate.as_deref())
             }
             RunError::LockLost => Action::ReconnectPostgres,
+            RunError::IdentityChanged { .. } => Action::Retry,
             RunError::Slot(e) => e.action(),
             RunError::Pipeline(e) => e.action(),
             RunError::Replication(e) => e.action(),
@@ -143,6 +156,10 @@ struct Supervisor {
     delays: backon::ExponentialBackoff,
     /// Whether the slot was found held by another process (logged once, until it is free).
     standby: bool,
+    /// The server (system id, timeline) the pipeline's positions came from; `None` until it
+    /// first streams. Positions are only good on the server that gave them: Postgres skips
+    /// transactions committed below a start position above the slot's own.
+    identity: Option<(String, u32)>,
 }
 
 /// Runs the relay until `shutdown` is cancelled or an error the policy stops on. `own`: the
@@ -175,6 +192,7 @@ pub async fn run(
         built: None,
         rebuild: None,
         standby: false,
+        identity: None,
     };
     sup.preflight().await?;
     let result = loop {
@@ -303,15 +321,22 @@ impl Supervisor {
         let pipeline = &mut self.built.as_mut().expect("built").pipeline;
         let timeout = Duration::from_millis(config.postgres.replication_timeout_ms);
         let pg = config.pg_config();
+        let known = self.identity.clone();
         let prepare = async {
             let mut repl = ReplicationClient::connect_with_timeout(&pg, Some(timeout)).await?;
             let id = repl.identify_system().await?;
             tracing::info!(system_id = %id.system_id, timeline = id.timeline, wal_position = %id.xlog_pos, "replication connection ready");
+            let here = (id.system_id, id.timeline);
+            if let Some(from) = known
+                && from != here
+            {
+                return Err(RunError::IdentityChanged { from, to: here });
+            }
             let start = source::prepare(&session.db, &mut repl, config, pipeline).await?;
             let stream = repl
                 .start_replication(&config.postgres.slot, start, &config.postgres.publication)
                 .await?;
-            Ok::<_, RunError>(stream)
+            Ok::<_, RunError>((stream, here))
         };
         let prepared = tokio::select! {
             r = prepare => r,
@@ -319,7 +344,10 @@ impl Supervisor {
             i = session.interrupted() => Err(stream::interrupt_error(i).unwrap_or(RunError::LockLost)),
         };
         let replication = match prepared {
-            Ok(s) => s,
+            Ok((s, here)) => {
+                self.identity = Some(here);
+                s
+            }
             Err(e) => {
                 // A first-start snapshot cut short leaves a batch that never ends.
                 if pipeline.has_unfinished_batch() {
@@ -381,6 +409,15 @@ impl Supervisor {
                 if sleep_or_shutdown(wait, &self.shutdown).await {
                     return Some(Ok(()));
                 }
+            }
+            Action::Retry if matches!(e, RunError::IdentityChanged { .. }) => {
+                tracing::error!("{e}");
+                // A new pipeline, confirming nothing the old server gave until this one does.
+                self.identity = None;
+                self.rebuild = Some(Rebuild {
+                    known: None,
+                    confirmed: Lsn::ZERO,
+                });
             }
             Action::Retry | Action::ReconnectPostgres => {
                 if matches!(e, RunError::LockLost)
