@@ -353,3 +353,36 @@ async fn a_frozen_replication_connection_is_detected_and_replaced() {
         "a new walsender streams"
     );
 }
+
+/// SIGTERM while the in-flight bound is reached in the middle of a transaction and the broker is
+/// frozen: nothing can complete and the transaction's Commit is never read, yet the relay stops
+/// within `pipeline.shutdown_timeout_ms`. Found in review of the rebuilt loop: with status
+/// updates moved to the stream driver, nothing was left to wake it while it waited for the
+/// Commit (c2d4d6a's loop woke every second for its status update).
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_mid_transaction_at_the_in_flight_bound_is_served() {
+    let Stack {
+        pg,
+        broker,
+        mut relay,
+    } = Stack::start(&[
+        ("RELAY_PIPELINE__MAX_IN_FLIGHT", "1"),
+        ("RELAY_PIPELINE__SHUTDOWN_TIMEOUT_MS", "500"),
+    ]);
+    let mut db = pg.client().await;
+    wait_streaming(&db, WAIT).await;
+    insert_rows(&mut db, "bound", 1, 1, true).await;
+    assert!(all_delivered(&db, WAIT).await, "{}", relay.log());
+
+    broker.pause();
+    insert_rows(&mut db, "bound", 1, 3, true).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    signal_pid(relay.pid(), "-TERM");
+    let exited = relay.wait_exit(Duration::from_secs(5));
+    broker.resume();
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "SIGTERM not served:\n{}",
+        relay.log()
+    );
+}

@@ -70,6 +70,8 @@ pub enum RunError {
         from: (String, u32),
         to: (String, u32),
     },
+    #[error("{0} (a step of the stream loop was cut short: the pipeline is built afresh)")]
+    CutShort(Box<RunError>),
     #[error(transparent)]
     Slot(#[from] SlotError),
     #[error(transparent)]
@@ -93,6 +95,7 @@ impl Classify for RunError {
             }
             RunError::LockLost => Action::ReconnectPostgres,
             RunError::IdentityChanged { .. } => Action::Retry,
+            RunError::CutShort(e) => e.action(),
             RunError::Slot(e) => e.action(),
             RunError::Pipeline(e) => e.action(),
             RunError::Replication(e) => e.action(),
@@ -112,6 +115,14 @@ impl RunError {
                 crate::postgres::describe(e)
             ),
             sqlstate: e.code().map(|c| c.code().to_owned()),
+        }
+    }
+
+    /// The error itself, without the "cut short" wrapping.
+    fn root(&self) -> &RunError {
+        match self {
+            RunError::CutShort(inner) => inner.root(),
+            other => other,
         }
     }
 
@@ -420,7 +431,7 @@ impl Supervisor {
                 });
             }
             Action::Retry | Action::ReconnectPostgres => {
-                if matches!(e, RunError::LockLost)
+                if matches!(e.root(), RunError::LockLost)
                     && let Some(s) = &mut self.session
                 {
                     s.holds_lock = false;
@@ -437,6 +448,16 @@ impl Supervisor {
                         // position.
                         self.rebuild = Some(Rebuild {
                             known: p.committed_position(),
+                            confirmed: p.flushable(),
+                        });
+                    }
+                    // A step cut short (a completion or a Kafka commit under way) or a batch left
+                    // open (a redrive or snapshot): the books cannot be trusted. Build afresh; an
+                    // exactly-once producer reads the committed position back (a commit cut
+                    // short may have succeeded).
+                    if matches!(e, RunError::CutShort(_)) || p.has_unfinished_batch() {
+                        self.rebuild = Some(Rebuild {
+                            known: None,
                             confirmed: p.flushable(),
                         });
                     }

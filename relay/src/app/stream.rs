@@ -47,7 +47,10 @@ pub async fn guarded<T>(
         shutdown.cancelled().await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
+    // The work first: a step that can finish now always does (a completion already taken from
+    // its channel must be applied, not dropped).
     tokio::select! {
+        biased;
         r = work => Ok(r),
         _ = late => Err(Interrupt::Shutdown),
         i = session.interrupted() => Err(i),
@@ -97,8 +100,10 @@ macro_rules! step {
         match $outcome {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => return Err(RunError::from(e)),
+            // A step cut short may leave the pipeline's books open (a completion not applied, a
+            // redrive batch not closed): the supervisor rebuilds it.
             Err(i) => match interrupt_error(i) {
-                Some(e) => return Err(e),
+                Some(e) => return Err(RunError::CutShort(Box::new(e))),
                 None => return Ok(Ended::Shutdown),
             },
         }
@@ -130,11 +135,14 @@ async fn read_until_stopped<S: Sink>(
         }
         // Exactly-once: when the open Kafka transaction is due for commit.
         let commit_due = pipeline.kafka_transaction_due();
+        // Stopping: the loop top ends it by then, even when nothing else wakes the loop.
+        let stop_by = stopping_since.map(|since| since + finish_tx_limit);
         tokio::select! {
             biased;
             _ = shutdown.cancelled(), if stopping_since.is_none() => {
                 stopping_since = Some(Instant::now());
             }
+            _ = tokio::time::sleep_until(stop_by.unwrap_or_else(Instant::now)), if stop_by.is_some() => {}
             i = session.interrupted() => {
                 return Err(interrupt_error(i).unwrap_or(RunError::LockLost));
             }

@@ -168,6 +168,21 @@ async fn drive_until_done(
                 heard = Instant::now();
                 asked = false;
             }
+            _ = tick.tick() => {
+                let at = *confirmed.borrow_and_update();
+                status(stream, at, false).await?;
+                sent_at = Instant::now();
+                moved = false;
+            }
+            Ok(()) = confirmed.changed() => moved = true,
+            _ = tokio::time::sleep_until(sent_at + FEEDBACK_COALESCE), if moved => {
+                let at = *confirmed.borrow_and_update();
+                status(stream, at, false).await?;
+                sent_at = Instant::now();
+                moved = false;
+            }
+            // After the status updates (a socket that always has data must not starve them),
+            // before the silence timers (data waiting is no silence).
             msg = stream.next(), if reading => {
                 let msg = msg?.ok_or_else(|| {
                     ReplicationError::Io(std::io::Error::new(
@@ -187,19 +202,6 @@ async fn drive_until_done(
                     Err(mpsc::error::TrySendError::Full(Ok(msg))) => held = Some(msg),
                     Err(_) => return Ok(None),
                 }
-            }
-            _ = tick.tick() => {
-                let at = *confirmed.borrow_and_update();
-                status(stream, at, false).await?;
-                sent_at = Instant::now();
-                moved = false;
-            }
-            Ok(()) = confirmed.changed() => moved = true,
-            _ = tokio::time::sleep_until(sent_at + FEEDBACK_COALESCE), if moved => {
-                let at = *confirmed.borrow_and_update();
-                status(stream, at, false).await?;
-                sent_at = Instant::now();
-                moved = false;
             }
             _ = tokio::time::sleep_until(heard + ask_after), if reading && !asked => {
                 tracing::debug!(silent_ms = ask_after.as_millis() as u64, "Postgres is silent on the replication connection; asking for a reply");

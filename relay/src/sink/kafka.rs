@@ -333,38 +333,48 @@ struct Handoff {
 }
 
 impl Handoff {
-    /// Sends `item` (counted in `pending`) now; a refusal goes to the retry task, which backs
-    /// off and reports the message `Failed` after `dead_letter.max_attempts` sends when the
-    /// broker refuses it for good. Never waits.
-    fn send(&self, mut item: RetryItem) {
+    /// Sends `item` (counted in `pending`), waiting while librdkafka's queue is full (so what
+    /// waits for one topic keeps its order); a refusal goes to the retry task, which backs off
+    /// and reports the message `Failed` after `dead_letter.max_attempts` sends when the broker
+    /// refuses it for good.
+    async fn deliver(&self, mut item: RetryItem) {
         let Some(producer) = self.producer.upgrade() else {
             return; // the sink is gone: nobody is left to report to
         };
         let headers = item.headers.take().unwrap_or_default();
-        let mut record = BaseRecord::with_opaque_to(&item.topic, Box::new(item.token.clone()))
-            .headers(headers.clone());
-        if let Some(k) = &item.key {
-            record = record.key(&k[..]);
-        }
-        if let Some(p) = &item.payload {
-            record = record.payload(&p[..]);
-        }
-        match producer.send(record) {
+        let result = enqueue(
+            &producer,
+            &item.topic,
+            None,
+            item.key.as_deref(),
+            item.payload.as_deref(),
+            &headers,
+            item.token.clone(),
+        )
+        .await;
+        match result {
             Ok(()) => {
                 self.pending.fetch_sub(1, Ordering::SeqCst);
             }
-            Err((e, _)) if error_code(&e) == Some(RDKafkaErrorCode::Fatal) => {
-                self.pending.fetch_sub(1, Ordering::SeqCst);
-                report_broken(&self.broken, &self.deliveries, fatal_reason(&producer, &e));
-            }
             Err((e, _)) => {
-                item.code = error_code(&e);
-                item.error = e.to_string();
                 item.headers = Some(headers);
-                if self.retries.send(item).is_err() {
-                    self.pending.fetch_sub(1, Ordering::SeqCst);
-                }
+                self.refused(&producer, item, &e);
             }
+        }
+    }
+
+    /// librdkafka refused `item` at once: a fatal error breaks the sink, anything else goes to
+    /// the retry task.
+    fn refused(&self, producer: &RelayProducer, mut item: RetryItem, e: &KafkaError) {
+        if error_code(e) == Some(RDKafkaErrorCode::Fatal) {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            report_broken(&self.broken, &self.deliveries, fatal_reason(producer, e));
+            return;
+        }
+        item.code = error_code(e);
+        item.error = e.to_string();
+        if self.retries.send(item).is_err() {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -387,7 +397,7 @@ async fn resolve_topic(topics: Arc<Topics>, handoff: Handoff, topic: String) {
         }
         for item in waiting {
             match &outcome {
-                Ok(()) => handoff.send(item),
+                Ok(()) => handoff.deliver(item).await,
                 Err(e) => {
                     handoff.pending.fetch_sub(1, Ordering::SeqCst);
                     report_failed(
@@ -544,49 +554,41 @@ impl KafkaSink {
     }
 
     /// At-least-once: takes `msg` without waiting for the broker. Its topic known, it goes to
-    /// librdkafka at once; otherwise it waits (in order, counted as pending) while a task of its
-    /// own looks the topic up and creates it. A refusal goes to the retry task.
-    fn accept(&mut self, msg: &OutboxMessage, token: AckToken) {
-        if self.topics.is_known(&msg.topic) {
-            let headers = build_headers(&msg.headers);
-            let mut record = BaseRecord::with_opaque_to(&msg.topic, Box::new(token))
-                .headers(headers)
-                .key(&msg.key[..]);
-            if let Some(p) = &msg.payload {
-                record = record.payload(&p[..]);
-            }
-            let Err((e, record)) = self.producer.send(record) else {
-                return;
-            };
-            // Rare: hand it to the retry task (or report the producer broken).
-            let token = *record.delivery_opaque;
+    /// librdkafka at once (waiting only while librdkafka's own queue is full); otherwise it waits
+    /// (in order, counted as pending) while a task of its own looks the topic up and creates it.
+    /// A refusal goes to the retry task.
+    async fn accept(&mut self, msg: &OutboxMessage, token: AckToken) {
+        if !self.topics.is_known(&msg.topic) {
             self.retry_pending.fetch_add(1, Ordering::SeqCst);
-            let mut item = retry_item(msg, token);
-            item.code = error_code(&e);
-            item.error = e.to_string();
-            if error_code(&e) == Some(RDKafkaErrorCode::Fatal) {
-                self.retry_pending.fetch_sub(1, Ordering::SeqCst);
-                report_broken(
-                    &self.broken,
-                    &self.deliveries,
-                    fatal_reason(&self.producer, &e),
-                );
-            } else if self.handoff.retries.send(item).is_err() {
-                self.retry_pending.fetch_sub(1, Ordering::SeqCst);
+            match self.topics.admit(retry_item(msg, token)) {
+                Admit::SendNow(item) => self.handoff.deliver(*item).await,
+                Admit::Queued => {}
+                Admit::Resolve => {
+                    tokio::spawn(resolve_topic(
+                        self.topics.clone(),
+                        self.handoff.clone(),
+                        msg.topic.clone(),
+                    ));
+                }
             }
             return;
         }
-        self.retry_pending.fetch_add(1, Ordering::SeqCst);
-        match self.topics.admit(retry_item(msg, token)) {
-            Admit::SendNow(item) => self.handoff.send(*item),
-            Admit::Queued => {}
-            Admit::Resolve => {
-                tokio::spawn(resolve_topic(
-                    self.topics.clone(),
-                    self.handoff.clone(),
-                    msg.topic.clone(),
-                ));
-            }
+        let headers = build_headers(&msg.headers);
+        let sent = enqueue(
+            &self.producer,
+            &msg.topic,
+            None,
+            Some(&msg.key[..]),
+            msg.payload.as_deref(),
+            &headers,
+            token,
+        )
+        .await;
+        if let Err((e, token)) = sent {
+            // Rare: hand it to the retry task (or report the producer broken).
+            self.retry_pending.fetch_add(1, Ordering::SeqCst);
+            self.handoff
+                .refused(&self.producer, retry_item(msg, token), &e);
         }
     }
 
@@ -982,16 +984,10 @@ async fn retry_loop(
     } = handoff;
     // The loop's own sender would keep its channel open for ever.
     drop(retries);
-    let mut again: std::collections::VecDeque<RetryItem> = std::collections::VecDeque::new();
-    loop {
-        let item = match again.pop_front() {
-            Some(item) => item,
-            None => match items.recv().await {
-                Some(item) => item,
-                None => return,
-            },
-        };
-        let received = tokio::time::Instant::now();
+    // Each message waits its own backoff: one retried for ever (an authorization error) does
+    // not hold up the others.
+    let mut waiting: Vec<(tokio::time::Instant, RetryItem)> = Vec::new();
+    let schedule = |item: RetryItem, waiting: &mut Vec<(tokio::time::Instant, RetryItem)>| {
         let delay = backoff
             .build()
             .nth(item.token.attempt.saturating_sub(1) as usize)
@@ -1004,11 +1000,31 @@ async fn retry_loop(
             retry_in = ?delay,
             "delivery failed; sending again"
         );
-        tokio::time::sleep_until(received + delay).await;
+        waiting.push((tokio::time::Instant::now() + delay, item));
+    };
+    loop {
+        // The first of the earliest due (equal times keep the order they failed in).
+        let next = waiting
+            .iter()
+            .enumerate()
+            .min_by_key(|(i, (due, _))| (*due, *i))
+            .map(|(i, (due, _))| (i, *due));
+        let due_at = next.map(|(_, due)| due);
+        tokio::select! {
+            got = items.recv() => match got {
+                Some(item) => schedule(item, &mut waiting),
+                None => return,
+            },
+            _ = tokio::time::sleep_until(due_at.unwrap_or_else(tokio::time::Instant::now)), if due_at.is_some() => {}
+        }
+        let Some((i, due)) = next else { continue };
+        if due > tokio::time::Instant::now() {
+            continue;
+        }
         if producer.strong_count() == 0 {
             return; // the sink was dropped (shutdown, or a broken producer replaced)
         }
-        let mut item = item;
+        let (_, mut item) = waiting.remove(i);
         item.token.attempt += 1;
         if item.code.is_some_and(is_topic_gone) {
             topics.forget(&item.topic);
@@ -1056,7 +1072,7 @@ async fn retry_loop(
                 item.code = error_code(&e);
                 item.error = e.to_string();
                 item.headers = Some(headers);
-                again.push_back(item);
+                schedule(item, &mut waiting);
             }
         }
     }
@@ -1110,7 +1126,7 @@ impl Sink for KafkaSink {
             )));
         }
         if self.txn.is_none() {
-            self.accept(msg, token);
+            self.accept(msg, token).await;
             return Ok(());
         }
         self.topics
