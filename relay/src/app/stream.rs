@@ -10,6 +10,7 @@
 //!   transaction uncommitted in the watermark, so the slot never passes it.
 //! - Backpressure: no WAL message is taken while `pipeline.max_in_flight` messages are unconfirmed.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::time::Duration;
 
@@ -123,6 +124,8 @@ async fn read_until_stopped<S: Sink>(
     ));
     redrive_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut log = ProgressLog::new(pipeline);
+    // Messages of the batch being applied (the driver hands them over a socket read at a time).
+    let mut queued: VecDeque<ServerMessage> = VecDeque::new();
     // On SIGTERM in the middle of a transaction, read on to its Commit (bounded by the shutdown
     // timeout): rows of it already published would otherwise be sent again after the restart.
     let mut stopping_since: Option<Instant> = None;
@@ -155,7 +158,7 @@ async fn read_until_stopped<S: Sink>(
             _ = redrive_tick.tick(), if !pipeline.blocked().is_empty() && stopping_since.is_none() => {
                 step!(guarded(redrive::redrive_due(&session.db, config, pipeline), session, shutdown).await);
             }
-            msg = driver.recv(), if pipeline.has_capacity() => {
+            msg = next_message(&mut queued, driver), if pipeline.has_capacity() => {
                 match msg? {
                     ServerMessage::XLogData { data, .. } => {
                         let event = PgOutput::decode(data).map_err(ReplicationError::from)?;
@@ -168,6 +171,21 @@ async fn read_until_stopped<S: Sink>(
         driver.confirm(pipeline.flushable());
         log.tick(pipeline);
     }
+}
+
+/// The next WAL message: from the batch being applied, else from the driver's next batch.
+/// Cancel-safe (only the driver's receive waits).
+async fn next_message(
+    queued: &mut VecDeque<ServerMessage>,
+    driver: &mut StreamDriver,
+) -> Result<ServerMessage, ReplicationError> {
+    if let Some(m) = queued.pop_front() {
+        return Ok(m);
+    }
+    queued.extend(driver.recv().await?);
+    queued.pop_front().ok_or_else(|| {
+        ReplicationError::Protocol("the stream driver handed over an empty batch".into())
+    })
 }
 
 /// Stops reading, waits (bounded) for what is in flight, then confirms it to Postgres.

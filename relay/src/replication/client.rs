@@ -641,27 +641,58 @@ impl ReplicationStream {
                 return Ok(None);
             }
             let (tag, body) = self.client.next_frame().await?;
-            match tag {
-                b'd' => return Ok(Some(ServerMessage::decode(body)?)),
-                b'c' => self.finished = true,
-                b'E' => {
-                    let mut buf = BytesMut::with_capacity(body.len() + 5);
-                    buf.put_u8(b'E');
-                    buf.put_i32(body.len() as i32 + 4);
-                    buf.put_slice(&body);
-                    if let Some(Message::ErrorResponse(e)) = Message::parse(&mut buf)? {
-                        return Err(ServerError::parse(&e).into());
-                    }
-                    return Err(ReplicationError::Protocol("garbled ErrorResponse".into()));
-                }
-                b'N' | b'S' => {}
-                other => {
-                    return Err(ReplicationError::Protocol(format!(
-                        "unexpected message {:?} while streaming",
-                        other as char
-                    )));
-                }
+            if let Some(m) = self.frame(tag, body)? {
+                return Ok(Some(m));
             }
+        }
+    }
+
+    /// The next message already in the read buffer, without touching the socket: `None` when
+    /// no whole frame is buffered (or the stream has ended).
+    pub fn next_buffered(&mut self) -> Result<Option<ServerMessage>, ReplicationError> {
+        loop {
+            if self.finished {
+                return Ok(None);
+            }
+            let rbuf = &mut self.client.rbuf;
+            let Some(len) = frame_len(rbuf)? else {
+                return Ok(None);
+            };
+            if rbuf.len() < len {
+                return Ok(None);
+            }
+            let mut frame = rbuf.split_to(len);
+            let tag = frame[0];
+            frame.advance(5);
+            if let Some(m) = self.frame(tag, frame.freeze())? {
+                return Ok(Some(m));
+            }
+        }
+    }
+
+    /// One frame of the CopyBoth stream: a message, nothing (a notice, the end), or an error.
+    fn frame(&mut self, tag: u8, body: Bytes) -> Result<Option<ServerMessage>, ReplicationError> {
+        match tag {
+            b'd' => Ok(Some(ServerMessage::decode(body)?)),
+            b'c' => {
+                self.finished = true;
+                Ok(None)
+            }
+            b'E' => {
+                let mut buf = BytesMut::with_capacity(body.len() + 5);
+                buf.put_u8(b'E');
+                buf.put_i32(body.len() as i32 + 4);
+                buf.put_slice(&body);
+                if let Some(Message::ErrorResponse(e)) = Message::parse(&mut buf)? {
+                    return Err(ServerError::parse(&e).into());
+                }
+                Err(ReplicationError::Protocol("garbled ErrorResponse".into()))
+            }
+            b'N' | b'S' => Ok(None),
+            other => Err(ReplicationError::Protocol(format!(
+                "unexpected message {:?} while streaming",
+                other as char
+            ))),
         }
     }
 

@@ -30,8 +30,11 @@ use super::protocol::{ServerMessage, StandbyStatusUpdate};
 /// Minimum spacing of status updates sent because the confirmed position moved.
 pub const FEEDBACK_COALESCE: Duration = Duration::from_millis(100);
 
-/// Messages read ahead of the stream loop (each one decoded WAL message: a row, a Begin, …).
-const READ_AHEAD: usize = 1_024;
+/// Batches read ahead of the stream loop.
+const READ_AHEAD: usize = 8;
+/// Most messages per batch: what one socket read brought, handed over with one channel send
+/// and one wake-up instead of one per message.
+const BATCH_MAX: usize = 512;
 
 /// How the driver paces itself.
 #[derive(Debug, Clone, Copy)]
@@ -40,7 +43,8 @@ pub struct DriverSettings {
     pub timeout: Duration,
 }
 
-type Item = Result<ServerMessage, ReplicationError>;
+/// A batch of messages (never empty), in order, or the error that ended the stream.
+type Item = Result<Vec<ServerMessage>, ReplicationError>;
 
 /// The stream loop's handle on the driver task. Dropping it aborts the task (and closes the
 /// connection).
@@ -66,7 +70,8 @@ impl StreamDriver {
         }
     }
 
-    /// The next message, or the error that ended the stream. Cancel-safe.
+    /// The next batch of messages (never empty), or the error that ended the stream.
+    /// Cancel-safe.
     pub async fn recv(&mut self) -> Item {
         match self.messages.recv().await {
             Some(item) => item,
@@ -148,8 +153,8 @@ async fn drive_until_done(
 ) -> Result<Option<(Lsn, Duration)>, ReplicationError> {
     let mut tick = tokio::time::interval(settings.status_interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    // A message the stream loop had no room for yet; nothing more is read until it is taken.
-    let mut held: Option<ServerMessage> = None;
+    // A batch the stream loop had no room for yet; nothing more is read until it is taken.
+    let mut held: Option<Vec<ServerMessage>> = None;
     let mut heard = Instant::now();
     let mut asked = false;
     let mut sent_at = Instant::now();
@@ -192,14 +197,23 @@ async fn drive_until_done(
                 })?;
                 heard = Instant::now();
                 asked = false;
-                if let ServerMessage::Keepalive { reply_requested: true, .. } = msg {
+                let mut batch = vec![msg];
+                while batch.len() < BATCH_MAX
+                    && let Some(more) = stream.next_buffered()?
+                {
+                    batch.push(more);
+                }
+                let reply = batch.iter().any(|m| {
+                    matches!(m, ServerMessage::Keepalive { reply_requested: true, .. })
+                });
+                if reply {
                     let at = *confirmed.borrow();
                     status(stream, at, false).await?;
                     sent_at = Instant::now();
                 }
-                match out.try_send(Ok(msg)) {
+                match out.try_send(Ok(batch)) {
                     Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(Ok(msg))) => held = Some(msg),
+                    Err(mpsc::error::TrySendError::Full(Ok(batch))) => held = Some(batch),
                     Err(_) => return Ok(None),
                 }
             }
