@@ -85,7 +85,7 @@ fn main() -> ExitCode {
                 }
             }
             Command::Run => {
-                let metrics = match outbox_relay::ops::metrics::install() {
+                let metrics = match outbox_relay::metrics::install() {
                     Ok(handle) => Some(handle),
                     Err(e) => {
                         tracing::warn!("{e}; /metrics will answer 404");
@@ -95,7 +95,7 @@ fn main() -> ExitCode {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(wait_for_signal(shutdown.clone()));
                 let oracle = outbox_relay::ops::http::oracle(&config);
-                let health = std::sync::Arc::new(outbox_relay::ops::health::Health::new(
+                let health = std::sync::Arc::new(outbox_relay::health::Health::new(
                     std::time::Duration::from_millis(config.health.stall_ms),
                 ));
                 health.set_streaming(false); // the series exists (0) before the first stream
@@ -116,7 +116,7 @@ fn main() -> ExitCode {
                         return ExitCode::from(2);
                     }
                 }
-                tokio::spawn(outbox_relay::ops::health::probe_broker(
+                tokio::spawn(outbox_relay::ops::probe::probe_broker(
                     config.clone(),
                     health.clone(),
                     shutdown.clone(),

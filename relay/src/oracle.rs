@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 use tokio_postgres::Client;
 
 use crate::postgres;
-use crate::postgres::quote::quote_ident;
+use crate::quote::quote_ident;
 
 /// The oracle's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,6 +12,7 @@
 //! ([`Session::holds_lock`] is set only by `leader::acquire`); a pipeline whose first-start
 //! snapshot failed half-way is never reused (its watermark would hold a batch that never ends).
 
+pub mod redrive;
 pub mod session;
 pub mod stream;
 
@@ -23,13 +24,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DeliveryMode, SinkKind, redact_url};
-use crate::dead_letter::redrive;
 use crate::error::{Action, Classify, postgres_action};
 use crate::exactly_once::position::SourcePosition;
+use crate::health::Health;
 use crate::marking;
-use crate::ops::health::Health;
 use crate::pipeline::{Pipeline, PipelineError};
-use crate::postgres::{leader, schema};
+use crate::postgres::leader;
 use crate::replication::driver::{DriverSettings, StreamDriver};
 use crate::replication::{Lsn, ReplicationClient, ReplicationError};
 use crate::retry::{backoff, sleep_or_shutdown};
@@ -37,6 +37,7 @@ use crate::rocketmq::OwnHalves;
 use crate::sink::kafka::KafkaSink;
 use crate::sink::rocketmq::RocketMqSink;
 use crate::sink::{AnySink, SinkError};
+use crate::source::schema;
 use crate::source::{self, SlotError};
 use session::Session;
 

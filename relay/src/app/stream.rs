@@ -18,9 +18,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::RunError;
+use super::redrive;
 use super::session::{Interrupt, Session};
 use crate::config::Config;
-use crate::dead_letter::redrive;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::replication::ReplicationError;
 use crate::replication::driver::StreamDriver;

@@ -1090,8 +1090,8 @@ impl Config {
     pub fn outbox_table_sql(&self) -> String {
         format!(
             "{}.{}",
-            crate::postgres::quote::quote_ident(&self.outbox.schema),
-            crate::postgres::quote::quote_ident(&self.outbox.table)
+            crate::quote::quote_ident(&self.outbox.schema),
+            crate::quote::quote_ident(&self.outbox.table)
         )
     }
 
@@ -1099,8 +1099,8 @@ impl Config {
     pub fn state_table_sql(&self) -> String {
         format!(
             "{}.{}",
-            crate::postgres::quote::quote_ident(&self.outbox.schema),
-            crate::postgres::quote::quote_ident(&self.outbox.state_table)
+            crate::quote::quote_ident(&self.outbox.schema),
+            crate::quote::quote_ident(&self.outbox.state_table)
         )
     }
 }

@@ -5,7 +5,7 @@
 //! (marked failed with a "held back" note) instead of being sent, so consumers never see an
 //! aggregate's event N+1 without event N. Other aggregates keep flowing, and because parked rows
 //! are durable in the table the slot still advances. A blocked aggregate's parked rows are tried
-//! again, oldest first, every `dead_letter.block_retry_interval_ms` (see `crate::dead_letter::redrive`); when
+//! again, oldest first, every `dead_letter.block_retry_interval_ms` (see `app/redrive.rs`); when
 //! they go through, the aggregate is unblocked.
 //!
 //! Limit: a failure the broker reports asynchronously (after the send) blocks the aggregate from
@@ -20,7 +20,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::pipeline::routing::{OutboxMessage, RawRow};
+use crate::routing::{OutboxMessage, RawRow};
 
 /// An aggregate: the unit whose events must stay in order.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -6,7 +6,7 @@
 use bytes::Bytes;
 
 use crate::config::Config;
-use crate::pipeline::routing::{OutboxMessage, RawRow, Router};
+use crate::routing::{OutboxMessage, RawRow, Router};
 
 /// The dead-letter record of a message the broker rejected.
 pub fn for_message(

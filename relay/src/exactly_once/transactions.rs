@@ -17,10 +17,6 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::config::Config;
 use crate::exactly_once::position::SourcePosition;
-use crate::pipeline::watermark::TxSeq;
-
-/// The transaction "sequence" of a progress record's delivery token: not a source transaction.
-pub const PROGRESS_RECORD: TxSeq = TxSeq::MAX;
 
 /// Turns an idempotent producer's properties into a transactional producer's.
 pub fn apply_transactional(c: &mut ClientConfig, config: &Config) {

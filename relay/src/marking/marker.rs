@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::error::needs_operator;
 use crate::pipeline::Completion;
 use crate::postgres;
-use crate::postgres::quote::quote_ident;
+use crate::quote::quote_ident;
 use crate::sink::rocketmq::HalfRef;
 
 /// The connection in `slot`, (re)connected when needed.

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::ops::health::Health;
+use crate::health::Health;
 use crate::pipeline::Completion;
 use crate::pipeline::watermark::TxSeq;
 use crate::sink::rocketmq::{HalfRef, Settler};
@@ -170,9 +170,9 @@ async fn mark_rows(
                 .await?,
         );
         tracing::trace!(rows = delivered.len(), "marked delivered");
-        metrics::counter!(crate::ops::metrics::ROWS_MARKED, "state" => "delivered")
+        metrics::counter!(crate::metrics::ROWS_MARKED, "state" => "delivered")
             .increment(delivered.len() as u64);
-        metrics::histogram!(crate::ops::metrics::MARK_BATCH_ROWS).record(delivered.len() as f64);
+        metrics::histogram!(crate::metrics::MARK_BATCH_ROWS).record(delivered.len() as f64);
     }
     let mut rest = failed;
     while let Some((_, _, note)) = rest.first() {
@@ -187,8 +187,7 @@ async fn mark_rows(
                 .execute_until_done(Mark::Failed(note), &rows, how)
                 .await?,
         );
-        metrics::counter!(crate::ops::metrics::ROWS_MARKED, "state" => "failed")
-            .increment(n as u64);
+        metrics::counter!(crate::metrics::ROWS_MARKED, "state" => "failed").increment(n as u64);
         tracing::info!(rows = n, first = %rows[0].0, error = %note.error, attempts = note.attempts, "rows marked failed");
         rest = &rest[n..];
     }
@@ -288,7 +287,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::routing::OutboxMessage;
+    use crate::routing::OutboxMessage;
     use crate::sink::AckToken;
 
     #[test]

@@ -11,9 +11,10 @@ use std::time::Duration;
 use rdkafka::producer::{BaseProducer, Producer};
 
 use crate::config::{Config, redact_url};
-use crate::postgres::{self as db, schema};
+use crate::postgres as db;
 use crate::replication::ReplicationClient;
 use crate::source as slot;
+use crate::source::schema;
 
 /// One line of the report.
 #[derive(Debug, Clone)]

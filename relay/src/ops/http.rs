@@ -1,8 +1,8 @@
 //! The admin HTTP listener (`http.addr`, env `RELAY_HTTP__ADDR`, default `127.0.0.1:8080`).
 //!
-//! `GET /metrics`: Prometheus text (see `crate::ops::metrics`). `GET /healthz`: 200 while the process
+//! `GET /metrics`: Prometheus text (see `crate::metrics`). `GET /healthz`: 200 while the process
 //! serves. `GET /readyz`: 200 while streaming with the broker reachable, else 503 with the
-//! reasons (see `crate::ops::health`).
+//! reasons (see `crate::health`).
 //!
 //! `GET /v1/transactions/{key}` asks the transaction oracle what became of a local transaction,
 //! for gateways and coordinators that check over HTTP:
@@ -28,8 +28,8 @@ use tokio_util::sync::CancellationToken;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::Config;
-use crate::ops::health::Health;
-use crate::ops::metrics::TRANSACTION_CHECKS;
+use crate::health::Health;
+use crate::metrics::TRANSACTION_CHECKS;
 use crate::oracle::{Oracle, TxStatus, validate_key};
 
 /// The oracle every check goes through, built from the configuration.

@@ -11,11 +11,11 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::ops::metrics::{
+use crate::metrics::{
     OLDEST_UNDELIVERED, REPLICATION_LAG, RETAINED_WAL, RETAINED_WAL_WARNING, SAFE_WAL_SIZE,
 };
 use crate::postgres;
-use crate::postgres::quote::quote_ident;
+use crate::quote::quote_ident;
 
 /// How often the warning is repeated while the retained WAL stays above the threshold.
 const WARN_EVERY: Duration = Duration::from_secs(300);

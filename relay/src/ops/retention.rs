@@ -13,9 +13,9 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::ops::metrics::ROWS_DELETED;
+use crate::metrics::ROWS_DELETED;
 use crate::postgres;
-use crate::postgres::quote::quote_ident;
+use crate::quote::quote_ident;
 
 /// The DELETE of one batch: `$1` retention in seconds, `$2` batch size.
 pub fn delete_sql(config: &Config) -> String {

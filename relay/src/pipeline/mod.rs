@@ -13,7 +13,6 @@
 //! the table until it goes through ([`blocking`]); `halt` stops with an error naming the row,
 //! before the slot passes it.
 
-pub mod routing;
 pub mod watermark;
 
 use std::collections::HashMap;
@@ -31,8 +30,8 @@ use crate::exactly_once::position::SourcePosition;
 use crate::exactly_once::{ExactlyOnce, OpenBatch};
 use crate::replication::Lsn;
 use crate::replication::pgoutput::PgOutput;
+use crate::routing::{ColumnMap, OutboxMessage, RawRow, Router};
 use crate::sink::{AckToken, Delivery, FailureNote, Sink, SinkError};
-use routing::{ColumnMap, OutboxMessage, RawRow, Router};
 use watermark::{TxSeq, Watermark};
 
 /// Completions coming back from the marking stage (acknowledged and, if configured, marked).
@@ -97,7 +96,7 @@ pub enum PipelineError {
     Fenced(String),
 }
 
-/// Prometheus handles of the pipeline's metrics, taken once (see `crate::ops::metrics`).
+/// Prometheus handles of the pipeline's metrics, taken once (see `crate::metrics`).
 struct Meters {
     rows_read: metrics::Counter,
     published: metrics::Counter,
@@ -108,7 +107,7 @@ struct Meters {
 
 impl Meters {
     fn new() -> Meters {
-        use crate::ops::metrics::*;
+        use crate::metrics::*;
         Meters {
             rows_read: metrics::counter!(ROWS_READ),
             published: metrics::counter!(MESSAGES_PUBLISHED),
@@ -163,7 +162,7 @@ pub struct Pipeline<S: Sink> {
     pub counters: Counters,
     meters: Meters,
     /// Readiness: in-flight count and completions, for the stall check.
-    health: Option<std::sync::Arc<crate::ops::health::Health>>,
+    health: Option<std::sync::Arc<crate::health::Health>>,
 }
 
 impl<S: Sink> Pipeline<S> {
@@ -200,7 +199,7 @@ impl<S: Sink> Pipeline<S> {
     }
 
     /// Reports in-flight messages and completions to `health` (the stall check of `/readyz`).
-    pub fn set_health(&mut self, health: std::sync::Arc<crate::ops::health::Health>) {
+    pub fn set_health(&mut self, health: std::sync::Arc<crate::health::Health>) {
         self.health = Some(health);
     }
 
@@ -381,7 +380,7 @@ impl<S: Sink> Pipeline<S> {
         self.send_row(seq, raw, origin).await
     }
 
-    /// Publishes a parked row of a blocked aggregate again (see `crate::dead_letter::redrive`).
+    /// Publishes a parked row of a blocked aggregate again (see `app/redrive.rs`).
     pub async fn redrive_row(&mut self, seq: TxSeq, raw: RawRow) -> Result<(), PipelineError> {
         self.send_row(seq, raw, None).await
     }
@@ -759,8 +758,8 @@ impl<S: Sink> Pipeline<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::routing::OutboxMessage;
     use crate::replication::pgoutput::encode;
+    use crate::routing::OutboxMessage;
     use bytes::Bytes;
 
     /// A sink that records what it is handed; completions are driven by the test. Messages for

@@ -9,8 +9,7 @@ use std::collections::VecDeque;
 
 use crate::replication::Lsn;
 
-/// Sequence number the watermark gives each transaction, carried by its messages' ack tokens.
-pub type TxSeq = u64;
+pub use crate::sink::TxSeq;
 
 #[derive(Debug)]
 struct TxEntry {

@@ -1,12 +1,10 @@
 //! Postgres as the relay's ordinary sessions see it: connections (for queries and marking rows),
-//! the leader lock ([`leader`]), quoting ([`quote`]) and the schema preflight ([`schema`]).
+//! and the leader lock ([`leader`]).
 //!
 //! TLS follows `sslmode` in `postgres.url` with libpq's meaning: `prefer` (the default) uses TLS
 //! when the server offers it, `require` insists, neither verifies the certificate.
 
 pub mod leader;
-pub mod quote;
-pub mod schema;
 
 use std::future::Future;
 

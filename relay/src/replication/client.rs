@@ -22,7 +22,7 @@ use tokio_postgres::config::{Host, SslMode};
 use super::lsn::Lsn;
 use super::protocol::{ServerMessage, StandbyStatusUpdate};
 use super::wire::DecodeError;
-use crate::postgres::quote::{quote_ident, quote_literal};
+use crate::quote::{quote_ident, quote_literal};
 
 /// Anything that went wrong on the replication connection.
 #[derive(Debug, thiserror::Error)]

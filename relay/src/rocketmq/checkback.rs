@@ -30,7 +30,7 @@ use super::connection::Connection;
 use super::message::{MessageExt, prop};
 use super::remoting::{Command, code};
 use crate::config::RocketmqConfig;
-use crate::ops::metrics::TRANSACTION_CHECKS;
+use crate::metrics::TRANSACTION_CHECKS;
 use crate::oracle::{Oracle, TxStatus};
 
 /// How long after a sink message's key was committed check-backs on it are answered "unknown".

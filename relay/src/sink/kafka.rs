@@ -40,11 +40,14 @@ use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer}
 use tokio::sync::mpsc;
 
 use super::{AckToken, Delivery, Sink, SinkError};
+use super::{OutboxMessage, TxSeq};
 use crate::config::{Config, DeliveryMode, KafkaConfig, RetryConfig};
 use crate::exactly_once::position::SourcePosition;
-use crate::exactly_once::transactions::{self, PROGRESS_RECORD};
-use crate::pipeline::routing::OutboxMessage;
+use crate::exactly_once::transactions;
 use crate::retry::backoff;
+
+/// The transaction "sequence" of a progress record's delivery token: not a source transaction.
+const PROGRESS_RECORD: TxSeq = TxSeq::MAX;
 
 /// librdkafka properties the relay derives from its config.
 pub fn producer_config(cfg: &KafkaConfig, max_in_flight: usize) -> ClientConfig {
@@ -113,7 +116,7 @@ pub struct RelayContext {
     /// Set once the producer failed fatally and `Broken` was reported.
     broken: Arc<AtomicBool>,
     /// Metric handles, looked up once rather than per message.
-    metrics: crate::ops::metrics::AckMetrics,
+    metrics: crate::metrics::AckMetrics,
     /// Exactly-once: every delivery report goes here, to be held until the transaction commits.
     transactional: Option<mpsc::UnboundedSender<Delivery>>,
 }
@@ -247,8 +250,7 @@ impl ProducerContext for RelayContext {
                 let permanent = error_code(err).is_some_and(is_permanent);
                 if !permanent || token.attempt < self.max_attempts {
                     self.retry_pending.fetch_add(1, Ordering::SeqCst);
-                    metrics::counter!(crate::ops::metrics::RETRIES, "stage" => "broker")
-                        .increment(1);
+                    metrics::counter!(crate::metrics::RETRIES, "stage" => "broker").increment(1);
                     let item = RetryItem {
                         code: error_code(err),
                         topic: msg.topic().to_owned(),
@@ -341,25 +343,11 @@ impl Handoff {
         let Some(producer) = self.producer.upgrade() else {
             return; // the sink is gone: nobody is left to report to
         };
-        let headers = item.headers.take().unwrap_or_default();
-        let result = enqueue(
-            &producer,
-            &item.topic,
-            None,
-            item.key.as_deref(),
-            item.payload.as_deref(),
-            &headers,
-            item.token.clone(),
-        )
-        .await;
-        match result {
+        match send_item(&producer, &mut item).await {
             Ok(()) => {
                 self.pending.fetch_sub(1, Ordering::SeqCst);
             }
-            Err((e, _)) => {
-                item.headers = Some(headers);
-                self.refused(&producer, item, &e);
-            }
+            Err(e) => self.refused(&producer, item, &e),
         }
     }
 
@@ -400,12 +388,7 @@ async fn resolve_topic(topics: Arc<Topics>, handoff: Handoff, topic: String) {
                 Ok(()) => handoff.deliver(item).await,
                 Err(e) => {
                     handoff.pending.fetch_sub(1, Ordering::SeqCst);
-                    report_failed(
-                        &handoff.deliveries,
-                        item,
-                        e.to_string(),
-                        OwnedHeaders::new(),
-                    );
+                    report_failed(&handoff.deliveries, item, e.to_string());
                 }
             }
         }
@@ -426,7 +409,7 @@ struct Transactions {
     /// Delivery reports of the open transaction, held until it commits.
     reports: mpsc::UnboundedReceiver<Delivery>,
     /// Acknowledgement metrics, recorded when a commit makes messages visible.
-    metrics: crate::ops::metrics::AckMetrics,
+    metrics: crate::metrics::AckMetrics,
 }
 
 impl KafkaSink {
@@ -448,7 +431,7 @@ impl KafkaSink {
             retry_pending: retry_pending.clone(),
             max_attempts: config.dead_letter.max_attempts,
             broken: broken.clone(),
-            metrics: crate::ops::metrics::AckMetrics::new(),
+            metrics: crate::metrics::AckMetrics::new(),
             transactional: exactly_once.then_some(reports_tx),
         };
         let mut client_config = producer_config(cfg, config.pipeline.max_in_flight);
@@ -463,7 +446,7 @@ impl KafkaSink {
             open: false,
             sent: 0,
             reports: reports_rx,
-            metrics: crate::ops::metrics::AckMetrics::new(),
+            metrics: crate::metrics::AckMetrics::new(),
         });
         let producer: RelayProducer = client_config.create_with_context(ctx)?;
         let producer = Arc::new(producer);
@@ -1034,58 +1017,61 @@ async fn retry_loop(
             {
                 // Not allowed to create it (or the broker refuses): the poison path says why.
                 pending.fetch_sub(1, Ordering::SeqCst);
-                report_failed(&deliveries, item, e.to_string(), OwnedHeaders::new());
+                report_failed(&deliveries, item, e.to_string());
                 continue;
             }
         }
         let Some(producer) = producer.upgrade() else {
             return;
         };
-        let headers = item.headers.take().unwrap_or_default();
-        let result = enqueue(
-            &producer,
-            &item.topic,
-            None,
-            item.key.as_deref(),
-            item.payload.as_deref(),
-            &headers,
-            item.token.clone(),
-        )
-        .await;
-        match result {
+        match send_item(&producer, &mut item).await {
             Ok(()) => {
                 pending.fetch_sub(1, Ordering::SeqCst);
             }
-            Err((e, _)) if error_code(&e) == Some(RDKafkaErrorCode::Fatal) => {
+            Err(e) if error_code(&e) == Some(RDKafkaErrorCode::Fatal) => {
                 pending.fetch_sub(1, Ordering::SeqCst);
                 report_broken(&broken, &deliveries, fatal_reason(&producer, &e));
             }
             // Refused for the message itself, `dead_letter.max_attempts` times: the poison path.
-            Err((e, _))
+            Err(e)
                 if error_code(&e).is_some_and(is_permanent)
                     && item.token.attempt >= max_attempts =>
             {
                 pending.fetch_sub(1, Ordering::SeqCst);
-                report_failed(&deliveries, item, e.to_string(), headers);
+                report_failed(&deliveries, item, e.to_string());
             }
-            Err((e, _)) => {
+            Err(e) => {
                 item.code = error_code(&e);
                 item.error = e.to_string();
-                item.headers = Some(headers);
                 schedule(item, &mut waiting);
             }
         }
     }
 }
 
+/// Sends a held message, waiting while librdkafka's queue is full; on a refusal the message
+/// keeps its headers for the next try.
+async fn send_item(producer: &RelayProducer, item: &mut RetryItem) -> Result<(), KafkaError> {
+    let headers = item.headers.take().unwrap_or_default();
+    let sent = enqueue(
+        producer,
+        &item.topic,
+        None,
+        item.key.as_deref(),
+        item.payload.as_deref(),
+        &headers,
+        item.token.clone(),
+    )
+    .await;
+    sent.map_err(|(e, _)| {
+        item.headers = Some(headers);
+        e
+    })
+}
+
 /// Reports a message the retry task gives up on, for the poison path.
-fn report_failed(
-    deliveries: &mpsc::UnboundedSender<Delivery>,
-    item: RetryItem,
-    error: String,
-    headers: OwnedHeaders,
-) {
-    let headers = item.headers.unwrap_or(headers);
+fn report_failed(deliveries: &mpsc::UnboundedSender<Delivery>, item: RetryItem, error: String) {
+    let headers = item.headers.unwrap_or_default();
     let message = OutboxMessage {
         id: item.token.id,
         topic: item.topic,

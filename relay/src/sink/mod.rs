@@ -30,11 +30,26 @@ pub mod rocketmq;
 use std::future::Future;
 use std::time::Duration;
 
+use bytes::Bytes;
 use uuid::Uuid;
 
 use crate::exactly_once::position::SourcePosition;
-use crate::pipeline::routing::OutboxMessage;
-use crate::pipeline::watermark::TxSeq;
+
+/// Sequence number the pipeline's watermark gives each source transaction, carried by its
+/// messages' ack tokens.
+pub type TxSeq = u64;
+
+/// A message ready for a sink.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxMessage {
+    /// The row's id: globally unique, the consumer's deduplication key.
+    pub id: Uuid,
+    pub topic: String,
+    pub key: Bytes,
+    /// `None` for a NULL payload (a tombstone).
+    pub payload: Option<Bytes>,
+    pub headers: Vec<(String, Bytes)>,
+}
 
 /// Travels with a message through the sink and comes back in its [`Delivery`].
 #[derive(Debug, Clone, PartialEq, Eq)]

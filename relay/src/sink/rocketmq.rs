@@ -36,9 +36,9 @@ use bytes::Bytes;
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinSet;
 
+use super::OutboxMessage;
 use super::{AckToken, Delivery, Sink, SinkError};
 use crate::config::{Config, RetryConfig, RocketmqConfig};
-use crate::pipeline::routing::OutboxMessage;
 use crate::retry::backoff;
 use crate::rocketmq::client::{self, HalfMessage, HalfSend, Resolution, Route, SendError};
 use crate::rocketmq::connection::Connection;
@@ -82,7 +82,7 @@ struct Shared {
     routes: Mutex<HashMap<String, (Route, Instant)>>,
     own: OwnHalves,
     generation: u64,
-    ack_metrics: crate::ops::metrics::AckMetrics,
+    ack_metrics: crate::metrics::AckMetrics,
 }
 
 /// A message ready to be sent as a half message (any number of times).
@@ -377,7 +377,7 @@ impl Settler {
                 Resolution::Unknown => "unknown",
             };
             let result = if outcome.is_ok() { "ok" } else { "error" };
-            metrics::counter!(crate::ops::metrics::ROCKETMQ_END_TRANSACTIONS, "resolution" => label, "result" => result)
+            metrics::counter!(crate::metrics::ROCKETMQ_END_TRANSACTIONS, "resolution" => label, "result" => result)
                 .increment(1);
             if let Err(e) = outcome {
                 tracing::warn!(key = %h.key, resolution = label, error = %e,
@@ -414,7 +414,7 @@ impl RocketMqSink {
                 routes: Mutex::new(HashMap::new()),
                 own,
                 generation,
-                ack_metrics: crate::ops::metrics::AckMetrics::new(),
+                ack_metrics: crate::metrics::AckMetrics::new(),
             }),
             deliveries,
             sends: JoinSet::new(),
@@ -480,7 +480,7 @@ async fn finish_send(
             }
         }
         token.attempt += 1;
-        metrics::counter!(crate::ops::metrics::RETRIES, "stage" => "broker").increment(1);
+        metrics::counter!(crate::metrics::RETRIES, "stage" => "broker").increment(1);
         tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(30))).await;
         outcome = match shared.start_send(&prepared).await {
             Ok(answer) => answer.await,

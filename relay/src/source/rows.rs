@@ -6,9 +6,8 @@ use bytes::Bytes;
 use tokio_postgres::{GenericClient, Row};
 
 use crate::config::Config;
-use crate::dead_letter::blocking::Aggregate;
-use crate::pipeline::routing::RawRow;
-use crate::postgres::quote::quote_ident;
+use crate::quote::quote_ident;
+use crate::routing::RawRow;
 
 /// Parked rows taken per aggregate and try; a longer backlog continues on the next turn.
 pub const PARKED_PER_TRY: i64 = 1000;
@@ -86,7 +85,8 @@ pub fn raw_row(r: &Row) -> RawRow {
 pub async fn parked_rows(
     db: &impl GenericClient,
     config: &Config,
-    aggregate: &Aggregate,
+    aggregatetype: &str,
+    aggregateid: &str,
 ) -> Result<Vec<RawRow>, tokio_postgres::Error> {
     let c = &config.outbox.columns;
     let columns = Columns::read(db, config).await?;
@@ -101,8 +101,6 @@ pub async fn parked_rows(
         delivered = quote_ident(&c.delivered_at),
         seq = quote_ident(&c.seq),
     );
-    let at = String::from_utf8_lossy(&aggregate.aggregatetype).into_owned();
-    let aid = String::from_utf8_lossy(&aggregate.aggregateid).into_owned();
-    let rows = db.query(&sql, &[&at, &aid]).await?;
+    let rows = db.query(&sql, &[&aggregatetype, &aggregateid]).await?;
     Ok(rows.iter().map(raw_row).collect())
 }

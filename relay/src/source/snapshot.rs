@@ -8,7 +8,7 @@ use super::SlotError;
 use super::rows::{Columns, raw_row};
 use crate::config::Config;
 use crate::pipeline::Pipeline;
-use crate::postgres::quote::{quote_ident, quote_literal};
+use crate::quote::{quote_ident, quote_literal};
 use crate::replication::client::CreatedSlot;
 use crate::replication::{Lsn, ReplicationClient};
 use crate::sink::Sink;

@@ -4,9 +4,9 @@
 
 use tokio_postgres::Client;
 
+use super::SlotError;
 use crate::config::Config;
-use crate::postgres::quote::quote_ident;
-use crate::source::SlotError;
+use crate::quote::quote_ident;
 
 /// Checks the database is set up for the relay; each failure names its fix.
 pub async fn preflight(db: &Client, config: &Config) -> Result<(), SlotError> {

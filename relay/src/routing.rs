@@ -35,17 +35,7 @@ impl RawRow {
     }
 }
 
-/// A message ready for a sink.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutboxMessage {
-    /// The row's id: globally unique, the consumer's deduplication key.
-    pub id: Uuid,
-    pub topic: String,
-    pub key: Bytes,
-    /// `None` for a NULL payload (a tombstone).
-    pub payload: Option<Bytes>,
-    pub headers: Vec<(String, Bytes)>,
-}
+pub use crate::sink::OutboxMessage;
 
 /// A row that cannot become a message; the text says which row and why.
 #[derive(Debug, Clone, thiserror::Error)]

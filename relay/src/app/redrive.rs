@@ -17,9 +17,9 @@ use bytes::Bytes;
 
 use crate::config::{Config, PoisonPolicy};
 use crate::dead_letter::blocking::Aggregate;
-use crate::pipeline::routing::RawRow;
 use crate::pipeline::{Pipeline, PipelineError};
-use crate::postgres::quote::quote_ident;
+use crate::quote::quote_ident;
+use crate::routing::RawRow;
 use crate::sink::Sink;
 use crate::source::rows::parked_rows;
 
@@ -90,7 +90,14 @@ pub async fn redrive_due<S: Sink>(
         if pipeline.drain(CONFIRM_WAIT).await? > 0 {
             return Ok(()); // the broker is slow or away: try later
         }
-        let rows = match parked_rows(db, config, &aggregate).await {
+        let rows = match parked_rows(
+            db,
+            config,
+            &String::from_utf8_lossy(&aggregate.aggregatetype),
+            &String::from_utf8_lossy(&aggregate.aggregateid),
+        )
+        .await
+        {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::warn!(%aggregate, error = %crate::postgres::describe(&e), "cannot read the held-back rows; trying later");

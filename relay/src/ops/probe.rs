@@ -1,0 +1,61 @@
+//! The broker probe behind readiness: asks the broker every `metrics.poll_interval_ms` (at most
+//! 5 s apart) and records the answer in [`crate::health::Health`].
+
+use std::time::Duration;
+
+use rdkafka::producer::{BaseProducer, Producer};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, SinkKind};
+use crate::health::Health;
+
+/// Probes the broker until `shutdown`, recording the outcome in `health`.
+pub async fn probe_broker(
+    config: Config,
+    health: std::sync::Arc<Health>,
+    shutdown: CancellationToken,
+) {
+    let every = Duration::from_millis(config.metrics.poll_interval_ms.min(5_000));
+    let kafka = match config.sink {
+        SinkKind::Kafka => {
+            match crate::sink::kafka::probe_config(&config.kafka).create::<BaseProducer>() {
+                Ok(p) => Some(std::sync::Arc::new(p)),
+                Err(e) => {
+                    health.set_broker(Some(format!("cannot create a Kafka client: {e}")));
+                    return;
+                }
+            }
+        }
+        SinkKind::Rocketmq => None,
+    };
+    loop {
+        let outcome = match &kafka {
+            Some(producer) => {
+                let producer = producer.clone();
+                // One topic's metadata (the dead-letter topic's; it need not exist) answers
+                // whether the brokers do, without listing every topic of a big cluster.
+                let topic = config.dead_letter.topic.clone();
+                tokio::task::spawn_blocking(move || {
+                    let answered = producer
+                        .client()
+                        .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                        .map(|_| ())
+                        .map_err(|e| e.to_string());
+                    // Serve the client's queued events (errors while the broker was away).
+                    producer.poll(Duration::ZERO);
+                    answered
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()))
+            }
+            None => crate::ops::check::rocketmq_masters(&config)
+                .await
+                .map(|_| ()),
+        };
+        health.set_broker(outcome.err());
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
