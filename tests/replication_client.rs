@@ -118,7 +118,7 @@ async fn creates_a_slot_and_streams_pgoutput_with_keepalives() {
     pg.apply_schema();
     let config: tokio_postgres::Config = pg.url().parse().unwrap();
     let mut client = ReplicationClient::connect(&config).await.unwrap();
-    let slot = client.create_slot("probe", false).await.unwrap();
+    let slot = client.create_slot("probe", false, false).await.unwrap();
     assert!(slot.snapshot_name.is_none());
     assert!(slot.consistent_point > Lsn::ZERO);
     pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('a', 'b', 'c', '{}')");

@@ -65,7 +65,16 @@ impl Classify for ReplicationError {
     fn action(&self) -> Action {
         match self {
             ReplicationError::Io(_) | ReplicationError::Connect { .. } => Action::ReconnectPostgres,
-            ReplicationError::Silent { .. } => Action::ReconnectPostgres,
+            ReplicationError::Silent { .. } | ReplicationError::ReadOnly { .. } => {
+                Action::ReconnectPostgres
+            }
+            ReplicationError::NoHost { retryable, .. } => {
+                if *retryable {
+                    Action::ReconnectPostgres
+                } else {
+                    Action::Stop
+                }
+            }
             ReplicationError::Server(s) => postgres_action(Some(&s.code)),
             ReplicationError::Auth(_)
             | ReplicationError::Tls(_)

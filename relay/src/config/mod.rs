@@ -269,6 +269,10 @@ pub struct PostgresConfig {
     /// although the relay was reading (ms; like libpq's `wal_receiver_timeout`). At half of it
     /// the relay asks the server for a reply. Also the socket's `TCP_USER_TIMEOUT`.
     pub replication_timeout_ms: u64,
+    /// Create the slot as a failover slot (Postgres 17+: `FAILOVER`), so a standby with
+    /// `sync_replication_slots = on` keeps a copy and the relay continues from it after a
+    /// promotion; an existing slot is switched on. Ignored before Postgres 17.
+    pub failover_slot: bool,
 }
 
 impl Default for PostgresConfig {
@@ -279,6 +283,7 @@ impl Default for PostgresConfig {
             publication: "outbox_pub".into(),
             status_interval_ms: 10_000,
             replication_timeout_ms: 60_000,
+            failover_slot: true,
         }
     }
 }
@@ -1079,11 +1084,20 @@ impl Config {
     }
 
     /// The parsed `postgres.url` (validated at load).
+    /// The parsed `postgres.url`. A URL naming several hosts without `target_session_attrs`
+    /// gets `read-write`: the relay marks rows, so of a primary and its standbys it must reach
+    /// the primary, wherever a failover put it (libpq's own default would be `any`).
     pub fn pg_config(&self) -> tokio_postgres::Config {
-        self.postgres
+        let mut pg: tokio_postgres::Config = self
+            .postgres
             .url
             .parse()
-            .unwrap_or_else(|_| tokio_postgres::Config::new())
+            .unwrap_or_else(|_| tokio_postgres::Config::new());
+        let hosts = pg.get_hosts().len().max(pg.get_hostaddrs().len());
+        if hosts > 1 && !self.postgres.url.contains("target_session_attrs") {
+            pg.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        }
+        pg
     }
 
     /// `schema.table`, quoted for SQL.

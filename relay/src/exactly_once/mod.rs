@@ -33,4 +33,6 @@ pub struct ExactlyOnce {
     pub open_final_lsn: Lsn,
     pub open_rows: u64,
     pub handled_rows: u64,
+    /// The server now streaming: the positions this pipeline commits are in its WAL.
+    pub origin: Option<position::Origin>,
 }

@@ -3,7 +3,8 @@
 //! Checks: Postgres reachable, `wal_level=logical`, the REPLICATION privilege, free replication
 //! slots and WAL senders, the outbox table with its columns, the state table, the publication, a
 //! replication connection (pg_hba), the slot if it exists (its lag, the WAL it retains,
-//! `wal_status` and `safe_wal_size`: at risk or lost is a failure), the transaction oracle (a
+//! `wal_status` and `safe_wal_size`: at risk or lost is a failure), what a failover would do to
+//! the slot (a warning when it would be lost or phantoms are possible), the transaction oracle (a
 //! failure only when RocketMQ check-backs are on), and that the broker answers.
 
 use std::time::Duration;
@@ -21,6 +22,8 @@ use crate::source::schema;
 pub struct CheckResult {
     pub name: &'static str,
     pub ok: bool,
+    /// Passed, but with a risk worth fixing (printed as WARN; `check` still succeeds).
+    pub warning: bool,
     pub detail: String,
 }
 
@@ -28,6 +31,16 @@ fn pass(name: &'static str, detail: impl Into<String>) -> CheckResult {
     CheckResult {
         name,
         ok: true,
+        warning: false,
+        detail: detail.into(),
+    }
+}
+
+fn warn(name: &'static str, detail: impl Into<String>) -> CheckResult {
+    CheckResult {
+        name,
+        ok: true,
+        warning: true,
         detail: detail.into(),
     }
 }
@@ -36,6 +49,7 @@ fn fail(name: &'static str, detail: impl Into<String>) -> CheckResult {
     CheckResult {
         name,
         ok: false,
+        warning: false,
         detail: detail.into(),
     }
 }
@@ -94,6 +108,7 @@ async fn postgres_checks(c: &tokio_postgres::Client, config: &Config) -> Vec<Che
         table_check(c, config).await,
         marking_check(c, config).await,
         slot_check(c, config).await,
+        failover_check(c, config).await,
         oracle_check(c, config).await,
     ]
 }
@@ -268,6 +283,114 @@ async fn slot_check(c: &tokio_postgres::Client, config: &Config) -> CheckResult 
     }
 }
 
+/// What a failover of this server would do to the slot: Postgres 17+ failover slots synced to
+/// a standby survive it; before 17 the new primary has no slot (the relay recovers by
+/// republishing undelivered rows). Without `synchronized_standby_slots` the relay may publish
+/// transactions a standby never received: after a failover to it, messages for rows that no
+/// longer exist (phantoms).
+async fn failover_check(c: &tokio_postgres::Client, config: &Config) -> CheckResult {
+    const NAME: &str = "failover";
+    let major = match slot::server_major(c).await {
+        Ok(m) => m,
+        Err(e) => return fail(NAME, e.to_string()),
+    };
+    let physical: Vec<String> = match c
+        .query(
+            "SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical' \
+             ORDER BY slot_name",
+            &[],
+        )
+        .await
+    {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+        Err(e) => return fail(NAME, db::describe(&e)),
+    };
+    let standbys: i64 = match c
+        .query_one(
+            "SELECT count(*) FROM pg_stat_replication WHERE application_name <> 'outbox-relay'",
+            &[],
+        )
+        .await
+    {
+        Ok(r) => r.get(0),
+        Err(e) => return fail(NAME, db::describe(&e)),
+    };
+    let slot = &config.postgres.slot;
+    let standby_slots = if physical.is_empty() {
+        "a physical slot per standby (pg_create_physical_replication_slot, primary_slot_name on the standby)".to_owned()
+    } else {
+        format!("'{}'", physical.join(","))
+    };
+    if major < 17 {
+        let detail = format!(
+            "Postgres {major} has no failover slots: after a failover the new primary has no slot \
+             '{slot}'; the relay then creates one and republishes every row still undelivered in \
+             the table (nothing lost, duplicates), and messages it published for transactions the \
+             standby had not received describe rows that no longer exist. Postgres 17+ keeps the \
+             slot on a standby (README \"Failover\")"
+        );
+        return if standbys > 0 || !physical.is_empty() {
+            warn(NAME, detail)
+        } else {
+            pass(
+                NAME,
+                format!("no standby streams from this server; {detail}"),
+            )
+        };
+    }
+    if !config.postgres.failover_slot {
+        return warn(
+            NAME,
+            format!(
+                "postgres.failover_slot is off: a failover loses slot '{slot}' (the relay then \
+                 republishes every undelivered row); set it to true (RELAY_POSTGRES__FAILOVER_SLOT)"
+            ),
+        );
+    }
+    let info = match slot::slot_info(c, slot).await {
+        Ok(i) => i,
+        Err(e) => return fail(NAME, e.to_string()),
+    };
+    let synchronized: String = match c
+        .query_one("SELECT current_setting('synchronized_standby_slots')", &[])
+        .await
+    {
+        Ok(r) => r.get(0),
+        Err(e) => return fail(NAME, db::describe(&e)),
+    };
+    let slot_state = match info.as_ref().and_then(|i| i.failover) {
+        Some(true) => format!("slot '{slot}' is a failover slot"),
+        Some(false) => format!(
+            "slot '{slot}' is not a failover slot yet; the relay makes it one at its next start"
+        ),
+        None => format!("slot '{slot}' will be created as a failover slot"),
+    };
+    let standby_setup = "on each standby set sync_replication_slots = on, hot_standby_feedback = \
+                         on, primary_slot_name, and dbname in primary_conninfo";
+    if synchronized.trim().is_empty() {
+        return warn(
+            NAME,
+            format!(
+                "{slot_state}, but synchronized_standby_slots is empty: the relay may publish \
+                 transactions a standby has not received yet, and after a failover to it those \
+                 messages describe rows that no longer exist (phantoms), and the standby's copy of \
+                 the slot may be behind. Set synchronized_standby_slots = {standby_slots} on the \
+                 primary; {standby_setup}"
+            ),
+        );
+    }
+    if info.as_ref().and_then(|i| i.failover) == Some(false) {
+        return warn(NAME, format!("{slot_state}; {standby_setup}"));
+    }
+    pass(
+        NAME,
+        format!(
+            "{slot_state}; the relay only receives what standby slots '{synchronized}' have \
+             confirmed; {standby_setup}"
+        ),
+    )
+}
+
 /// The transaction oracle (`sql/003_transactions.sql`): required when RocketMQ check-backs are
 /// on; otherwise only reported (the HTTP endpoint answers unknown without it).
 async fn oracle_check(c: &tokio_postgres::Client, config: &Config) -> CheckResult {
@@ -356,7 +479,11 @@ pub fn print_report(results: &[CheckResult]) -> bool {
     for r in results {
         println!(
             "{} {:<30} {}",
-            if r.ok { "PASS" } else { "FAIL" },
+            match (r.ok, r.warning) {
+                (false, _) => "FAIL",
+                (true, true) => "WARN",
+                (true, false) => "PASS",
+            },
             r.name,
             r.detail
         );

@@ -26,7 +26,7 @@ use crate::config::TopicTemplate;
 use crate::config::{Config, DeliveryMode, PoisonPolicy};
 use crate::dead_letter::blocking::{Aggregate, Blocked};
 use crate::dead_letter::record;
-use crate::exactly_once::position::SourcePosition;
+use crate::exactly_once::position::{Carried, Origin, SourcePosition};
 use crate::exactly_once::{ExactlyOnce, OpenBatch};
 use crate::replication::Lsn;
 use crate::replication::pgoutput::PgOutput;
@@ -487,6 +487,38 @@ impl<S: Sink> Pipeline<S> {
         }
     }
 
+    /// Exactly-once: the pipeline streams from server `here` from now on. A covered position
+    /// from another server or timeline is cut back to the history `here` shares with it
+    /// (`switch_point`: where its timeline ended in `here`'s history) or dropped: an LSN of
+    /// another server says nothing about which of this server's rows were sent.
+    pub fn enter_server(&mut self, here: Origin, switch_point: Option<Lsn>) -> Option<Carried> {
+        let eo = self.exactly_once.as_mut()?;
+        let (covered, how) = eo.covered.moved_to(here, switch_point);
+        let (committed, _) = eo.committed.moved_to(here, switch_point);
+        if how != Carried::Kept {
+            tracing::error!(
+                from = ?eo.covered.origin,
+                to = %here,
+                before = %eo.covered,
+                after = %covered,
+                outcome = ?how,
+                "EXACTLY-ONCE POSITION FROM ANOTHER SERVER: the progress record was written while \
+                 streaming another server or timeline; only the history this server shares with it \
+                 counts as sent, rows beyond are sent again"
+            );
+        }
+        eo.covered = covered;
+        eo.committed = committed;
+        eo.handed_end = eo.handed_end.min(committed.committed_end);
+        eo.origin = Some(here);
+        Some(how)
+    }
+
+    /// Exactly-once: the server the covered position came from, if the record said.
+    pub fn covered_origin(&self) -> Option<Origin> {
+        self.exactly_once.as_ref()?.covered.origin
+    }
+
     /// Exactly-once: the last position committed to Kafka.
     pub fn committed_position(&self) -> Option<SourcePosition> {
         self.exactly_once.as_ref().map(|eo| eo.committed)
@@ -517,6 +549,7 @@ impl<S: Sink> Pipeline<S> {
         let position = SourcePosition {
             committed_end: eo.handed_end.max(eo.committed.committed_end),
             partial: in_transaction.then_some((eo.open_final_lsn, eo.handled_rows)),
+            origin: eo.origin,
         };
         let started = tokio::time::Instant::now();
         match self.sink.commit(position).await {

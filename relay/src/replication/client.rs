@@ -44,6 +44,14 @@ pub enum ReplicationError {
     #[error("unexpected reply from Postgres: {0}")]
     Protocol(String),
     #[error(
+        "Postgres at {target} only reads (a standby) and postgres.url asks for \
+         target_session_attrs=read-write; name the primary, or list every server and let the \
+         relay find the one that writes"
+    )]
+    ReadOnly { target: String },
+    #[error("no server named in postgres.url could be used: {tried}")]
+    NoHost { tried: String, retryable: bool },
+    #[error(
         "Postgres sent nothing on the replication connection for {silent_ms} ms although asked to \
          reply (postgres.replication_timeout_ms); the connection is considered dead and is opened again"
     )]
@@ -51,6 +59,20 @@ pub enum ReplicationError {
 }
 
 impl ReplicationError {
+    /// A failure to reach or keep a server (rather than the server refusing the relay): worth
+    /// trying again, since a failover or a restart ends it.
+    pub fn is_connection_level(&self) -> bool {
+        match self {
+            ReplicationError::Connect { .. }
+            | ReplicationError::Io(_)
+            | ReplicationError::Silent { .. }
+            | ReplicationError::ReadOnly { .. } => true,
+            ReplicationError::NoHost { retryable, .. } => *retryable,
+            ReplicationError::Server(e) => e.code.starts_with("57P") || e.code.starts_with("08"),
+            _ => false,
+        }
+    }
+
     /// The SQLSTATE of a server error, if this is one.
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
@@ -182,6 +204,8 @@ pub struct ReplicationClient {
     wbuf: BytesMut,
     /// The last read from the socket brought less than `SMALL_READ` bytes.
     last_read_small: bool,
+    /// `server_version` as the server reported it at startup (e.g. `17.10`, `15.19 (Debian …)`).
+    server_version: Option<String>,
 }
 
 const READ_CHUNK: usize = 64 * 1024;
@@ -201,25 +225,66 @@ impl ReplicationClient {
     /// [`ReplicationClient::connect`], with TCP keepalives on and, if given, `TCP_USER_TIMEOUT`
     /// set to `user_timeout` (unacknowledged data for that long closes the connection), so a
     /// peer that vanished is noticed in about that time instead of the kernel's ~15 minutes.
+    ///
+    /// Like libpq, a URL naming several hosts (`host=a,b`, `postgres://a:1,b:2/db`) is tried
+    /// host by host, in order; with `target_session_attrs=read-write` a server that only reads
+    /// (a standby: `SHOW transaction_read_only` is `on`) is passed over for the next one.
     pub async fn connect_with_timeout(
         config: &tokio_postgres::Config,
         user_timeout: Option<std::time::Duration>,
     ) -> Result<Self, ReplicationError> {
-        let host = config
-            .get_hosts()
-            .first()
-            .cloned()
-            .unwrap_or(Host::Tcp("localhost".into()));
-        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let targets = targets(config);
+        let read_write =
+            config.get_target_session_attrs() == tokio_postgres::config::TargetSessionAttrs::ReadWrite;
+        let mut failures = Vec::new();
+        for (host, port) in &targets {
+            let attempt = async {
+                let mut client = Self::connect_host(config, host, *port, user_timeout).await?;
+                if read_write {
+                    let rows = client.simple_query("SHOW transaction_read_only").await?;
+                    let read_only = rows.first().and_then(|r| r.first().cloned().flatten());
+                    if read_only.as_deref() == Some("on") {
+                        return Err(ReplicationError::ReadOnly {
+                            target: describe_target(host, *port),
+                        });
+                    }
+                }
+                Ok(client)
+            };
+            match attempt.await {
+                Ok(client) => return Ok(client),
+                Err(e) if targets.len() == 1 => return Err(e),
+                Err(e) => {
+                    tracing::debug!(target = %describe_target(host, *port), error = %e, "trying the next host of postgres.url");
+                    failures.push(e);
+                }
+            }
+        }
+        Err(ReplicationError::NoHost {
+            tried: failures
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+            retryable: failures.iter().any(ReplicationError::is_connection_level),
+        })
+    }
+
+    async fn connect_host(
+        config: &tokio_postgres::Config,
+        host: &Host,
+        port: u16,
+        user_timeout: Option<std::time::Duration>,
+    ) -> Result<Self, ReplicationError> {
         let user = config
             .get_user()
             .map(str::to_owned)
             .unwrap_or_else(|| std::env::var("USER").unwrap_or_else(|_| "postgres".into()));
         let dbname = config.get_dbname().unwrap_or(&user).to_owned();
 
-        let (stream, target) = match &host {
+        let target = describe_target(host, port);
+        let stream = match host {
             Host::Tcp(h) => {
-                let target = format!("{h}:{port}");
                 let tcp = TcpStream::connect((h.as_str(), port))
                     .await
                     .map_err(|source| ReplicationError::Connect {
@@ -228,20 +293,17 @@ impl ReplicationClient {
                     })?;
                 tcp.set_nodelay(true).ok();
                 set_keepalive(&tcp, user_timeout);
-                let stream = negotiate_tls(tcp, h, config.get_ssl_mode()).await?;
-                (stream, target)
+                negotiate_tls(tcp, h, config.get_ssl_mode()).await?
             }
             #[cfg(unix)]
-            Host::Unix(dir) => {
-                let path = dir.join(format!(".s.PGSQL.{port}"));
-                let target = path.display().to_string();
-                let unix = tokio::net::UnixStream::connect(&path)
+            Host::Unix(_) => {
+                let unix = tokio::net::UnixStream::connect(&target)
                     .await
                     .map_err(|source| ReplicationError::Connect {
                         target: target.clone(),
                         source,
                     })?;
-                (PgStream::Unix(unix), target)
+                PgStream::Unix(unix)
             }
         };
         tracing::debug!(%target, %user, %dbname, "opening replication connection");
@@ -251,6 +313,7 @@ impl ReplicationClient {
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::with_capacity(1024),
             last_read_small: false,
+            server_version: None,
         };
         let params = [
             ("user", user.as_str()),
@@ -363,6 +426,9 @@ impl ReplicationClient {
                 Message::ErrorResponse(body) => {
                     return Err(ServerError::parse(&body).into());
                 }
+                Message::ParameterStatus(body) if body.name().ok() == Some("server_version") => {
+                    self.server_version = body.value().ok().map(str::to_owned);
+                }
                 _ => {}
             }
         }
@@ -415,22 +481,74 @@ impl ReplicationClient {
         })
     }
 
+    /// Where timeline `ended` ended in the history of timeline `current` (the server's), from
+    /// `TIMELINE_HISTORY`: `None` when `current` does not descend from `ended`.
+    pub async fn timeline_switch_point(
+        &mut self,
+        current: u32,
+        ended: u32,
+    ) -> Result<Option<Lsn>, ReplicationError> {
+        if current <= 1 || ended >= current {
+            return Ok(None);
+        }
+        let rows = self
+            .simple_query(&format!("TIMELINE_HISTORY {current}"))
+            .await?;
+        let content = rows
+            .first()
+            .and_then(|r| r.get(1).cloned().flatten())
+            .unwrap_or_default();
+        Ok(switch_point(&content, ended))
+    }
+
+    /// Makes an existing slot a failover slot, or not (Postgres 17+: `ALTER_REPLICATION_SLOT`).
+    /// The slot must not be in use.
+    pub async fn set_slot_failover(
+        &mut self,
+        slot: &str,
+        failover: bool,
+    ) -> Result<(), ReplicationError> {
+        self.simple_query(&format!(
+            "ALTER_REPLICATION_SLOT {} (FAILOVER {failover})",
+            quote_ident(slot)
+        ))
+        .await
+        .map(|_| ())
+    }
+
+    /// The server's major version (e.g. 17), from the `server_version` it reported at startup.
+    pub fn server_major(&self) -> Option<u32> {
+        let v = self.server_version.as_deref()?;
+        v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    }
+
     /// Creates a permanent pgoutput slot. With `export_snapshot`, the reply names a snapshot that
-    /// shows exactly the data committed before the slot's consistent point.
+    /// shows exactly the data committed before the slot's consistent point. With `failover` on
+    /// Postgres 17+, the slot is a failover slot (standbys with `sync_replication_slots` keep a
+    /// copy); before 17 `failover` is ignored.
     pub async fn create_slot(
         &mut self,
         slot: &str,
         export_snapshot: bool,
+        failover: bool,
     ) -> Result<CreatedSlot, ReplicationError> {
-        let snapshot = if export_snapshot {
-            "EXPORT_SNAPSHOT"
+        let sql = if failover && self.server_major().is_some_and(|m| m >= 17) {
+            let snapshot = if export_snapshot { "export" } else { "nothing" };
+            format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{snapshot}', FAILOVER true)",
+                quote_ident(slot)
+            )
         } else {
-            "NOEXPORT_SNAPSHOT"
+            let snapshot = if export_snapshot {
+                "EXPORT_SNAPSHOT"
+            } else {
+                "NOEXPORT_SNAPSHOT"
+            };
+            format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snapshot}",
+                quote_ident(slot)
+            )
         };
-        let sql = format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snapshot}",
-            quote_ident(slot)
-        );
         let rows = self.simple_query(&sql).await?;
         let row = rows.first().ok_or_else(|| {
             ReplicationError::Protocol("CREATE_REPLICATION_SLOT returned no row".into())
@@ -587,6 +705,53 @@ fn frame_len(buf: &[u8]) -> Result<Option<usize>, ReplicationError> {
         )));
     }
     Ok(Some(len as usize + 1))
+}
+
+/// In a timeline history file (`<parent tli>\t<switch point>\t<reason>` per line), where
+/// timeline `ended` ended.
+fn switch_point(history: &str, ended: u32) -> Option<Lsn> {
+    history.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let tli: u32 = fields.next()?.parse().ok()?;
+        let lsn: Lsn = fields.next()?.parse().ok()?;
+        (tli == ended).then_some(lsn)
+    })
+}
+
+/// The (host, port) pairs of `config` in order, as libpq pairs them: one port for all hosts or
+/// one per host; `hostaddr` (when given) is where to connect.
+fn targets(config: &tokio_postgres::Config) -> Vec<(Host, u16)> {
+    let hosts: Vec<Host> = if config.get_hostaddrs().is_empty() {
+        config.get_hosts().to_vec()
+    } else {
+        config
+            .get_hostaddrs()
+            .iter()
+            .map(|a| Host::Tcp(a.to_string()))
+            .collect()
+    };
+    let hosts = if hosts.is_empty() {
+        vec![Host::Tcp("localhost".into())]
+    } else {
+        hosts
+    };
+    let ports = config.get_ports();
+    hosts
+        .into_iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            (h, port)
+        })
+        .collect()
+}
+
+fn describe_target(host: &Host, port: u16) -> String {
+    match host {
+        Host::Tcp(h) => format!("{h}:{port}"),
+        #[cfg(unix)]
+        Host::Unix(dir) => dir.join(format!(".s.PGSQL.{port}")).display().to_string(),
+    }
 }
 
 async fn negotiate_tls(
@@ -752,5 +917,31 @@ mod tests {
         assert_eq!(frame_len(b"d\0\0\0\x08abcd").unwrap(), Some(9));
         assert!(frame_len(b"d\0\0\0\x02").is_err());
         assert!(frame_len(b"d\xff\xff\xff\xff").is_err());
+    }
+
+    #[test]
+    fn switch_points_come_from_the_timeline_history() {
+        let history = "1\t0/3000158\tno recovery target specified\n\n\
+                       2\t0/5000A28\tno recovery target specified\n";
+        assert_eq!(switch_point(history, 1), "0/3000158".parse().ok());
+        assert_eq!(switch_point(history, 2), "0/5000A28".parse().ok());
+        assert_eq!(switch_point(history, 3), None);
+        assert_eq!(switch_point("", 1), None);
+    }
+
+    #[test]
+    fn several_hosts_pair_with_one_port_or_one_port_each() {
+        let one: tokio_postgres::Config = "host=a,b port=6000 user=u".parse().unwrap();
+        let pairs: Vec<String> = targets(&one)
+            .iter()
+            .map(|(h, p)| describe_target(h, *p))
+            .collect();
+        assert_eq!(pairs, ["a:6000", "b:6000"]);
+        let each: tokio_postgres::Config = "postgres://u@a:1,b:2/db".parse().unwrap();
+        let pairs: Vec<String> = targets(&each)
+            .iter()
+            .map(|(h, p)| describe_target(h, *p))
+            .collect();
+        assert_eq!(pairs, ["a:1", "b:2"]);
     }
 }

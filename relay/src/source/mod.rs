@@ -9,4 +9,4 @@ pub mod schema;
 pub mod slot;
 pub mod snapshot;
 
-pub use slot::{SlotError, prepare, slot_info};
+pub use slot::{SlotError, prepare, server_major, slot_info};

@@ -65,16 +65,38 @@ pub struct SlotInfo {
     pub retained_bytes: Option<i64>,
     /// Bytes between the slot's confirmed position and the WAL end.
     pub lag_bytes: Option<i64>,
+    /// Postgres 17+: a failover slot (standbys with `sync_replication_slots` keep a copy).
+    /// `None` before 17.
+    pub failover: Option<bool>,
+    /// Postgres 17+: the slot was synced from a primary (this server is, or was, its standby).
+    pub synced: Option<bool>,
+}
+
+/// The server's major version (`server_version_num` / 10000).
+pub async fn server_major(db: &Client) -> Result<u32, SlotError> {
+    let num: i32 = db
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(|e| SlotError::query("reading server_version_num", e))?
+        .get(0);
+    Ok(u32::try_from(num / 10_000).unwrap_or(0))
 }
 
 pub async fn slot_info(db: &Client, slot: &str) -> Result<Option<SlotInfo>, SlotError> {
+    let failover_columns = if server_major(db).await? >= 17 {
+        "failover, synced"
+    } else {
+        "NULL::bool, NULL::bool"
+    };
     let row = db
         .query_opt(
-            "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, \
-                 wal_status, safe_wal_size, \
-                 (pg_current_wal_lsn() - restart_lsn)::bigint, \
-                 (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint \
-             FROM pg_replication_slots WHERE slot_name = $1",
+            &format!(
+                "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, \
+                     wal_status, safe_wal_size, \
+                     (pg_current_wal_lsn() - restart_lsn)::bigint, \
+                     (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, {failover_columns} \
+                 FROM pg_replication_slots WHERE slot_name = $1"
+            ),
             &[&slot],
         )
         .await
@@ -88,6 +110,8 @@ pub async fn slot_info(db: &Client, slot: &str) -> Result<Option<SlotInfo>, Slot
         safe_wal_size: r.get(5),
         retained_bytes: r.get(6),
         lag_bytes: r.get(7),
+        failover: r.get(8),
+        synced: r.get(9),
     }))
 }
 
@@ -175,6 +199,22 @@ pub async fn prepare<S: Sink>(
         );
     }
     if let Some(i) = info {
+        if i.synced == Some(true) {
+            tracing::info!(
+                slot,
+                confirmed_flush = ?i.confirmed_flush,
+                "continuing from a failover slot synced from the former primary (this server was \
+                 promoted); rows published after the copy's position are sent again"
+            );
+        }
+        if config.postgres.failover_slot && i.failover == Some(false) {
+            repl.set_slot_failover(slot, true).await?;
+            tracing::info!(
+                slot,
+                "made the slot a failover slot (postgres.failover_slot); standbys with \
+                 sync_replication_slots = on keep a copy"
+            );
+        }
         // After a Postgres crash the slot's position may be older than what this process already
         // confirmed (the slot is only saved at checkpoints); starting from our own position makes
         // the server skip transactions we completed instead of sending them again.
