@@ -125,6 +125,13 @@ fn start_writer(
     })
 }
 
+/// Cuts the standby off from its primary (as a network partition would): it keeps what it has
+/// and receives nothing more, so what the primary commits next dies with it.
+fn cut_off(standby: &PgCluster) {
+    standby.psql("ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=1'");
+    standby.psql("SELECT pg_reload_conf()");
+}
+
 /// What the broker got against what the new primary's table holds.
 #[derive(Debug)]
 struct Figures {
@@ -175,8 +182,8 @@ async fn tally(pg: &PgCluster, brokers: &str, written: u64, relay: &Relay) -> Fi
 }
 
 /// Postgres 15 (no failover slots): an async standby made with `pg_basebackup -R`; a writer at
-/// ~200 commits/s; the primary is killed (`-m immediate`), the standby promoted and moved to the
-/// primary's address; the writer carries on. The new primary has no slot: the relay must notice
+/// ~200 commits/s; the standby is cut off for the last 2 s; the primary is killed (`-m
+/// immediate`), the standby promoted and moved to the primary's address; the writer carries on. The new primary has no slot: the relay must notice
 /// the new server (timeline), create a slot and republish every undelivered row. Lost must be 0;
 /// phantoms (messages for transactions the standby never received) and duplicates are reported.
 #[tokio::test(flavor = "multi_thread")]
@@ -196,6 +203,9 @@ async fn a_promoted_standby_at_the_primary_address_loses_no_row_pg15() {
     let stop = Arc::new(AtomicBool::new(false));
     let writer = start_writer(primary.url(), stop.clone());
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // The last 2 s of the primary's commits never reach the standby.
+    cut_off(&standby);
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
     primary.stop("immediate");
     standby.promote();
@@ -217,12 +227,26 @@ async fn a_promoted_standby_at_the_primary_address_loses_no_row_pg15() {
 
 /// Postgres 17 with a failover slot: the standby syncs the relay's slot
 /// (`sync_replication_slots`), the primary holds logical changes back until the standby has them
-/// (`synchronized_standby_slots`). The relay's URL names both servers; after the primary is
-/// killed and the standby promoted (at its own address), the relay finds the new primary by
-/// itself and continues from the synced slot: lost 0, phantoms 0, no full republish (duplicates
-/// at most the in-flight window), and no slot-loss recovery.
+/// (`synchronized_standby_slots`). The relay's URL names both servers; the standby is cut off
+/// for the last 2 s, then the primary is killed and the standby promoted (at its own address);
+/// the relay finds the new primary by itself and continues from the synced slot: lost 0,
+/// phantoms 0, no full republish (duplicates at most the in-flight window), and no slot-loss
+/// recovery.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failover_slot_carries_the_relay_over_to_the_promoted_standby_pg17() {
+    failover_with_a_failover_slot(false).await;
+}
+
+/// The same in `delivery = "exactly_once"` (a broker with transactions): the progress record
+/// written on the old primary's timeline is cut back at the point the new timeline branched
+/// off (TIMELINE_HISTORY), so a `read_committed` consumer sees every row of the new primary
+/// exactly once, and no row is marked delivered without its message.
+#[tokio::test(flavor = "multi_thread")]
+async fn exactly_once_carries_over_a_failover_without_loss_or_duplicates_pg17() {
+    failover_with_a_failover_slot(true).await;
+}
+
+async fn failover_with_a_failover_slot(exactly_once: bool) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     let primary = PgCluster::start_version(17, &[("wal_level", "logical")]);
@@ -236,17 +260,31 @@ async fn a_failover_slot_carries_the_relay_over_to_the_promoted_standby_pg17() {
         "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres",
         primary.port, standby.port
     );
-    let broker = Tansu::start();
+    let (tansu, txn_broker) = if exactly_once {
+        (None, Some(TxnBroker::start()))
+    } else {
+        (Some(Tansu::start()), None)
+    };
+    let brokers = match (&tansu, &txn_broker) {
+        (Some(b), _) => b.brokers(),
+        (_, Some(b)) => b.brokers(),
+        _ => unreachable!(),
+    };
     let in_flight = 2000usize;
-    let relay = Relay::start(&relay_env(
-        &primary,
-        &broker.brokers(),
-        &[
-            ("RELAY_POSTGRES__URL", both.as_str()),
-            ("RELAY_RETRY__MAX_DELAY_MS", "500"),
-            ("RELAY_PIPELINE__MAX_IN_FLIGHT", &in_flight.to_string()),
-        ],
-    ));
+    let in_flight_text = in_flight.to_string();
+    let mut extra = vec![
+        ("RELAY_POSTGRES__URL", both.as_str()),
+        ("RELAY_RETRY__MAX_DELAY_MS", "500"),
+        ("RELAY_PIPELINE__MAX_IN_FLIGHT", in_flight_text.as_str()),
+    ];
+    if exactly_once {
+        extra.extend([
+            ("RELAY_DELIVERY", "exactly_once"),
+            ("RELAY_EXACTLY_ONCE__TRANSACTIONAL_ID", "relay-failover"),
+            ("RELAY_EXACTLY_ONCE__BATCH_MAX_MS", "50"),
+        ]);
+    }
+    let relay = Relay::start(&relay_env(&primary, &brokers, &extra));
     let db = primary.client().await;
     wait_streaming(&db, WAIT).await;
     let failover: String = primary
@@ -264,6 +302,10 @@ async fn a_failover_slot_carries_the_relay_over_to_the_promoted_standby_pg17() {
     .await;
     assert!(synced, "the standby never synced the slot:\n{}", standby.log());
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // The last 2 s of the primary's commits never reach the standby; the primary holds their
+    // changes back from the relay (synchronized_standby_slots), so none is published.
+    cut_off(&standby);
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
     primary.stop("immediate");
     standby.promote();
@@ -271,14 +313,74 @@ async fn a_failover_slot_carries_the_relay_over_to_the_promoted_standby_pg17() {
     stop.store(true, Ordering::Relaxed);
     let written = writer.await.expect("writer");
 
-    let f = tally(&standby, &broker.brokers(), written, &relay).await;
-    eprintln!("failover figures, Postgres 17 (failover slot): {f:?}");
+    let f = tally(&standby, &brokers, written, &relay).await;
+    let mode = if exactly_once { "exactly-once" } else { "at-least-once" };
+    eprintln!("failover figures, Postgres 17 (failover slot, {mode}): {f:?}");
     let log = relay.log();
     assert_eq!(f.lost, 0, "{f:?}\n{log}");
     assert_eq!(f.phantoms, 0, "{f:?}\n{log}");
     assert!(f.rows > 0 && f.written > 0, "{f:?}");
-    assert!(f.duplicates <= in_flight, "{f:?}");
+    if exactly_once {
+        assert_eq!(f.duplicates, 0, "{f:?}\n{log}");
+        assert!(log.contains("EXACTLY-ONCE POSITION FROM ANOTHER SERVER"), "{log}");
+    } else {
+        assert!(f.duplicates <= in_flight, "{f:?}");
+    }
     assert!(!log.contains("SLOT LOST"), "a full republish:\n{log}");
     assert!(log.contains("POSTGRES CHANGED UNDER THE RELAY"), "{log}");
     assert!(log.contains("synced from the former primary"), "{log}");
+}
+
+/// Exactly-once, across a restart: the relay committed a progress record far into server A's
+/// WAL; restarted against server B (another system, at the same address) whose slot and rows
+/// lie below that position, it must not count B's rows as sent. Before: `covered` compared raw
+/// LSNs, so B's rows were marked delivered and never published.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_progress_record_from_another_server_skips_nothing() {
+    let mut b = PgCluster::start();
+    b.apply_schema();
+    b.psql("SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')");
+    b.psql(
+        "INSERT INTO outbox_relay_state (slot_name, snapshot_started_at, snapshot_done_at) \
+         VALUES ('outbox_relay', now(), now())",
+    );
+    b.psql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         SELECT 'failover', 'b-' || g, 'Created', '{}' FROM generate_series(1, 5) g",
+    );
+    b.stop("fast");
+
+    let a = PgCluster::start();
+    a.apply_schema();
+    let broker = TxnBroker::start();
+    let env = relay_env(
+        &a,
+        &broker.brokers(),
+        &[
+            ("RELAY_DELIVERY", "exactly_once"),
+            ("RELAY_EXACTLY_ONCE__TRANSACTIONAL_ID", "relay-moved"),
+            ("RELAY_EXACTLY_ONCE__BATCH_MAX_MS", "50"),
+            ("RELAY_RETRY__MAX_DELAY_MS", "500"),
+        ],
+    );
+    let mut relay = Relay::start(&env);
+    let mut db = a.client().await;
+    wait_streaming(&db, WAIT).await;
+    for _ in 0..3 {
+        insert_rows(&mut db, "ahead", 1, 1, true).await;
+        a.psql("SELECT pg_switch_wal()");
+    }
+    insert_rows(&mut db, "ahead", 1, 1, true).await;
+    assert!(all_delivered(&db, WAIT).await, "{}", relay.log());
+    relay.terminate();
+    a.stop("fast");
+
+    b.set_port(a.port);
+    b.start_server();
+    let relay = Relay::start(&env);
+    let f = tally(&b, &broker.brokers(), 0, &relay).await;
+    let log = relay.log();
+    assert_eq!(f.rows, 5, "{f:?}");
+    assert_eq!(f.lost, 0, "B's rows were marked delivered but never sent: {f:?}\n{log}");
+    assert!(log.contains("EXACTLY-ONCE POSITION FROM ANOTHER SERVER"), "{log}");
 }

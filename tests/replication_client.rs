@@ -136,7 +136,12 @@ async fn creates_a_slot_and_streams_pgoutput_with_keepalives() {
     assert_eq!(tags, vec![b'B', b'R', b'I', b'C']);
     stream.finish(std::time::Duration::from_secs(5)).await;
 
-    // A wrong publication name is a server error with its SQLSTATE, not a hang.
+    // A wrong publication name is a server error with its SQLSTATE, not a hang. Postgres 18
+    // only warns and streams nothing (pgoutput skips a missing publication since 18), which is
+    // why the relay checks the publication before it streams (`source::schema::preflight`).
+    if pg.major() >= 18 {
+        return;
+    }
     let client = ReplicationClient::connect(&config).await.unwrap();
     let mut stream = client
         .start_replication("probe", Lsn::ZERO, "no_such_pub")
