@@ -125,6 +125,15 @@ fn start_writer(
     })
 }
 
+/// `outbox-relay check` against `pg`: its output.
+fn check_failover(pg: &PgCluster, brokers: &str) -> String {
+    let mut check = Relay::spawn(&relay_env(pg, brokers, &[]), &["check"]);
+    check
+        .wait_exit(Duration::from_secs(60))
+        .expect("check finishes");
+    check.log()
+}
+
 /// Cuts the standby off from its primary (as a network partition would): it keeps what it has
 /// and receives nothing more, so what the primary commits next dies with it.
 fn cut_off(standby: &PgCluster) {
@@ -175,7 +184,10 @@ async fn tally(pg: &PgCluster, brokers: &str, written: u64, relay: &Relay) -> Fi
     Figures {
         written,
         rows: table.len(),
-        lost: table.keys().filter(|id| !seen.contains_key(id.as_str())).count(),
+        lost: table
+            .keys()
+            .filter(|id| !seen.contains_key(id.as_str()))
+            .count(),
         phantoms: seen.keys().filter(|id| !table.contains_key(**id)).count(),
         duplicates: seen.values().map(|n| n - 1).sum(),
     }
@@ -254,8 +266,6 @@ async fn failover_with_a_failover_slot(exactly_once: bool) {
     let standby = primary
         .start_standby("standby1", &[("sync_replication_slots", "on")])
         .await;
-    primary.psql("ALTER SYSTEM SET synchronized_standby_slots = 'standby1'");
-    primary.psql("SELECT pg_reload_conf()");
     let both = format!(
         "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres",
         primary.port, standby.port
@@ -270,6 +280,22 @@ async fn failover_with_a_failover_slot(exactly_once: bool) {
         (_, Some(b)) => b.brokers(),
         _ => unreachable!(),
     };
+    if !exactly_once {
+        // `check` warns, with the fix, while the primary may publish what the standby lacks.
+        let report = check_failover(&primary, &brokers);
+        assert!(
+            report.contains("WARN failover")
+                && report.contains("synchronized_standby_slots is empty")
+                && report.contains("synchronized_standby_slots = 'standby1'"),
+            "{report}"
+        );
+    }
+    primary.psql("ALTER SYSTEM SET synchronized_standby_slots = 'standby1'");
+    primary.psql("SELECT pg_reload_conf()");
+    if !exactly_once {
+        let report = check_failover(&primary, &brokers);
+        assert!(report.contains("PASS failover"), "{report}");
+    }
     let in_flight = 2000usize;
     let in_flight_text = in_flight.to_string();
     let mut extra = vec![
@@ -287,11 +313,14 @@ async fn failover_with_a_failover_slot(exactly_once: bool) {
     let relay = Relay::start(&relay_env(&primary, &brokers, &extra));
     let db = primary.client().await;
     wait_streaming(&db, WAIT).await;
-    let failover: String = primary
-        .psql("SELECT failover FROM pg_replication_slots WHERE slot_name = 'outbox_relay'");
+    let failover: String =
+        primary.psql("SELECT failover FROM pg_replication_slots WHERE slot_name = 'outbox_relay'");
     assert_eq!(failover, "t", "the relay's slot is a failover slot");
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = start_writer(format!("{both}?target_session_attrs=read-write"), stop.clone());
+    let writer = start_writer(
+        format!("{both}?target_session_attrs=read-write"),
+        stop.clone(),
+    );
     // The standby's copy of the slot, synced and persistent, before the primary dies.
     let synced = eventually(WAIT, || async {
         standby.psql(
@@ -300,7 +329,11 @@ async fn failover_with_a_failover_slot(exactly_once: bool) {
         ) == "1"
     })
     .await;
-    assert!(synced, "the standby never synced the slot:\n{}", standby.log());
+    assert!(
+        synced,
+        "the standby never synced the slot:\n{}",
+        standby.log()
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     // The last 2 s of the primary's commits never reach the standby; the primary holds their
     // changes back from the relay (synchronized_standby_slots), so none is published.
@@ -314,7 +347,11 @@ async fn failover_with_a_failover_slot(exactly_once: bool) {
     let written = writer.await.expect("writer");
 
     let f = tally(&standby, &brokers, written, &relay).await;
-    let mode = if exactly_once { "exactly-once" } else { "at-least-once" };
+    let mode = if exactly_once {
+        "exactly-once"
+    } else {
+        "at-least-once"
+    };
     eprintln!("failover figures, Postgres 17 (failover slot, {mode}): {f:?}");
     let log = relay.log();
     assert_eq!(f.lost, 0, "{f:?}\n{log}");
@@ -322,7 +359,10 @@ async fn failover_with_a_failover_slot(exactly_once: bool) {
     assert!(f.rows > 0 && f.written > 0, "{f:?}");
     if exactly_once {
         assert_eq!(f.duplicates, 0, "{f:?}\n{log}");
-        assert!(log.contains("EXACTLY-ONCE POSITION FROM ANOTHER SERVER"), "{log}");
+        assert!(
+            log.contains("EXACTLY-ONCE POSITION FROM ANOTHER SERVER"),
+            "{log}"
+        );
     } else {
         assert!(f.duplicates <= in_flight, "{f:?}");
     }
@@ -381,6 +421,12 @@ async fn a_stale_progress_record_from_another_server_skips_nothing() {
     let f = tally(&b, &broker.brokers(), 0, &relay).await;
     let log = relay.log();
     assert_eq!(f.rows, 5, "{f:?}");
-    assert_eq!(f.lost, 0, "B's rows were marked delivered but never sent: {f:?}\n{log}");
-    assert!(log.contains("EXACTLY-ONCE POSITION FROM ANOTHER SERVER"), "{log}");
+    assert_eq!(
+        f.lost, 0,
+        "B's rows were marked delivered but never sent: {f:?}\n{log}"
+    );
+    assert!(
+        log.contains("EXACTLY-ONCE POSITION FROM ANOTHER SERVER"),
+        "{log}"
+    );
 }

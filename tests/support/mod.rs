@@ -397,7 +397,9 @@ impl PgCluster {
     /// Promotes this standby to a primary and waits until it accepts writes.
     pub fn promote(&self) {
         let mut c = pg_command_in(&self.bin, "pg_ctl", self.as_postgres);
-        c.arg("-D").arg(self.data()).args(["-w", "-t", "60", "promote"]);
+        c.arg("-D")
+            .arg(self.data())
+            .args(["-w", "-t", "60", "promote"]);
         run_ok(c, "pg_ctl promote");
     }
 }
@@ -417,7 +419,9 @@ fn copy_data_dir(from: &Path, to: &Path) {
         ) {
             continue;
         }
-        let Ok(kind) = entry.file_type() else { continue };
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
         if kind.is_dir() {
             if matches!(&*name, "pg_wal" | "pg_replslot") {
                 std::fs::create_dir_all(&dst).expect("mkdir");

@@ -241,13 +241,21 @@ mod tests {
             timeline: 2,
         };
         let (kept, how) = p.moved_to(promoted, Some(Lsn(1_100)));
-        assert_eq!(how, Carried::Clamped { switch_point: Lsn(1_100) });
+        assert_eq!(
+            how,
+            Carried::Clamped {
+                switch_point: Lsn(1_100)
+            }
+        );
         assert_eq!(kept.committed_end, Lsn(1_000), "below the branch point");
         assert_eq!(kept.partial, None, "the partial transaction lies beyond it");
         assert!(kept.covers(Lsn(900), 1) && !kept.covers(Lsn(1_200), 1));
         let (kept, _) = p.moved_to(promoted, Some(Lsn(600)));
         assert_eq!(kept.committed_end, Lsn(600));
-        assert!(!kept.covers(Lsn(700), 1), "written on the new timeline: not covered");
+        assert!(
+            !kept.covers(Lsn(700), 1),
+            "written on the new timeline: not covered"
+        );
         let other = Origin {
             system_id: 7,
             timeline: 1,
@@ -257,7 +265,11 @@ mod tests {
         assert!(!gone.covers(Lsn(1), 1));
         assert_eq!(gone.origin, Some(other));
         let (gone, how) = p.moved_to(promoted, None);
-        assert_eq!(how, Carried::Dropped, "not descended from the position's timeline");
+        assert_eq!(
+            how,
+            Carried::Dropped,
+            "not descended from the position's timeline"
+        );
         assert!(!gone.covers(Lsn(1), 1));
     }
 }

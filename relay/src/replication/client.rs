@@ -234,8 +234,8 @@ impl ReplicationClient {
         user_timeout: Option<std::time::Duration>,
     ) -> Result<Self, ReplicationError> {
         let targets = targets(config);
-        let read_write =
-            config.get_target_session_attrs() == tokio_postgres::config::TargetSessionAttrs::ReadWrite;
+        let read_write = config.get_target_session_attrs()
+            == tokio_postgres::config::TargetSessionAttrs::ReadWrite;
         let mut failures = Vec::new();
         for (host, port) in &targets {
             let attempt = async {

@@ -32,7 +32,9 @@ pub(super) async fn first_start<S: Sink>(
     .await
     .map_err(|e| SlotError::query("recording the snapshot start", e))?;
 
-    let created: CreatedSlot = repl.create_slot(slot, true, config.postgres.failover_slot).await?;
+    let created: CreatedSlot = repl
+        .create_slot(slot, true, config.postgres.failover_slot)
+        .await?;
     let snapshot = created
         .snapshot_name
         .clone()
