@@ -11,3 +11,9 @@ CREATE TABLE IF NOT EXISTS outbox_relay_state (
     snapshot_lsn        pg_lsn,
     snapshot_rows       bigint
 );
+
+-- The server the slot lives on, as IDENTIFY_SYSTEM reports it (system id; the timeline changes at
+-- each promotion). The relay records it each time it starts streaming, so after a failover or a
+-- restore it can say on which server the slot was lost. Added to existing tables here.
+ALTER TABLE outbox_relay_state ADD COLUMN IF NOT EXISTS system_id text;
+ALTER TABLE outbox_relay_state ADD COLUMN IF NOT EXISTS timeline integer;

@@ -235,6 +235,15 @@ async fn a_promoted_standby_at_the_primary_address_loses_no_row_pg15() {
     assert!(f.rows > 0 && f.written > 0, "{f:?}");
     assert!(log.contains("POSTGRES CHANGED UNDER THE RELAY"), "{log}");
     assert!(log.contains("SLOT LOST"), "{log}");
+    assert!(
+        log.contains("the slot was last streamed on another server or timeline"),
+        "{log}"
+    );
+    assert_eq!(
+        standby.psql("SELECT timeline FROM outbox_relay_state"),
+        "2",
+        "the state table names the promoted server's timeline"
+    );
 }
 
 /// Postgres 17 with a failover slot: the standby syncs the relay's slot

@@ -357,7 +357,9 @@ impl Supervisor {
                 };
                 pipeline.enter_server(origin, switch_point);
             }
-            let start = source::prepare(&session.db, &mut repl, config, pipeline).await?;
+            let start =
+                source::prepare(&session.db, &mut repl, config, pipeline, (&here.0, here.1))
+                    .await?;
             let stream = repl
                 .start_replication(&config.postgres.slot, start, &config.postgres.publication)
                 .await?;

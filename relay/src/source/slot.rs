@@ -144,11 +144,69 @@ async fn snapshot_done(db: &Client, config: &Config) -> Result<Option<bool>, Slo
 
 /// Prepares the slot for streaming and returns the position to start from.
 /// On first start this publishes the snapshot through `pipeline` and waits for it to complete.
+/// `server`: the (system id, timeline) of the server `repl` is connected to.
 pub async fn prepare<S: Sink>(
     db: &Client,
     repl: &mut ReplicationClient,
     config: &Config,
     pipeline: &mut Pipeline<S>,
+    server: (&str, u32),
+) -> Result<Lsn, SlotError> {
+    let start = prepare_slot(db, repl, config, pipeline, server).await?;
+    record_server(db, config, server).await;
+    Ok(start)
+}
+
+/// The server the state table says the slot was on when a relay last started streaming from it
+/// (`None`: not recorded, or the table predates the columns).
+async fn recorded_server(db: &Client, config: &Config) -> Option<(String, i32)> {
+    let row = db
+        .query_opt(
+            &format!(
+                "SELECT system_id, timeline FROM {} WHERE slot_name = $1",
+                config.state_table_sql()
+            ),
+            &[&config.postgres.slot],
+        )
+        .await
+        .ok()??;
+    Some((
+        row.get::<_, Option<String>>(0)?,
+        row.get::<_, Option<i32>>(1)?,
+    ))
+}
+
+/// Records in the state table which server the slot is streamed from. Only a note for the
+/// operator and the slot-loss message: a failure (a table from before the columns) is logged,
+/// never fatal.
+async fn record_server(db: &Client, config: &Config, server: (&str, u32)) {
+    let timeline = i32::try_from(server.1).unwrap_or(i32::MAX);
+    let result = db
+        .execute(
+            &format!(
+                "UPDATE {} SET system_id = $2, timeline = $3 WHERE slot_name = $1 \
+                 AND (system_id IS DISTINCT FROM $2 OR timeline IS DISTINCT FROM $3)",
+                config.state_table_sql()
+            ),
+            &[&config.postgres.slot, &server.0, &timeline],
+        )
+        .await;
+    if let Err(e) = result {
+        tracing::warn!(
+            error = %crate::postgres::describe(&e),
+            "cannot record the server in {}; apply sql/002_relay_state.sql again (it adds the \
+             system_id and timeline columns)",
+            config.state_table_sql()
+        );
+    }
+}
+
+async fn prepare_slot<S: Sink>(
+    db: &Client,
+    repl: &mut ReplicationClient,
+    config: &Config,
+    pipeline: &mut Pipeline<S>,
+    server: (&str, u32),
 ) -> Result<Lsn, SlotError> {
     let slot = &config.postgres.slot;
     let mut info = slot_info(db, slot).await?;
@@ -190,6 +248,22 @@ pub async fn prepare<S: Sink>(
             info = None;
         }
     } else if snapshot_done(db, config).await? == Some(true) {
+        let recorded = recorded_server(db, config).await;
+        if let Some((system_id, timeline)) = recorded
+            .as_ref()
+            .filter(|(id, tli)| (id.as_str(), *tli) != (server.0, server.1 as i32))
+        {
+            tracing::error!(
+                slot,
+                was_on_system = %system_id,
+                was_on_timeline = timeline,
+                system = server.0,
+                timeline = server.1,
+                "the slot was last streamed on another server or timeline: a failover to a \
+                 standby without a copy of the slot (Postgres before 17, or no failover slot), or \
+                 a restored backup"
+            );
+        }
         tracing::error!(
             slot,
             "SLOT LOST: the replication slot this relay streamed from no longer exists (dropped?). \
