@@ -68,8 +68,9 @@ impl Classify for ReplicationError {
             ReplicationError::Silent { .. } | ReplicationError::ReadOnly { .. } => {
                 Action::ReconnectPostgres
             }
-            ReplicationError::NoHost { retryable, .. } => {
-                if *retryable {
+            // Worth another round if any server failed for a reason retrying can end.
+            ReplicationError::NoHost { failures } => {
+                if failures.iter().any(|f| f.action() != Action::Stop) {
                     Action::ReconnectPostgres
                 } else {
                     Action::Stop
@@ -131,6 +132,33 @@ impl Classify for crate::source::SlotError {
 mod tests {
     use super::*;
     use crate::replication::ReplicationError;
+
+    #[test]
+    fn a_multi_host_failure_is_retried_when_any_host_may_recover() {
+        let auth = || ReplicationError::Auth("no pg_hba.conf entry".into());
+        let busy = ReplicationError::Server(crate::replication::client::ServerError {
+            severity: "FATAL".into(),
+            code: "53300".into(),
+            message: "too many connections".into(),
+            detail: None,
+            hint: None,
+        });
+        let standby = ReplicationError::ReadOnly {
+            target: "b:5432".into(),
+        };
+        let retried = ReplicationError::NoHost {
+            failures: vec![busy, auth()],
+        };
+        assert_eq!(retried.action(), Action::ReconnectPostgres);
+        let retried = ReplicationError::NoHost {
+            failures: vec![auth(), standby],
+        };
+        assert_eq!(retried.action(), Action::ReconnectPostgres);
+        let refused = ReplicationError::NoHost {
+            failures: vec![auth(), auth()],
+        };
+        assert_eq!(refused.action(), Action::Stop, "{refused}");
+    }
 
     #[test]
     fn postgres_states_map_to_one_action_each() {

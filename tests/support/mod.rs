@@ -290,8 +290,9 @@ impl PgCluster {
 
     /// Moves the (stopped) cluster to `port`: the next start listens there.
     pub fn set_port(&mut self, port: u16) {
+        // postgresql.auto.conf is read last, over a standby's settings written there.
         append(
-            &self.data().join("postgresql.conf"),
+            &self.data().join("postgresql.auto.conf"),
             &format!("\nport = {port}\n"),
         );
         self.port = port;
@@ -375,7 +376,9 @@ impl PgCluster {
         for (k, v) in settings {
             conf.push_str(&format!("{k} = '{v}'\n"));
         }
-        append(&data.join("postgresql.conf"), &conf);
+        // postgresql.auto.conf is read last: over what `pg_basebackup -R` wrote there (a
+        // primary_conninfo without dbname, which slot synchronization needs).
+        append(&data.join("postgresql.auto.conf"), &conf);
         if self.as_postgres {
             let mut c = Command::new("chown");
             c.arg("-R").arg("postgres:postgres").arg(dir.path());

@@ -349,9 +349,26 @@ impl Supervisor {
                     system_id,
                     timeline: here.1,
                 };
+                if pipeline.covers_without_origin() {
+                    // A record of a relay before 0.2: its server is the one the state table
+                    // names, when it names one (otherwise it is trusted, as before).
+                    let recorded = source::slot::recorded_server(&session.db, config).await;
+                    pipeline.assume_covered_origin(recorded.and_then(|(id, tli)| {
+                        Some(Origin {
+                            system_id: id.parse().ok()?,
+                            timeline: u32::try_from(tli).ok()?,
+                        })
+                    }));
+                }
                 let switch_point = match pipeline.covered_origin() {
                     Some(from) if from.system_id == system_id && from.timeline < here.1 => {
-                        repl.timeline_switch_point(here.1, from.timeline).await?
+                        // Without the history the position is dropped: duplicates, not loss.
+                        repl.timeline_switch_point(here.1, from.timeline)
+                            .await
+                            .unwrap_or_else(|e| {
+                                tracing::warn!(error = %e, "TIMELINE_HISTORY failed");
+                                None
+                            })
                     }
                     _ => None,
                 };

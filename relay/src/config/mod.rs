@@ -1086,7 +1086,8 @@ impl Config {
     /// The parsed `postgres.url` (validated at load).
     /// The parsed `postgres.url`. A URL naming several hosts without `target_session_attrs`
     /// gets `read-write`: the relay marks rows, so of a primary and its standbys it must reach
-    /// the primary, wherever a failover put it (libpq's own default would be `any`).
+    /// the primary, wherever a failover put it (libpq's own default would be `any`). Without
+    /// `connect_timeout`, 10 s per server.
     pub fn pg_config(&self) -> tokio_postgres::Config {
         let mut pg: tokio_postgres::Config = self
             .postgres
@@ -1096,6 +1097,11 @@ impl Config {
         let hosts = pg.get_hosts().len().max(pg.get_hostaddrs().len());
         if hosts > 1 && !self.postgres.url.contains("target_session_attrs") {
             pg.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        }
+        // A server that drops packets (a dead primary) costs each attempt this long, not the
+        // kernel's minutes of SYN retries, before the next host is tried.
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(std::time::Duration::from_secs(10));
         }
         pg
     }

@@ -294,10 +294,12 @@ async fn failover_check(c: &tokio_postgres::Client, config: &Config) -> CheckRes
         Ok(m) => m,
         Err(e) => return fail(NAME, e.to_string()),
     };
+    // Physical slots a standby streams from now: the candidates for synchronized_standby_slots
+    // (an inactive slot there, or one of a WAL archiver, would hold logical decoding back).
     let physical: Vec<String> = match c
         .query(
-            "SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical' \
-             ORDER BY slot_name",
+            "SELECT slot_name::text FROM pg_replication_slots \
+             WHERE slot_type = 'physical' AND active ORDER BY slot_name",
             &[],
         )
         .await
@@ -305,9 +307,12 @@ async fn failover_check(c: &tokio_postgres::Client, config: &Config) -> CheckRes
         Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
         Err(e) => return fail(NAME, db::describe(&e)),
     };
+    // Physical walsenders only: logical ones (this relay, subscriptions) hold logical slots.
     let standbys: i64 = match c
         .query_one(
-            "SELECT count(*) FROM pg_stat_replication WHERE application_name <> 'outbox-relay'",
+            "SELECT count(*) FROM pg_stat_replication WHERE pid NOT IN \
+                 (SELECT active_pid FROM pg_replication_slots \
+                  WHERE slot_type = 'logical' AND active_pid IS NOT NULL)",
             &[],
         )
         .await
@@ -317,9 +322,12 @@ async fn failover_check(c: &tokio_postgres::Client, config: &Config) -> CheckRes
     };
     let slot = &config.postgres.slot;
     let standby_slots = if physical.is_empty() {
-        "a physical slot per standby (pg_create_physical_replication_slot, primary_slot_name on the standby)".to_owned()
+        "the physical slots of the standbys that may take over (pg_create_physical_replication_slot, primary_slot_name on each standby)".to_owned()
     } else {
-        format!("'{}'", physical.join(","))
+        format!(
+            "'{}' (the active physical slots; keep only those of standbys that may take over)",
+            physical.join(",")
+        )
     };
     if major < 17 {
         let detail = format!(
@@ -376,6 +384,22 @@ async fn failover_check(c: &tokio_postgres::Client, config: &Config) -> CheckRes
                  messages describe rows that no longer exist (phantoms), and the standby's copy of \
                  the slot may be behind. Set synchronized_standby_slots = {standby_slots} on the \
                  primary; {standby_setup}"
+            ),
+        );
+    }
+    let waiting_on: Vec<&str> = synchronized
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty() && *n != "*" && !physical.iter().any(|p| p == n))
+        .collect();
+    if !waiting_on.is_empty() {
+        return warn(
+            NAME,
+            format!(
+                "{slot_state}; synchronized_standby_slots names '{}', which no standby streams \
+                 from now: the primary holds every change back from the relay until it does. \
+                 Start that standby, or remove the slot from synchronized_standby_slots",
+                waiting_on.join(",")
             ),
         );
     }

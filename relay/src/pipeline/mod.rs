@@ -507,11 +507,37 @@ impl<S: Sink> Pipeline<S> {
                  counts as sent, rows beyond are sent again"
             );
         }
-        eo.covered = covered;
-        eo.committed = committed;
+        // A position kept without an origin is taken as this server's from now on.
+        eo.covered = SourcePosition {
+            origin: Some(here),
+            ..covered
+        };
+        eo.committed = SourcePosition {
+            origin: Some(here),
+            ..committed
+        };
         eo.handed_end = eo.handed_end.min(committed.committed_end);
         eo.origin = Some(here);
         Some(how)
+    }
+
+    /// Exactly-once: rows are covered by a record that does not say which server it is from.
+    pub fn covers_without_origin(&self) -> bool {
+        self.exactly_once.as_ref().is_some_and(|eo| {
+            eo.covered.origin.is_none() && eo.covered != SourcePosition::default()
+        })
+    }
+
+    /// Exactly-once: takes `origin` as the server of a covered position whose record named none.
+    pub fn assume_covered_origin(&mut self, origin: Option<Origin>) {
+        if let Some(eo) = &mut self.exactly_once
+            && eo.covered.origin.is_none()
+        {
+            eo.covered.origin = origin;
+            if eo.committed.origin.is_none() {
+                eo.committed.origin = origin;
+            }
+        }
     }
 
     /// Exactly-once: the server the covered position came from, if the record said.
@@ -1189,5 +1215,42 @@ mod tests {
         p.redrive_row(seq, fixed).await.unwrap();
         assert_eq!(p.sink.sent.len(), 2);
         assert_eq!(p.sink.sent[1].0.id.to_string(), bad);
+    }
+
+    #[test]
+    fn a_legacy_covered_position_is_judged_by_the_server_the_state_table_names() {
+        let config = Config {
+            delivery: DeliveryMode::ExactlyOnce,
+            ..Default::default()
+        };
+        let (_tx, rx) = mpsc::unbounded_channel();
+        let mut p = Pipeline::new(&config, RecordingSink::default(), no_parking(), rx);
+        let legacy = SourcePosition {
+            committed_end: Lsn(5_000),
+            partial: None,
+            origin: None,
+        };
+        p.set_covered(legacy);
+        assert!(p.covers_without_origin());
+        let a = Origin {
+            system_id: 1,
+            timeline: 1,
+        };
+        let b = Origin {
+            system_id: 2,
+            timeline: 1,
+        };
+        // The state table says the slot was streamed on A; the relay now reaches B.
+        p.assume_covered_origin(Some(a));
+        assert_eq!(p.enter_server(b, None), Some(Carried::Dropped));
+        assert_eq!(p.committed_position().map(|c| c.committed_end), Some(Lsn::ZERO));
+        assert!(!p.covers_without_origin());
+
+        // Nothing recorded: trusted, as relays before did.
+        p.set_covered(legacy);
+        p.assume_covered_origin(None);
+        assert_eq!(p.enter_server(b, None), Some(Carried::Kept));
+        assert_eq!(p.committed_position().map(|c| c.committed_end), Some(Lsn(5_000)));
+        assert_eq!(p.committed_position().and_then(|c| c.origin), Some(b));
     }
 }

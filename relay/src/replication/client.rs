@@ -49,8 +49,8 @@ pub enum ReplicationError {
          relay find the one that writes"
     )]
     ReadOnly { target: String },
-    #[error("no server named in postgres.url could be used: {tried}")]
-    NoHost { tried: String, retryable: bool },
+    #[error("no server named in postgres.url could be used: {}", failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    NoHost { failures: Vec<ReplicationError> },
     #[error(
         "Postgres sent nothing on the replication connection for {silent_ms} ms although asked to \
          reply (postgres.replication_timeout_ms); the connection is considered dead and is opened again"
@@ -59,20 +59,6 @@ pub enum ReplicationError {
 }
 
 impl ReplicationError {
-    /// A failure to reach or keep a server (rather than the server refusing the relay): worth
-    /// trying again, since a failover or a restart ends it.
-    pub fn is_connection_level(&self) -> bool {
-        match self {
-            ReplicationError::Connect { .. }
-            | ReplicationError::Io(_)
-            | ReplicationError::Silent { .. }
-            | ReplicationError::ReadOnly { .. } => true,
-            ReplicationError::NoHost { retryable, .. } => *retryable,
-            ReplicationError::Server(e) => e.code.starts_with("57P") || e.code.starts_with("08"),
-            _ => false,
-        }
-    }
-
     /// The SQLSTATE of a server error, if this is one.
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
@@ -236,10 +222,27 @@ impl ReplicationClient {
         let targets = targets(config);
         let read_write = config.get_target_session_attrs()
             == tokio_postgres::config::TargetSessionAttrs::ReadWrite;
+        // Per server, so a dead first host (packets dropped) does not hold up the others for
+        // the kernel's SYN retries; libpq's connect_timeout, 10 s when the URL sets none.
+        let connect_timeout = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(std::time::Duration::from_secs(10));
         let mut failures = Vec::new();
         for (host, port) in &targets {
             let attempt = async {
-                let mut client = Self::connect_host(config, host, *port, user_timeout).await?;
+                let connect = Self::connect_host(config, host, *port, user_timeout);
+                let mut client = tokio::time::timeout(connect_timeout, connect)
+                    .await
+                    .map_err(|_| ReplicationError::Connect {
+                        target: describe_target(host, *port),
+                        source: io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "no answer within {connect_timeout:?} (connect_timeout in postgres.url)"
+                            ),
+                        ),
+                    })??;
                 if read_write {
                     let rows = client.simple_query("SHOW transaction_read_only").await?;
                     let read_only = rows.first().and_then(|r| r.first().cloned().flatten());
@@ -260,14 +263,7 @@ impl ReplicationClient {
                 }
             }
         }
-        Err(ReplicationError::NoHost {
-            tried: failures
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; "),
-            retryable: failures.iter().any(ReplicationError::is_connection_level),
-        })
+        Err(ReplicationError::NoHost { failures })
     }
 
     async fn connect_host(

@@ -159,7 +159,7 @@ pub async fn prepare<S: Sink>(
 
 /// The server the state table says the slot was on when a relay last started streaming from it
 /// (`None`: not recorded, or the table predates the columns).
-async fn recorded_server(db: &Client, config: &Config) -> Option<(String, i32)> {
+pub async fn recorded_server(db: &Client, config: &Config) -> Option<(String, i32)> {
     let row = db
         .query_opt(
             &format!(
@@ -273,7 +273,11 @@ async fn prepare_slot<S: Sink>(
         );
     }
     if let Some(i) = info {
-        if i.synced == Some(true) {
+        // `synced` stays true on a promoted server: say it once, when the server changed.
+        let moved = recorded_server(db, config)
+            .await
+            .is_some_and(|(id, tli)| (id.as_str(), tli) != (server.0, server.1 as i32));
+        if i.synced == Some(true) && moved {
             tracing::info!(
                 slot,
                 confirmed_flush = ?i.confirmed_flush,
@@ -281,7 +285,8 @@ async fn prepare_slot<S: Sink>(
                  promoted); rows published after the copy's position are sent again"
             );
         }
-        if config.postgres.failover_slot && i.failover == Some(false) {
+        // Only a free slot: ALTER_REPLICATION_SLOT waits for a slot another process holds.
+        if config.postgres.failover_slot && i.failover == Some(false) && i.active_pid.is_none() {
             repl.set_slot_failover(slot, true).await?;
             tracing::info!(
                 slot,
