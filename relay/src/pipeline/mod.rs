@@ -1243,14 +1243,20 @@ mod tests {
         // The state table says the slot was streamed on A; the relay now reaches B.
         p.assume_covered_origin(Some(a));
         assert_eq!(p.enter_server(b, None), Some(Carried::Dropped));
-        assert_eq!(p.committed_position().map(|c| c.committed_end), Some(Lsn::ZERO));
+        assert_eq!(
+            p.committed_position().map(|c| c.committed_end),
+            Some(Lsn::ZERO)
+        );
         assert!(!p.covers_without_origin());
 
         // Nothing recorded: trusted, as relays before did.
         p.set_covered(legacy);
         p.assume_covered_origin(None);
         assert_eq!(p.enter_server(b, None), Some(Carried::Kept));
-        assert_eq!(p.committed_position().map(|c| c.committed_end), Some(Lsn(5_000)));
+        assert_eq!(
+            p.committed_position().map(|c| c.committed_end),
+            Some(Lsn(5_000))
+        );
         assert_eq!(p.committed_position().and_then(|c| c.origin), Some(b));
     }
 }
