@@ -13,11 +13,15 @@ const LINGER: Duration = Duration::from_secs(2);
 /// commit.
 #[tokio::test(flavor = "multi_thread")]
 async fn committed_rows_arrive_once_with_routing_and_rollbacks_publish_nothing() {
+    // A per-row topic outside the template's prefix is opt-in (kafka.allowed_topics).
     let Stack {
         pg,
         broker,
         mut relay,
-    } = Stack::start(&[]);
+    } = Stack::start(&[(
+        "RELAY_KAFKA__ALLOWED_TOPICS",
+        "outbox.event.*, custom.customers",
+    )]);
     let mut db = pg.client().await;
 
     let committed = insert_rows(&mut db, "order", 3, 20, true).await;

@@ -13,6 +13,7 @@ mod operations;
 mod poison;
 mod replication_client;
 mod rocketmq;
+mod security;
 mod supervision;
 mod transactions;
 mod world;

@@ -57,6 +57,8 @@ async fn poison_rows_are_dead_lettered_marked_failed_and_the_stream_goes_on() {
             ("RELAY_KAFKA__CREATE_TOPICS", "false"),
             ("RELAY_KAFKA__MAX_MESSAGE_BYTES", "100000"),
             ("RELAY_RETRY__MAX_DELAY_MS", "200"),
+            // Any topic but the relay's own: the broker's refusals are what is tested here.
+            ("RELAY_KAFKA__ALLOWED_TOPICS", "*"),
         ],
     ));
     let mut good = vec![insert(&pg, "a", "'{\"n\": 1}'", "NULL", "NULL")];

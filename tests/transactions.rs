@@ -11,7 +11,10 @@ use outbox_relay::config::Config;
 use outbox_relay::oracle::{Oracle, TxStatus};
 use tokio_util::sync::CancellationToken;
 
-/// How a case asks: the oracle itself, or the admin listener over HTTP.
+/// The oracle listener's bearer token in these tests.
+const TOKEN: &str = "test-token-0123456789";
+
+/// How a case asks: the oracle itself, or the oracle's HTTP listener.
 #[derive(Clone, Copy, Debug)]
 enum Ask {
     Direct,
@@ -27,26 +30,45 @@ struct Checker {
 
 impl Checker {
     async fn new(pg: &PgCluster, lock_timeout: Duration) -> Checker {
+        Self::with(pg, lock_timeout, |_| {}).await
+    }
+
+    /// With the listener's settings changed by `tune`.
+    async fn with(
+        pg: &PgCluster,
+        lock_timeout: Duration,
+        tune: impl FnOnce(&mut Config),
+    ) -> Checker {
         let mut config = Config::default();
         config.postgres.url = pg.url();
-        config.http.addr = "127.0.0.1:0".into();
+        config.transactions.http_addr = "127.0.0.1:0".into();
+        config.transactions.http_token = TOKEN.into();
+        config.transactions.http_max_concurrent = 3;
         config.transactions.lock_timeout_ms = lock_timeout.as_millis() as u64;
+        tune(&mut config);
+        config.validate().expect("valid listener settings");
         let oracle = outbox_relay::ops::http::oracle(&config);
         let stop = CancellationToken::new();
-        let state = outbox_relay::ops::http::AdminState {
-            oracle: oracle.clone(),
-            metrics: None,
-            health: Default::default(),
-        };
-        let addr = outbox_relay::ops::http::start(&config, state, stop.clone())
+        let state = outbox_relay::ops::oracle_http::OracleState::new(&config, oracle.clone());
+        let addr = outbox_relay::ops::oracle_http::start(&config, state, stop.clone())
             .await
-            .expect("admin listener")
-            .expect("admin listener on");
+            .expect("oracle listener")
+            .expect("oracle listener on");
         Checker {
             oracle,
             http: addr.to_string(),
             _stop: stop.drop_guard(),
         }
+    }
+
+    /// `GET path` on the oracle's listener, with the token.
+    async fn get(&self, path: &str) -> (u16, String) {
+        http_get_with(
+            &self.http,
+            path,
+            &[("Authorization", &format!("Bearer {TOKEN}"))],
+        )
+        .await
     }
 
     /// The status as a string (`committed`, `rolled_back`, `unknown`) and the unknown reason.
@@ -61,7 +83,7 @@ impl Checker {
                 (s.as_str().to_owned(), reason)
             }
             Ask::Http => {
-                let (code, body) = http_get(&self.http, &format!("/v1/transactions/{key}")).await;
+                let (code, body) = self.get(&format!("/v1/transactions/{key}")).await;
                 assert_eq!(code, 200, "GET /v1/transactions/{key}: {body}");
                 let v: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
                 assert_eq!(v["key"], key, "{body}");
@@ -285,7 +307,7 @@ async fn missing_oracle_and_bad_keys_are_explained() {
     assert_eq!(status, "unknown");
     assert!(reason.contains("sql/003_transactions.sql"), "{reason}");
     let long = "x".repeat(2000);
-    let (code, body) = http_get(&checker.http, &format!("/v1/transactions/{long}")).await;
+    let (code, body) = checker.get(&format!("/v1/transactions/{long}")).await;
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("1 to 1024 bytes"), "{body}");
 }
@@ -329,11 +351,22 @@ async fn the_purge_deletes_only_keys_past_the_retention() {
     assert_eq!(checker.ask(Ask::Direct, "fresh").await.0, "committed");
 }
 
+/// The relay answers checks only on the oracle's own listener and only with the bearer token
+/// (read from a secret file); the admin listener (probes, metrics) no longer serves them.
+/// Before: anyone reaching the admin listener could check, and so settle, any key.
 #[tokio::test]
-async fn the_relay_serves_transaction_checks_on_its_admin_listener() {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let stack = Stack::start(&[("RELAY_HTTP__ADDR", &addr)]);
+async fn the_relay_serves_transaction_checks_only_with_the_token_on_their_own_listener() {
+    let admin = format!("127.0.0.1:{}", free_port());
+    let oracle = format!("127.0.0.1:{}", free_port());
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let token_file = secrets.path().join("oracle-token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token file");
+    let token_file = token_file.display().to_string();
+    let stack = Stack::start(&[
+        ("RELAY_HTTP__ADDR", &admin),
+        ("RELAY_TRANSACTIONS__HTTP_ADDR", &oracle),
+        ("RELAY_TRANSACTIONS__HTTP_TOKEN_FILE", &token_file),
+    ]);
     let mut client = stack.pg.client().await;
     client
         .batch_execute("CREATE TABLE orders (id text PRIMARY KEY, amount int NOT NULL)")
@@ -341,24 +374,87 @@ async fn the_relay_serves_transaction_checks_on_its_admin_listener() {
         .expect("business table");
     commit_business(&mut client, "via-relay").await;
     let up = eventually(Duration::from_secs(30), || async {
-        tokio::net::TcpStream::connect(&addr).await.is_ok()
+        tokio::net::TcpStream::connect(&oracle).await.is_ok()
+            && tokio::net::TcpStream::connect(&admin).await.is_ok()
     })
     .await;
-    assert!(
-        up,
-        "the relay did not listen on {addr}: {}",
-        stack.relay.log()
-    );
-    let (code, body) = http_get(&addr, "/v1/transactions/via-relay").await;
+    assert!(up, "the relay did not listen: {}", stack.relay.log());
+    let bearer = format!("Bearer {TOKEN}");
+    let (code, body) = http_get_with(
+        &oracle,
+        "/v1/transactions/via-relay",
+        &[("Authorization", &bearer)],
+    )
+    .await;
     assert_eq!(code, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(
         v,
         serde_json::json!({"key": "via-relay", "status": "committed"})
     );
-    let (_, body) = http_get(&addr, "/v1/transactions/nobody").await;
-    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-    assert_eq!(v["status"], "rolled_back");
+    let (code, _) = http_get(&oracle, "/v1/transactions/nobody").await;
+    assert_eq!(code, 401, "no token");
+    let (code, _) = http_get_with(
+        &oracle,
+        "/v1/transactions/nobody",
+        &[("Authorization", "Bearer wrong-token-0123456789")],
+    )
+    .await;
+    assert_eq!(code, 401, "wrong token");
+    let settled: i64 = client
+        .query_one(
+            "SELECT count(*) FROM outbox_tx WHERE tx_key = 'nobody'",
+            &[],
+        )
+        .await
+        .expect("outbox_tx")
+        .get(0);
+    assert_eq!(settled, 0, "a refused request settles nothing");
+    let (code, _) = http_get(&admin, "/v1/transactions/nobody").await;
+    assert_eq!(code, 404, "the admin listener has no oracle routes");
+    assert_eq!(http_get(&admin, "/healthz").await.0, 200);
+}
+
+/// The listener's bounds: a check beyond `http_max_concurrent` is refused at once (503) while
+/// another waits on a transaction in flight, requests beyond `http_rate_per_sec` get 429, so no
+/// HTTP caller can hold the oracle's connections that RocketMQ check-backs need.
+#[tokio::test]
+async fn the_oracle_listener_bounds_concurrency_and_rate() {
+    let (pg, mut client) = setup().await;
+    let checker = Checker::with(&pg, Duration::from_secs(2), |c| {
+        c.transactions.http_max_concurrent = 1;
+        c.transactions.http_rate_per_sec = 3;
+    })
+    .await;
+    let tx = begin_business(&mut client, "held").await;
+    let waiting = {
+        let http = checker.http.clone();
+        tokio::spawn(async move {
+            http_get_with(
+                &http,
+                "/v1/transactions/held",
+                &[("Authorization", &format!("Bearer {TOKEN}"))],
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, body) = checker.get("/v1/transactions/other").await;
+    assert_eq!(code, 503, "{body}");
+    let (code, body) = waiting.await.expect("first check");
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("unknown"),
+        "in flight past the lock timeout: {body}"
+    );
+    tx.rollback().await.expect("rollback");
+    // A bucket of three a second: six requests at once cannot all pass.
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        codes.push(checker.get("/v1/transactions/other").await.0);
+    }
+    assert!(codes.contains(&429), "{codes:?}");
+    let _ = pg;
 }
 
 /// Runs `examples/checked_order.sql` with psql as an app would.
@@ -465,20 +561,18 @@ async fn dtm_query_prepared_answers_success_failure_or_ongoing() {
     let (pg, mut client) = setup().await;
     let checker = Checker::new(&pg, Duration::from_millis(300)).await;
     commit_business(&mut client, "dtm-ok").await;
-    let (code, body) = http_get(
-        &checker.http,
-        "/v1/dtm/query-prepared?gid=dtm-ok&trans_type=msg",
-    )
-    .await;
+    let (code, body) = checker
+        .get("/v1/dtm/query-prepared?gid=dtm-ok&trans_type=msg")
+        .await;
     assert_eq!((code, body.as_str()), (200, "SUCCESS"));
-    let (code, body) = http_get(&checker.http, "/v1/dtm/query-prepared?gid=dtm-never").await;
+    let (code, body) = checker.get("/v1/dtm/query-prepared?gid=dtm-never").await;
     assert_eq!((code, body.as_str()), (409, "FAILURE"));
     let tx = begin_business(&mut client, "dtm-running").await;
-    let (code, body) = http_get(&checker.http, "/v1/dtm/query-prepared?gid=dtm-running").await;
+    let (code, body) = checker.get("/v1/dtm/query-prepared?gid=dtm-running").await;
     assert_eq!((code, body.as_str()), (425, "ONGOING"));
     tx.commit().await.expect("commit");
-    let (code, _) = http_get(&checker.http, "/v1/dtm/query-prepared?gid=dtm-running").await;
+    let (code, _) = checker.get("/v1/dtm/query-prepared?gid=dtm-running").await;
     assert_eq!(code, 200);
-    let (code, _) = http_get(&checker.http, "/v1/dtm/query-prepared").await;
+    let (code, _) = checker.get("/v1/dtm/query-prepared").await;
     assert_eq!(code, 400);
 }

@@ -80,7 +80,8 @@ impl Classify for ReplicationError {
             ReplicationError::Auth(_)
             | ReplicationError::Tls(_)
             | ReplicationError::Decode(_)
-            | ReplicationError::Protocol(_) => Action::Stop,
+            | ReplicationError::Protocol(_)
+            | ReplicationError::TooLarge { .. } => Action::Stop,
         }
     }
 }

@@ -100,14 +100,26 @@ fn main() -> ExitCode {
                 ));
                 health.set_streaming(false); // the series exists (0) before the first stream
                 let state = outbox_relay::ops::http::AdminState {
-                    oracle: oracle.clone(),
                     metrics,
                     health: health.clone(),
                 };
                 match outbox_relay::ops::http::start(&config, state, shutdown.clone()).await {
                     Ok(Some(addr)) => tracing::info!(
                         %addr,
-                        "admin HTTP listener: GET /metrics, /healthz, /readyz, /v1/transactions/{{key}}"
+                        "admin HTTP listener: GET /metrics, /healthz, /readyz"
+                    ),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        eprintln!("outbox-relay: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+                let guarded = outbox_relay::ops::oracle_http::OracleState::new(&config, oracle.clone());
+                match outbox_relay::ops::oracle_http::start(&config, guarded, shutdown.clone()).await {
+                    Ok(Some(addr)) => tracing::info!(
+                        %addr,
+                        "transaction oracle over HTTP (bearer token): GET /v1/transactions/{{key}}, /v1/dtm/query-prepared"
                     ),
                     Ok(None) => {}
                     Err(e) => {

@@ -45,10 +45,66 @@ pub struct RowError {
     pub problem: String,
 }
 
+/// Which topics rows may publish to (`kafka.allowed_topics`). The relay's own topics (dead
+/// letters, exactly-once progress) and Kafka's internal `__` topics are never a row's to write.
+#[derive(Debug, Clone, Default)]
+pub struct TopicPolicy {
+    /// Exact names, and prefixes (entries that ended in `*`).
+    names: Vec<String>,
+    prefixes: Vec<String>,
+    /// The relay's own topics.
+    reserved: Vec<String>,
+}
+
+impl TopicPolicy {
+    /// `allowed`: `kafka.allowed_topics`; empty means topics starting with `template_prefix`.
+    pub fn new(allowed: &str, template_prefix: &str, reserved: Vec<String>) -> TopicPolicy {
+        let mut policy = TopicPolicy {
+            reserved,
+            ..TopicPolicy::default()
+        };
+        for entry in allowed.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            match entry.strip_suffix('*') {
+                Some(prefix) => policy.prefixes.push(prefix.to_owned()),
+                None => policy.names.push(entry.to_owned()),
+            }
+        }
+        if policy.names.is_empty() && policy.prefixes.is_empty() {
+            policy.prefixes.push(template_prefix.to_owned());
+        }
+        policy
+    }
+
+    /// Whether a row may publish to `topic`; the error says why not and how to allow it.
+    pub fn check(&self, topic: &str) -> Result<(), String> {
+        if self.reserved.iter().any(|r| r == topic) {
+            return Err(format!(
+                "topic '{topic}' is the relay's own (dead-letter or exactly-once progress \
+                 topic); a row may not publish there"
+            ));
+        }
+        if topic.starts_with("__") {
+            return Err(format!(
+                "topic '{topic}' is internal to Kafka; a row may not publish there"
+            ));
+        }
+        if self.names.iter().any(|n| n == topic)
+            || self.prefixes.iter().any(|p| topic.starts_with(p.as_str()))
+        {
+            return Ok(());
+        }
+        Err(format!(
+            "topic '{topic}' is not allowed; add it (or a prefix ending in '*') to \
+             kafka.allowed_topics (RELAY_KAFKA__ALLOWED_TOPICS)"
+        ))
+    }
+}
+
 /// Builds messages from rows.
 #[derive(Debug, Clone)]
 pub struct Router {
     template: TopicTemplate,
+    topics: TopicPolicy,
 }
 
 fn text(v: &Bytes) -> Result<&str, String> {
@@ -56,8 +112,8 @@ fn text(v: &Bytes) -> Result<&str, String> {
 }
 
 impl Router {
-    pub fn new(template: TopicTemplate) -> Self {
-        Router { template }
+    pub fn new(template: TopicTemplate, topics: TopicPolicy) -> Self {
+        Router { template, topics }
     }
 
     /// The topic the row is meant for, if it can be told (for dead-letter records).
@@ -112,6 +168,8 @@ impl Router {
             ),
         };
 
+        self.topics.check(&topic).map_err(fail)?;
+
         let mut headers = vec![
             ("id".to_owned(), id_text),
             ("type".to_owned(), event_type),
@@ -124,6 +182,19 @@ impl Router {
                 serde_json::Value::Null => {}
                 serde_json::Value::Object(map) => {
                     for (k, v) in map {
+                        // The relay's own headers say what the row is; the row cannot restate it.
+                        if ["id", "type", "aggregatetype"]
+                            .iter()
+                            .any(|own| k.eq_ignore_ascii_case(own))
+                        {
+                            tracing::warn!(
+                                row = %shown_id,
+                                header = %k,
+                                "the row's headers column sets one of the relay's own headers \
+                                 (id, type, aggregatetype); ignored"
+                            );
+                            continue;
+                        }
                         match v {
                             serde_json::Value::String(s) => headers.push((k, Bytes::from(s))),
                             other => {
@@ -233,7 +304,10 @@ mod tests {
     const ID: &str = "5b3c8f5e-3f1a-4c1e-9a8e-0d6a1f2b3c4d";
 
     fn router() -> Router {
-        Router::new(TopicTemplate::parse("outbox.event.{aggregatetype}").unwrap())
+        Router::new(
+            TopicTemplate::parse("outbox.event.{aggregatetype}").unwrap(),
+            TopicPolicy::new("", "outbox.event.", vec!["outbox.dlq".into()]),
+        )
     }
 
     #[test]
@@ -255,8 +329,13 @@ mod tests {
         r.headers = Some(Bytes::from_static(
             b"{\"trace\": \"abc\", \"tenant\": \"t1\"}",
         ));
-        let m = router().route(&r).unwrap();
+        let allowing = Router::new(
+            TopicTemplate::parse("outbox.event.{aggregatetype}").unwrap(),
+            TopicPolicy::new("outbox.event.*,custom.topic", "outbox.event.", vec![]),
+        );
+        let m = allowing.route(&r).unwrap();
         assert_eq!(m.topic, "custom.topic");
+        assert!(router().route(&r).is_err(), "not allowed by default");
         assert!(
             m.headers
                 .contains(&("trace".into(), Bytes::from_static(b"abc")))
@@ -269,6 +348,57 @@ mod tests {
         let mut r = row(ID, "order", "o-1");
         r.topic = Some(Bytes::new());
         assert_eq!(router().route(&r).unwrap().topic, "outbox.event.order");
+    }
+
+    #[test]
+    fn rows_publish_only_to_allowed_topics_and_never_restate_the_relays_headers() {
+        let policy = TopicPolicy::new(
+            "",
+            "outbox.event.",
+            vec!["outbox.dlq".into(), "outbox-relay.progress".into()],
+        );
+        assert!(policy.check("outbox.event.order").is_ok());
+        for refused in [
+            "outbox.dlq",
+            "outbox-relay.progress",
+            "__consumer_offsets",
+            "payments",
+        ] {
+            assert!(policy.check(refused).is_err(), "{refused}");
+        }
+        assert!(
+            policy
+                .check("payments")
+                .unwrap_err()
+                .contains("kafka.allowed_topics")
+        );
+        let listed = TopicPolicy::new(
+            "payments, orders.*",
+            "outbox.event.",
+            vec!["outbox.dlq".into()],
+        );
+        assert!(listed.check("payments").is_ok() && listed.check("orders.eu").is_ok());
+        assert!(
+            listed.check("outbox.event.order").is_err(),
+            "a list replaces the default"
+        );
+        let all = TopicPolicy::new("*", "outbox.event.", vec!["outbox.dlq".into()]);
+        assert!(all.check("anything").is_ok());
+        assert!(all.check("outbox.dlq").is_err() && all.check("__transaction_state").is_err());
+
+        let mut r = row(ID, "order", "o-1");
+        r.topic = Some(Bytes::from_static(b"outbox.dlq"));
+        let e = router().route(&r).unwrap_err();
+        assert!(e.problem.contains("relay's own"), "{e}");
+
+        let mut r = row(ID, "order", "o-1");
+        r.headers = Some(Bytes::from_static(
+            b"{\"id\": \"forged\", \"Type\": \"Forged\", \"trace\": \"t\"}",
+        ));
+        let m = router().route(&r).unwrap();
+        let names: Vec<_> = m.headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["id", "type", "aggregatetype", "trace"]);
+        assert_eq!(&m.headers[0].1[..], ID.as_bytes());
     }
 
     #[test]

@@ -336,6 +336,9 @@ impl Supervisor {
         let known = self.identity.clone();
         let prepare = async {
             let mut repl = ReplicationClient::connect_with_timeout(&pg, Some(timeout)).await?;
+            repl.set_max_message_bytes(
+                usize::try_from(config.postgres.max_message_bytes).unwrap_or(usize::MAX),
+            );
             let id = repl.identify_system().await?;
             tracing::info!(system_id = %id.system_id, timeline = id.timeline, wal_position = %id.xlog_pos, "replication connection ready");
             let here = (id.system_id, id.timeline);

@@ -185,6 +185,21 @@ pub struct TransactionsConfig {
     pub retention_hours: u64,
     /// How often the purge runs (ms).
     pub purge_interval_ms: u64,
+    /// Where the oracle answers over HTTP (`GET /v1/transactions/{key}`, DTM's
+    /// `/v1/dtm/query-prepared`): `host:port`, or empty (off, the default).
+    pub http_addr: String,
+    /// The bearer token every request to `http_addr` must present (at least 16 characters).
+    /// A secret: set it with RELAY_TRANSACTIONS__HTTP_TOKEN_FILE.
+    pub http_token: String,
+    /// Checks served over HTTP at once (more get 503); below `max_connections`, so RocketMQ
+    /// check-backs always keep an oracle connection.
+    pub http_max_concurrent: usize,
+    /// Requests a second over HTTP (more get 429).
+    pub http_rate_per_sec: u32,
+    /// Connections to `http_addr` at once (more wait to be accepted).
+    pub http_max_connections: usize,
+    /// A request is answered within this (ms); a connection lives at most six times it.
+    pub http_timeout_ms: u64,
 }
 
 impl Default for TransactionsConfig {
@@ -194,6 +209,12 @@ impl Default for TransactionsConfig {
             max_connections: 4,
             retention_hours: 24,
             purge_interval_ms: 60_000,
+            http_addr: String::new(),
+            http_token: String::new(),
+            http_max_concurrent: 2,
+            http_rate_per_sec: 50,
+            http_max_connections: 16,
+            http_timeout_ms: 5_000,
         }
     }
 }
@@ -273,6 +294,10 @@ pub struct PostgresConfig {
     /// `sync_replication_slots = on` keeps a copy and the relay continues from it after a
     /// promotion; an existing slot is switched on. Ignored before Postgres 17.
     pub failover_slot: bool,
+    /// The largest message the relay accepts from Postgres on the replication connection
+    /// (bytes): a length announced above it stops the relay with this key named, instead of the
+    /// relay reserving memory for it. Postgres sends at most 1 GiB.
+    pub max_message_bytes: u64,
 }
 
 impl Default for PostgresConfig {
@@ -284,6 +309,7 @@ impl Default for PostgresConfig {
             status_interval_ms: 10_000,
             replication_timeout_ms: 60_000,
             failover_slot: true,
+            max_message_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -362,6 +388,11 @@ pub struct KafkaConfig {
     /// Topic for rows whose `topic` column is empty. Placeholders: `{aggregatetype}`,
     /// `{aggregateid}`, `{type}`.
     pub topic_template: String,
+    /// Topics rows may publish to, comma-separated: exact names, or prefixes ending in `*`
+    /// (`payments,orders.*`). Empty: only topics starting with the template's text before its
+    /// first placeholder (`outbox.event.` by default), whether from the template or the row's
+    /// `topic` column. The dead-letter and progress topics and `__` topics are always refused.
+    pub allowed_topics: String,
     /// Create a missing topic through the admin API before its first message.
     pub create_topics: bool,
     /// Partitions of topics the relay creates.
@@ -391,6 +422,7 @@ impl Default for KafkaConfig {
         KafkaConfig {
             brokers: "localhost:9092".into(),
             topic_template: "outbox.event.{aggregatetype}".into(),
+            allowed_topics: String::new(),
             create_topics: true,
             topic_partitions: 1,
             topic_replication_factor: 1,
@@ -596,6 +628,53 @@ fn foreign_env_keys(vars: impl Iterator<Item = String>) -> Vec<String> {
     foreign
 }
 
+/// `RELAY_…_FILE`: the variable names a file holding the value (the Docker and Kubernetes
+/// secrets convention), for any key.
+fn is_file_variant(key: &str) -> bool {
+    key.len() > 5 && key[key.len() - 5..].eq_ignore_ascii_case("_file")
+}
+
+/// The values of every `RELAY_<KEY>_FILE` variable among `vars`, read from their files, as
+/// (config path, value): one trailing newline is dropped. Setting both `RELAY_<KEY>` and
+/// `RELAY_<KEY>_FILE`, or naming a file that cannot be read, is an error naming the variable.
+fn secrets_from_files(
+    vars: impl Iterator<Item = (String, String)>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let vars: Vec<(String, String)> = vars.collect();
+    let mut out = Vec::new();
+    for (name, file) in &vars {
+        let Some(rest) = name.strip_prefix("RELAY_") else {
+            continue;
+        };
+        if !is_file_variant(rest) || !is_config_key(rest) {
+            continue;
+        }
+        let direct = &name[..name.len() - 5];
+        if vars.iter().any(|(n, _)| n == direct) {
+            return Err(ConfigError::Load(format!(
+                "both {direct} and {name} are set; keep one (the _FILE variant reads the value \
+                 from a file)"
+            )));
+        }
+        let mut value = std::fs::read_to_string(file).map_err(|e| {
+            ConfigError::Load(format!(
+                "{name}={file}: cannot read the file ({e}); mount the secret there or unset {name}"
+            ))
+        })?;
+        if value.ends_with('\n') {
+            value.pop();
+            if value.ends_with('\r') {
+                value.pop();
+            }
+        }
+        let path = rest[..rest.len() - 5]
+            .to_ascii_lowercase()
+            .replace("__", ".");
+        out.push((path, value));
+    }
+    Ok(out)
+}
+
 /// A character RocketMQ allows in topic and group names.
 pub fn rocketmq_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '%' | '|')
@@ -644,12 +723,21 @@ impl Config {
             Env::prefixed("RELAY_")
                 .split("__")
                 .ignore(&["config"])
-                .filter(|key| is_config_key(key.as_str())),
+                .filter(|key| is_config_key(key.as_str()) && !is_file_variant(key.as_str())),
         );
+        for (path, value) in secrets_from_files(std::env::vars())? {
+            figment = figment.merge(Serialized::default(&path, value));
+        }
         let mut config: Config = figment
             .extract()
             .map_err(|e| ConfigError::Load(describe_figment_error(e)))?;
         config.ignored_env = ignored_env;
+        // Environment variables cannot hold dots: RELAY_KAFKA__PROPERTIES__SASL_PASSWORD sets
+        // `sasl.password` (librdkafka's property names have no underscores).
+        config.kafka.properties = std::mem::take(&mut config.kafka.properties)
+            .into_iter()
+            .map(|(k, v)| (k.replace('_', "."), v))
+            .collect();
         config.validate()?;
         Ok(config)
     }
@@ -690,6 +778,14 @@ impl Config {
                 "postgres.slot",
                 &p.slot,
                 "slot names may contain only lower-case letters, digits and '_' (at most 63)",
+            ));
+        }
+        if !(1024 * 1024..=(1 << 31) - 1).contains(&p.max_message_bytes) {
+            return Err(invalid(
+                "postgres.max_message_bytes",
+                p.max_message_bytes,
+                "use a size between 1048576 (1 MiB) and 2147483647 bytes; Postgres sends at \
+                 most 1 GiB in one message",
             ));
         }
         if p.publication.is_empty() {
@@ -765,6 +861,17 @@ impl Config {
         }
         if let Err(fix) = TopicTemplate::parse(&k.topic_template) {
             return Err(invalid("kafka.topic_template", &k.topic_template, fix));
+        }
+        for entry in k.allowed_topics.split(',').map(str::trim) {
+            let stem = entry.strip_suffix('*').unwrap_or(entry);
+            if (entry.is_empty() && !k.allowed_topics.trim().is_empty()) || stem.contains('*') {
+                return Err(invalid(
+                    "kafka.allowed_topics",
+                    &k.allowed_topics,
+                    "list topic names or prefixes ending in '*', separated by commas \
+                     (payments,orders.*); '*' only at the end",
+                ));
+            }
         }
         if k.topic_partitions < 1 {
             return Err(invalid(
@@ -987,6 +1094,47 @@ impl Config {
                 "must be at least 1; 60000 is usual (set transactions.retention_hours = 0 to never purge)",
             ));
         }
+        if !t.http_addr.is_empty() {
+            if t.http_addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    "transactions.http_addr",
+                    &t.http_addr,
+                    "expected an address and port such as 127.0.0.1:8081, or \"\" (off)",
+                ));
+            }
+            if t.http_token.chars().count() < 16 {
+                return Err(invalid(
+                    "transactions.http_token",
+                    if t.http_token.is_empty() {
+                        ""
+                    } else {
+                        "(hidden)"
+                    },
+                    "the oracle's HTTP listener answers only callers with this bearer token; \
+                     set one of at least 16 characters, e.g. from a secret file: \
+                     RELAY_TRANSACTIONS__HTTP_TOKEN_FILE=/run/secrets/oracle-token",
+                ));
+            }
+        }
+        if t.http_max_concurrent == 0 || t.http_max_concurrent >= t.max_connections {
+            return Err(invalid(
+                "transactions.http_max_concurrent",
+                t.http_max_concurrent,
+                format!(
+                    "must be 1 to {} (below transactions.max_connections, so RocketMQ \
+                     check-backs always keep an oracle connection)",
+                    t.max_connections.saturating_sub(1).max(1)
+                ),
+            ));
+        }
+        if t.http_rate_per_sec == 0 || t.http_max_connections == 0 || t.http_timeout_ms == 0 {
+            return Err(invalid(
+                "transactions.http_rate_per_sec",
+                t.http_rate_per_sec,
+                "transactions.http_rate_per_sec, http_max_connections and http_timeout_ms must \
+                 each be at least 1",
+            ));
+        }
         Ok(())
     }
 
@@ -1148,27 +1296,30 @@ fn describe_figment_error(err: figment::Error) -> String {
 
 /// Hides the password of a Postgres URL or key=value string, for logs and errors.
 pub fn redact_url(url: &str) -> String {
+    let secret = |key: &str| {
+        let key = key.trim().to_ascii_lowercase();
+        key == "password" || key == "sslpassword"
+    };
     if let Some((scheme, rest)) = url.split_once("://") {
+        // A password may hold a raw '@' (or '?', '/'): the host starts after the last '@'.
+        let (rest, hidden_user) = match rest.rsplit_once('@') {
+            Some((auth, host)) => match auth.split_once(':') {
+                Some((user, _)) => (host, Some(format!("{user}:***@"))),
+                None => (host, Some(format!("{auth}@"))),
+            },
+            None => (rest, None),
+        };
         let (rest, query) = match rest.split_once('?') {
             Some((r, q)) => (r, Some(q)),
             None => (rest, None),
         };
-        let mut out = match rest.split_once('@') {
-            Some((auth, host)) if auth.contains(':') => {
-                let user = auth.split_once(':').map(|(u, _)| u).unwrap_or(auth);
-                format!("{scheme}://{user}:***@{host}")
-            }
-            _ => format!("{scheme}://{rest}"),
-        };
+        let mut out = format!("{scheme}://{}{rest}", hidden_user.unwrap_or_default());
         if let Some(q) = query {
             let params: Vec<String> = q
                 .split('&')
-                .map(|kv| {
-                    if kv.starts_with("password=") {
-                        "password=***".to_owned()
-                    } else {
-                        kv.to_owned()
-                    }
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if secret(k) => format!("{k}=***"),
+                    _ => kv.to_owned(),
                 })
                 .collect();
             out.push('?');
@@ -1176,16 +1327,63 @@ pub fn redact_url(url: &str) -> String {
         }
         return out;
     }
-    url.split_whitespace()
-        .map(|kv| {
-            if kv.starts_with("password=") {
-                "password=***".to_owned()
-            } else {
-                kv.to_owned()
+    match conninfo_pairs(url) {
+        Some(pairs) => pairs
+            .into_iter()
+            .map(|(k, v)| {
+                if secret(&k) {
+                    format!("{k}=***")
+                } else if v.is_empty() || v.contains(|c: char| c.is_whitespace() || c == '\'') {
+                    format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+                } else {
+                    format!("{k}={v}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        None => "(a connection string that cannot be parsed; not shown)".into(),
+    }
+}
+
+/// The `key = value` pairs of a libpq key/value connection string (spaces around `=`, values
+/// in single quotes with backslash escapes); `None` when it is malformed.
+fn conninfo_pairs(s: &str) -> Option<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Some(out);
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') || key.is_empty() {
+            return None;
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next()? {
+                    '\\' => value.push(chars.next()?),
+                    '\'' => break,
+                    c => value.push(c),
+                }
             }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.push(chars.next()?);
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        out.push((key, value));
+    }
 }
 
 #[cfg(test)]
@@ -1315,6 +1513,82 @@ mod tests {
             redact_url("host=db password=s3cret user=app"),
             "host=db password=*** user=app"
         );
+        // What the old redaction let through: spaces around '=', a quoted password with a
+        // space, a raw '@' in the password, an sslpassword.
+        for (url, secret) in [
+            ("host=db password = s3cret user=app", "s3cret"),
+            ("host=db password='a b' user=app", "a b"),
+            ("host=db password='it\\'s' user=app", "it"),
+            ("postgres://app:p@ss@db:5432/x", "ss@"),
+            ("postgres://app:p@ss?w@db:5432/x?sslmode=require", "ss?w"),
+            ("postgres://app@db/x?PASSWORD=s3cret", "s3cret"),
+            ("postgres://app@db/x?sslpassword=s3cret", "s3cret"),
+            ("host=db sslpassword=s3cret", "s3cret"),
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains(secret), "{url} -> {shown}");
+            assert!(shown.contains("***"), "{url} -> {shown}");
+        }
+        assert_eq!(
+            redact_url("host=db password='a b' user=app"),
+            "host=db password=*** user=app"
+        );
+        assert_eq!(
+            redact_url("postgres://app:p@ss@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert!(redact_url("host=db password='unterminated").contains("not shown"));
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_kafka_properties_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("pg-url", "postgres://u:from-file@h:1/d\n")?;
+            jail.create_file("sasl", "s3cret")?;
+            let dir = jail.directory().to_owned();
+            jail.set_env("RELAY_POSTGRES__URL_FILE", dir.join("pg-url").display());
+            jail.set_env(
+                "RELAY_KAFKA__PROPERTIES__SASL_PASSWORD_FILE",
+                dir.join("sasl").display(),
+            );
+            jail.set_env("RELAY_KAFKA__PROPERTIES__SASL_USERNAME", "relay");
+            jail.set_env("RELAY_KAFKA__PROPERTIES__SECURITY_PROTOCOL", "SASL_SSL");
+            let c = Config::load(None).unwrap();
+            assert_eq!(c.postgres.url, "postgres://u:from-file@h:1/d");
+            let props = &c.kafka.properties;
+            assert_eq!(
+                props.get("sasl.password").map(String::as_str),
+                Some("s3cret")
+            );
+            assert_eq!(
+                props.get("sasl.username").map(String::as_str),
+                Some("relay")
+            );
+            assert_eq!(
+                props.get("security.protocol").map(String::as_str),
+                Some("SASL_SSL")
+            );
+            assert!(c.ignored_env.is_empty(), "{:?}", c.ignored_env);
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("RELAY_POSTGRES__URL_FILE", "/nonexistent/secret");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(
+                err.contains("RELAY_POSTGRES__URL_FILE") && err.contains("cannot read"),
+                "{err}"
+            );
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("pg-url", "postgres://u@h/d")?;
+            let file = jail.directory().join("pg-url");
+            jail.set_env("RELAY_POSTGRES__URL_FILE", file.display());
+            jail.set_env("RELAY_POSTGRES__URL", "postgres://u@other/d");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("keep one"), "{err}");
+            Ok(())
+        });
     }
 
     #[test]

@@ -53,6 +53,14 @@ impl TopicTemplate {
         Ok(TopicTemplate(segments))
     }
 
+    /// The text every topic this template renders starts with (before its first placeholder).
+    pub fn literal_prefix(&self) -> &str {
+        match self.0.first() {
+            Some(Segment::Literal(l)) => l,
+            _ => "",
+        }
+    }
+
     /// The topic for a row with these values.
     pub fn render(&self, aggregatetype: &str, aggregateid: &str, event_type: &str) -> String {
         let mut out = String::with_capacity(32);

@@ -108,10 +108,22 @@ impl SourcePosition {
         serde_json::to_vec(&record).unwrap_or_default()
     }
 
-    /// Reads a progress record's value back.
-    pub fn from_record(value: &[u8]) -> Result<SourcePosition, String> {
+    /// Reads a progress record's value back: it must name `slot` and `transactional_id` (a
+    /// record under this slot's key written by anything else is not this relay's position).
+    pub fn from_record(
+        value: &[u8],
+        slot: &str,
+        transactional_id: &str,
+    ) -> Result<SourcePosition, String> {
         let record: ProgressRecord =
             serde_json::from_slice(value).map_err(|e| format!("not a progress record: {e}"))?;
+        if record.slot != slot || record.transactional_id != transactional_id {
+            return Err(format!(
+                "the record names slot '{}' and transactional id '{}', not this relay's '{slot}' \
+                 and '{transactional_id}'",
+                record.slot, record.transactional_id
+            ));
+        }
         let committed_end = record
             .commit_end_lsn
             .parse()
@@ -212,9 +224,16 @@ mod tests {
             let value = p.to_record("outbox_relay", "relay-1");
             let text = String::from_utf8(value.clone()).unwrap();
             assert!(text.contains("\"slot\":\"outbox_relay\""), "{text}");
-            assert_eq!(SourcePosition::from_record(&value).unwrap(), p);
+            assert_eq!(
+                SourcePosition::from_record(&value, "outbox_relay", "relay-1").unwrap(),
+                p
+            );
+            let err = SourcePosition::from_record(&value, "outbox_relay", "relay-2").unwrap_err();
+            assert!(err.contains("not this relay's"), "{err}");
+            assert!(SourcePosition::from_record(&value, "other_slot", "relay-1").is_err());
         }
-        let err = SourcePosition::from_record(b"{\"commit_end_lsn\": \"x\"}").unwrap_err();
+        let err =
+            SourcePosition::from_record(b"{\"commit_end_lsn\": \"x\"}", "s", "t").unwrap_err();
         assert!(err.contains("progress record"), "{err}");
     }
 

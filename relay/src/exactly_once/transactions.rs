@@ -110,7 +110,11 @@ pub fn read_committed_position(
                     return Err(format!("cannot read the progress topic '{topic}': {e}"));
                 }
                 Some(Ok(m)) if m.key() == Some(slot.as_bytes()) => {
-                    let position = SourcePosition::from_record(m.payload().unwrap_or_default())
+                    let position = SourcePosition::from_record(
+                        m.payload().unwrap_or_default(),
+                        slot,
+                        &config.exactly_once.transactional_id,
+                    )
                         .map_err(|e| {
                             format!(
                                 "the progress topic '{topic}' holds, at offset {}, a record for slot '{slot}' that \

@@ -419,16 +419,36 @@ async fn failover_check(c: &tokio_postgres::Client, config: &Config) -> CheckRes
 /// on; otherwise only reported (the HTTP endpoint answers unknown without it).
 async fn oracle_check(c: &tokio_postgres::Client, config: &Config) -> CheckResult {
     let schema = &config.outbox.schema;
-    let needed = !config.rocketmq.name_server.is_empty();
+    let needed =
+        !config.rocketmq.name_server.is_empty() || !config.transactions.http_addr.is_empty();
+    let listener = &config.transactions.http_addr;
+    let exposed = listener
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| !a.ip().is_loopback());
     match crate::oracle::installed_functions(c, schema).await {
+        Ok(found) if found.len() == 3 && exposed => warn(
+            "transaction oracle",
+            format!(
+                "installed in schema {schema}; its HTTP listener {listener} is reachable beyond \
+                 this host and the bearer token travels in clear text: put TLS termination (a \
+                 sidecar proxy) in front of it, or keep it on a private network"
+            ),
+        ),
         Ok(found) if found.len() == 3 => pass(
             "transaction oracle",
-            format!("outbox_tx_begin/check/purge are installed in schema {schema}"),
+            format!(
+                "outbox_tx_begin/check/purge are installed in schema {schema}{}",
+                if listener.is_empty() {
+                    String::new()
+                } else {
+                    format!("; answering over HTTP on {listener} with a bearer token")
+                }
+            ),
         ),
         Ok(_) => {
             let detail = format!(
                 "not installed in schema {schema}: apply sql/003_transactions.sql there \
-                 (needed for RocketMQ check-backs and GET /v1/transactions/{{key}})"
+                 (needed for RocketMQ check-backs and transactions.http_addr)"
             );
             if needed {
                 fail("transaction oracle", detail)

@@ -30,7 +30,7 @@ use crate::exactly_once::position::{Carried, Origin, SourcePosition};
 use crate::exactly_once::{ExactlyOnce, OpenBatch};
 use crate::replication::Lsn;
 use crate::replication::pgoutput::PgOutput;
-use crate::routing::{ColumnMap, OutboxMessage, RawRow, Router};
+use crate::routing::{ColumnMap, OutboxMessage, RawRow, Router, TopicPolicy};
 use crate::sink::{AckToken, Delivery, FailureNote, Sink, SinkError};
 use watermark::{TxSeq, Watermark};
 
@@ -177,9 +177,18 @@ impl<S: Sink> Pipeline<S> {
         let template = TopicTemplate::parse(&config.kafka.topic_template).unwrap_or_else(|_| {
             TopicTemplate::parse("outbox.event.{aggregatetype}").expect("valid")
         });
+        let reserved = vec![
+            config.dead_letter.topic.clone(),
+            config.exactly_once.progress_topic.clone(),
+        ];
+        let topics = TopicPolicy::new(
+            &config.kafka.allowed_topics,
+            template.literal_prefix(),
+            reserved,
+        );
         Pipeline {
             sink,
-            router: Router::new(template),
+            router: Router::new(template, topics),
             config: config.clone(),
             relations: HashMap::new(),
             watermark: Watermark::new(Lsn::ZERO),

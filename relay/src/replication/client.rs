@@ -44,6 +44,13 @@ pub enum ReplicationError {
     #[error("unexpected reply from Postgres: {0}")]
     Protocol(String),
     #[error(
+        "Postgres sent a message of {len} bytes, above postgres.max_message_bytes ({max}); the \
+         relay refuses to buffer it. If a row that large is legitimate, raise \
+         postgres.max_message_bytes (RELAY_POSTGRES__MAX_MESSAGE_BYTES; Postgres sends at most \
+         1 GiB)"
+    )]
+    TooLarge { len: usize, max: usize },
+    #[error(
         "Postgres at {target} only reads (a standby) and postgres.url asks for \
          target_session_attrs=read-write; name the primary, or list every server and let the \
          relay find the one that writes"
@@ -192,7 +199,14 @@ pub struct ReplicationClient {
     last_read_small: bool,
     /// `server_version` as the server reported it at startup (e.g. `17.10`, `15.19 (Debian …)`).
     server_version: Option<String>,
+    /// The largest frame the relay accepts (`postgres.max_message_bytes`): a length the server
+    /// (or whatever answers in its place) announces is never reserved beyond it.
+    max_frame: usize,
 }
+
+/// `postgres.max_message_bytes`'s default: far above any outbox row a broker would take, far
+/// below what a bogus length could make the relay reserve (2 GiB).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
 const READ_CHUNK: usize = 64 * 1024;
 /// A read smaller than this means the relay is keeping up with the walsender, message by
@@ -310,6 +324,7 @@ impl ReplicationClient {
             wbuf: BytesMut::with_capacity(1024),
             last_read_small: false,
             server_version: None,
+            max_frame: DEFAULT_MAX_MESSAGE_BYTES,
         };
         let params = [
             ("user", user.as_str()),
@@ -512,6 +527,11 @@ impl ReplicationClient {
         .map(|_| ())
     }
 
+    /// Refuses frames longer than `bytes` from now on (`postgres.max_message_bytes`).
+    pub fn set_max_message_bytes(&mut self, bytes: usize) {
+        self.max_frame = bytes;
+    }
+
     /// The server's major version (e.g. 17), from the `server_version` it reported at startup.
     pub fn server_major(&self) -> Option<u32> {
         let v = self.server_version.as_deref()?;
@@ -613,7 +633,7 @@ impl ReplicationClient {
     /// Fills the read buffer until it holds one whole frame; returns its tag. Cancel-safe.
     async fn peek_tag(&mut self) -> Result<u8, ReplicationError> {
         loop {
-            if let Some(len) = frame_len(&self.rbuf)? {
+            if let Some(len) = frame_len(&self.rbuf, self.max_frame)? {
                 if self.rbuf.len() >= len {
                     return Ok(self.rbuf[0]);
                 }
@@ -639,7 +659,7 @@ impl ReplicationClient {
     /// Next whole frame as (tag, body). Cancel-safe: a partial frame stays in the buffer.
     async fn next_frame(&mut self) -> Result<(u8, Bytes), ReplicationError> {
         self.peek_tag().await?;
-        let len = frame_len(&self.rbuf)?
+        let len = frame_len(&self.rbuf, self.max_frame)?
             .ok_or_else(|| ReplicationError::Protocol("frame header vanished".into()))?;
         let mut frame = self.rbuf.split_to(len);
         let tag = frame[0];
@@ -689,8 +709,9 @@ fn set_keepalive(tcp: &TcpStream, user_timeout: Option<std::time::Duration>) {
     let _ = user_timeout;
 }
 
-/// Length of the first frame in `buf` (tag + length field + body), once its header is there.
-fn frame_len(buf: &[u8]) -> Result<Option<usize>, ReplicationError> {
+/// Length of the first frame in `buf` (tag + length field + body), once its header is there;
+/// an error above `max`.
+fn frame_len(buf: &[u8], max: usize) -> Result<Option<usize>, ReplicationError> {
     if buf.len() < 5 {
         return Ok(None);
     }
@@ -700,7 +721,11 @@ fn frame_len(buf: &[u8]) -> Result<Option<usize>, ReplicationError> {
             "frame with invalid length {len}"
         )));
     }
-    Ok(Some(len as usize + 1))
+    let len = len as usize + 1;
+    if len > max {
+        return Err(ReplicationError::TooLarge { len, max });
+    }
+    Ok(Some(len))
 }
 
 /// In a timeline history file (`<parent tli>\t<switch point>\t<reason>` per line), where
@@ -815,8 +840,9 @@ impl ReplicationStream {
             if self.finished {
                 return Ok(None);
             }
+            let max = self.client.max_frame;
             let rbuf = &mut self.client.rbuf;
-            let Some(len) = frame_len(rbuf)? else {
+            let Some(len) = frame_len(rbuf, max)? else {
                 return Ok(None);
             };
             if rbuf.len() < len {
@@ -909,10 +935,20 @@ mod tests {
 
     #[test]
     fn frame_length_needs_a_header_and_rejects_nonsense() {
-        assert_eq!(frame_len(b"d\0\0").unwrap(), None);
-        assert_eq!(frame_len(b"d\0\0\0\x08abcd").unwrap(), Some(9));
-        assert!(frame_len(b"d\0\0\0\x02").is_err());
-        assert!(frame_len(b"d\xff\xff\xff\xff").is_err());
+        let max = DEFAULT_MAX_MESSAGE_BYTES;
+        assert_eq!(frame_len(b"d\0\0", max).unwrap(), None);
+        assert_eq!(frame_len(b"d\0\0\0\x08abcd", max).unwrap(), Some(9));
+        assert!(frame_len(b"d\0\0\0\x02", max).is_err());
+        assert!(frame_len(b"d\xff\xff\xff\xff", max).is_err());
+        // A length the relay would have reserved: 2 GiB announced, refused before any read.
+        let err = frame_len(b"d\x7f\xff\xff\xff", max).unwrap_err();
+        assert!(matches!(err, ReplicationError::TooLarge { .. }), "{err}");
+        assert!(
+            err.to_string().contains("postgres.max_message_bytes"),
+            "{err}"
+        );
+        assert!(frame_len(b"d\0\0\0\x08", 8).is_err());
+        assert_eq!(frame_len(b"d\0\0\0\x08", 9).unwrap(), Some(9));
     }
 
     #[test]
