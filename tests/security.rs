@@ -122,3 +122,170 @@ async fn a_replication_message_above_the_cap_stops_the_relay_naming_the_key() {
         "the row waits for a relay allowed to read it"
     );
 }
+
+/// Runs `openssl` with `args`, panicking with its output when it fails.
+fn openssl(args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A certificate authority, a server certificate it signed for `localhost`, and an unrelated
+/// authority, in `dir`; the server certificate and key installed in `pg` with `ssl = on`.
+fn install_tls(pg: &PgCluster, dir: &std::path::Path) {
+    let p = |name: &str| dir.join(name).display().to_string();
+    for ca in ["ca", "other-ca"] {
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={ca}"),
+            "-keyout",
+            &p(&format!("{ca}.key")),
+            "-out",
+            &p(&format!("{ca}.crt")),
+        ]);
+    }
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        &p("server.key"),
+        "-out",
+        &p("server.csr"),
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName = DNS:localhost\n").expect("san");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("server.csr"),
+        "-CA",
+        &p("ca.crt"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &p("san.ext"),
+        "-out",
+        &p("server.crt"),
+    ]);
+    let data = pg.psql("SHOW data_directory");
+    for f in ["server.crt", "server.key"] {
+        let to = format!("{data}/{f}");
+        std::fs::copy(dir.join(f), &to).expect("copy into the data directory");
+        let _ = std::process::Command::new("chown")
+            .args(["postgres:postgres", &to])
+            .status();
+    }
+    let _ = std::process::Command::new("chmod")
+        .args(["600", &format!("{data}/server.key")])
+        .status();
+    pg.psql("ALTER SYSTEM SET ssl = on");
+    pg.psql("SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(pg.psql("SHOW ssl"), "on");
+}
+
+/// `outbox-relay check` with `url`: its output.
+fn check_with(pg: &PgCluster, brokers: &str, url: &str) -> String {
+    let mut check = Relay::spawn(
+        &relay_env(pg, brokers, &[("RELAY_POSTGRES__URL", url)]),
+        &["check"],
+    );
+    check.wait_exit(WAIT).expect("check finishes");
+    check.log()
+}
+
+/// Both connections verify the server as libpq's sslmode says: verify-full with the right
+/// authority and host name passes; an unrelated authority or another host name is refused;
+/// verify-ca checks the chain but not the name. Before: sslmode stopped at require (the URL
+/// with verify-full did not even parse), and any certificate was accepted.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_tls_is_verified_as_sslmode_says_on_both_connections() {
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    let dir = tempfile::tempdir().expect("tempdir");
+    install_tls(&pg, dir.path());
+    let broker = Tansu::start();
+    let ca = dir.path().join("ca.crt").display().to_string();
+    let other = dir.path().join("other-ca.crt").display().to_string();
+    let url = |host: &str, mode: &str, root: &str| {
+        format!(
+            "postgres://postgres@{host}:{}/postgres?sslmode={mode}&sslrootcert={root}",
+            pg.port
+        )
+    };
+    let both = |out: &str, verdict: &str| {
+        out.contains(&format!("{verdict} postgres connection"))
+            && out.contains(&format!("{verdict} replication connection"))
+    };
+
+    let out = check_with(
+        &pg,
+        &broker.brokers(),
+        &url("localhost", "verify-full", &ca),
+    );
+    assert!(both(&out, "PASS"), "right authority, right name:\n{out}");
+    let out = check_with(
+        &pg,
+        &broker.brokers(),
+        &url("localhost", "verify-full", &other),
+    );
+    assert!(both(&out, "FAIL"), "unrelated authority:\n{out}");
+    assert!(out.contains("certificate"), "{out}");
+    let out = check_with(
+        &pg,
+        &broker.brokers(),
+        &url("127.0.0.1", "verify-full", &ca),
+    );
+    assert!(
+        both(&out, "FAIL"),
+        "a name the certificate does not carry:\n{out}"
+    );
+    let out = check_with(&pg, &broker.brokers(), &url("127.0.0.1", "verify-ca", &ca));
+    assert!(
+        both(&out, "PASS"),
+        "verify-ca does not check the name:\n{out}"
+    );
+    let encrypted = pg
+        .psql("SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE s.ssl");
+    assert!(encrypted.parse::<i64>().is_ok(), "{encrypted}");
+
+    // A root certificate file that is not there: a configuration error naming it, at start.
+    let mut relay = Relay::spawn(
+        &relay_env(
+            &pg,
+            &broker.brokers(),
+            &[(
+                "RELAY_POSTGRES__URL",
+                url("localhost", "verify-full", "/nonexistent/root.crt").as_str(),
+            )],
+        ),
+        &[],
+    );
+    let status = relay.wait_exit(WAIT).expect("the relay stops");
+    assert!(!status.success());
+    assert!(
+        relay.log().contains("/nonexistent/root.crt"),
+        "{}",
+        relay.log()
+    );
+}

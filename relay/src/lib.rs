@@ -50,6 +50,7 @@ pub mod marking;
 pub mod metrics;
 pub mod ops;
 pub mod oracle;
+pub mod pgtls;
 pub mod pipeline;
 pub(crate) mod postgres;
 pub(crate) mod quote;

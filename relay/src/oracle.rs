@@ -8,6 +8,7 @@
 //! timeout, Postgres down, a missing function — is [`TxStatus::Unknown`], never a rollback: the
 //! broker asks again later.
 
+use crate::pgtls::PgTarget;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -43,7 +44,7 @@ pub const MAX_KEY_BYTES: usize = 1024;
 
 /// Answers checks through a few pooled Postgres connections.
 pub struct Oracle {
-    pg: tokio_postgres::Config,
+    pg: PgTarget,
     check_sql: String,
     age_sql: String,
     purge_sql: String,
@@ -56,14 +57,14 @@ impl Oracle {
     /// `schema` is where `sql/003_transactions.sql` was applied (the outbox's schema);
     /// `max_connections` bounds the checks running at once (others wait for a connection).
     pub fn new(
-        pg: tokio_postgres::Config,
+        pg: PgTarget,
         schema: &str,
         lock_timeout: Duration,
         max_connections: usize,
     ) -> Oracle {
         let mut pg = pg;
         // A check must answer while the broker still waits; Postgres down is "unknown" fast.
-        pg.connect_timeout(Duration::from_secs(3));
+        pg.config.connect_timeout(Duration::from_secs(3));
         let schema = quote_ident(schema);
         Oracle {
             pg,

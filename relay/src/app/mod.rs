@@ -261,7 +261,7 @@ impl Supervisor {
         }
         self.session = None;
         let url = redact_url(&self.config.postgres.url);
-        let pg = self.config.pg_config();
+        let pg = self.config.pg_target();
         tokio::select! {
             s = session::open(&pg) => {
                 self.session = Some(s.map_err(|e| RunError::connect(url, &e))?);
@@ -332,7 +332,7 @@ impl Supervisor {
         let session = self.session.as_ref().expect("opened");
         let pipeline = &mut self.built.as_mut().expect("built").pipeline;
         let timeout = Duration::from_millis(config.postgres.replication_timeout_ms);
-        let pg = config.pg_config();
+        let pg = config.pg_target();
         let known = self.identity.clone();
         let prepare = async {
             let mut repl = ReplicationClient::connect_with_timeout(&pg, Some(timeout)).await?;

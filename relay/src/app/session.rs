@@ -73,7 +73,7 @@ impl Session {
 }
 
 /// Opens a session; `Err` carries the driver error for the policy to judge.
-pub async fn open(pg: &tokio_postgres::Config) -> Result<Session, tokio_postgres::Error> {
+pub async fn open(pg: &crate::pgtls::PgTarget) -> Result<Session, tokio_postgres::Error> {
     let (db, stopping) = postgres::connect_watched(pg).await?;
     Ok(Session::new(db, stopping))
 }

@@ -758,7 +758,19 @@ impl Config {
     /// Validates the replication and ordinary connections.
     fn validate_postgres(&self) -> Result<(), ConfigError> {
         let p = &self.postgres;
-        if let Err(e) = p.url.parse::<tokio_postgres::Config>() {
+        let url = match crate::pgtls::split(&p.url) {
+            Ok((url, tls)) => {
+                // A certificate file that cannot be read fails here, naming it, not at connect.
+                if tls.mode != crate::pgtls::SslMode::Disable
+                    && let Err(fix) = tls.connector()
+                {
+                    return Err(invalid("postgres.url", redact_url(&p.url), fix));
+                }
+                url
+            }
+            Err(fix) => return Err(invalid("postgres.url", redact_url(&p.url), fix)),
+        };
+        if let Err(e) = url.parse::<tokio_postgres::Config>() {
             return Err(invalid(
                 "postgres.url",
                 redact_url(&p.url),
@@ -1237,9 +1249,10 @@ impl Config {
     /// the primary, wherever a failover put it (libpq's own default would be `any`). Without
     /// `connect_timeout`, 10 s per server.
     pub fn pg_config(&self) -> tokio_postgres::Config {
-        let mut pg: tokio_postgres::Config = self
-            .postgres
-            .url
+        let url = crate::pgtls::split(&self.postgres.url)
+            .map(|(url, _)| url)
+            .unwrap_or_default();
+        let mut pg: tokio_postgres::Config = url
             .parse()
             .unwrap_or_else(|_| tokio_postgres::Config::new());
         let hosts = pg.get_hosts().len().max(pg.get_hostaddrs().len());
@@ -1252,6 +1265,22 @@ impl Config {
             pg.connect_timeout(std::time::Duration::from_secs(10));
         }
         pg
+    }
+
+    /// Where and how the relay's connections reach Postgres: [`Config::pg_config`] and
+    /// [`Config::pg_tls`] together.
+    pub fn pg_target(&self) -> crate::pgtls::PgTarget {
+        crate::pgtls::PgTarget {
+            config: self.pg_config(),
+            tls: self.pg_tls(),
+        }
+    }
+
+    /// The TLS settings of `postgres.url` (libpq's sslmode, sslrootcert, sslcert, sslkey).
+    pub fn pg_tls(&self) -> crate::pgtls::PgTls {
+        crate::pgtls::split(&self.postgres.url)
+            .map(|(_, tls)| tls)
+            .unwrap_or_default()
     }
 
     /// `schema.table`, quoted for SQL.
@@ -1327,7 +1356,7 @@ pub fn redact_url(url: &str) -> String {
         }
         return out;
     }
-    match conninfo_pairs(url) {
+    match crate::pgtls::conninfo_pairs(url) {
         Some(pairs) => pairs
             .into_iter()
             .map(|(k, v)| {
@@ -1342,47 +1371,6 @@ pub fn redact_url(url: &str) -> String {
             .collect::<Vec<_>>()
             .join(" "),
         None => "(a connection string that cannot be parsed; not shown)".into(),
-    }
-}
-
-/// The `key = value` pairs of a libpq key/value connection string (spaces around `=`, values
-/// in single quotes with backslash escapes); `None` when it is malformed.
-fn conninfo_pairs(s: &str) -> Option<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    let mut chars = s.chars().peekable();
-    loop {
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.peek().is_none() {
-            return Some(out);
-        }
-        let mut key = String::new();
-        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
-            key.push(c);
-        }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.next() != Some('=') || key.is_empty() {
-            return None;
-        }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        let mut value = String::new();
-        if chars.next_if_eq(&'\'').is_some() {
-            loop {
-                match chars.next()? {
-                    '\\' => value.push(chars.next()?),
-                    '\'' => break,
-                    c => value.push(c),
-                }
-            }
-        } else {
-            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
-                if c == '\\' {
-                    value.push(chars.next()?);
-                } else {
-                    value.push(c);
-                }
-            }
-        }
-        out.push((key, value));
     }
 }
 

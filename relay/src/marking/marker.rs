@@ -21,7 +21,7 @@ use crate::sink::rocketmq::HalfRef;
 /// The connection in `slot`, (re)connected when needed.
 pub(super) async fn connected<'a>(
     slot: &'a mut Option<Client>,
-    pg: &tokio_postgres::Config,
+    pg: &crate::pgtls::PgTarget,
 ) -> Result<&'a Client, tokio_postgres::Error> {
     if slot.as_ref().is_none_or(Client::is_closed) {
         *slot = Some(postgres::connect(pg).await?);
@@ -46,7 +46,7 @@ pub(super) const XACT_ENDED_SQL: &str = "SELECT x FROM unnest($1::bigint[]) AS x
            - ((pg_snapshot_xmax(s.snap)::text::bigint - x) % 4294967296))::text::xid8, s.snap)";
 
 pub(super) struct Marker {
-    pg: tokio_postgres::Config,
+    pg: crate::pgtls::PgTarget,
     delivered_sql: String,
     failed_sql: String,
     /// Which of the given rows are already delivered.
@@ -66,7 +66,7 @@ impl Marker {
         let id = quote_ident(&c.id);
         let schema = quote_ident(&config.outbox.schema);
         Marker {
-            pg: config.pg_config(),
+            pg: config.pg_target(),
             delivered_sql: format!(
                 "UPDATE {table} SET {d} = now() WHERE {id} = ANY($1) AND {d} IS NULL RETURNING {id}"
             ),

@@ -57,11 +57,23 @@ fn fail(name: &'static str, detail: impl Into<String>) -> CheckResult {
 /// Runs every check; never stops at the first failure unless later checks cannot run.
 pub async fn run_checks(config: &Config) -> Vec<CheckResult> {
     let mut out = Vec::new();
-    let pg = config.pg_config();
+    let pg = config.pg_target();
     let url = redact_url(&config.postgres.url);
     let client = match db::connect(&pg).await {
         Ok(c) => {
-            out.push(pass("postgres connection", format!("connected to {url}")));
+            out.push(match unverified_remote(&pg) {
+                Some(host) => warn(
+                    "postgres connection",
+                    format!(
+                        "connected to {url}, but sslmode={} does not verify {host}, which is not \
+                         this machine: a man in the middle could read the relay's password and \
+                         the WAL; use sslmode=verify-full with sslrootcert=<the CA's \
+                         certificate> in postgres.url",
+                        pg.tls.mode.as_str()
+                    ),
+                ),
+                None => pass("postgres connection", format!("connected to {url}")),
+            });
             Some(c)
         }
         Err(e) => {
@@ -78,7 +90,7 @@ pub async fn run_checks(config: &Config) -> Vec<CheckResult> {
     if let Some(c) = &client {
         out.extend(postgres_checks(c, config).await);
     }
-    out.push(match ReplicationClient::connect(&pg).await {
+    out.push(match ReplicationClient::connect_with_timeout(&pg, None).await {
         Ok(mut r) => match r.identify_system().await {
             Ok(id) => {
                 r.close().await;
@@ -89,6 +101,9 @@ pub async fn run_checks(config: &Config) -> Vec<CheckResult> {
             }
             Err(e) => fail("replication connection", e.to_string()),
         },
+        Err(e @ crate::replication::ReplicationError::Tls(_)) => {
+            fail("replication connection", e.to_string())
+        }
         Err(e) => fail(
             "replication connection",
             format!(
@@ -98,6 +113,24 @@ pub async fn run_checks(config: &Config) -> Vec<CheckResult> {
     });
     out.push(broker_check(config).await);
     out
+}
+
+/// A host of `postgres.url` beyond this machine that the TLS settings do not verify by name.
+fn unverified_remote(pg: &crate::pgtls::PgTarget) -> Option<String> {
+    if pg.tls.mode == crate::pgtls::SslMode::VerifyFull {
+        return None;
+    }
+    pg.config.get_hosts().iter().find_map(|h| match h {
+        tokio_postgres::config::Host::Tcp(name) => {
+            let local = name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            (!local).then(|| name.clone())
+        }
+        #[cfg(unix)]
+        tokio_postgres::config::Host::Unix(_) => None,
+    })
 }
 
 async fn postgres_checks(c: &tokio_postgres::Client, config: &Config) -> Vec<CheckResult> {
@@ -539,4 +572,36 @@ pub fn print_report(results: &[CheckResult]) -> bool {
         println!("{failed} of {} checks failed", results.len());
     }
     failed == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_remote_server_not_verified_by_name_is_reported() {
+        let target = |url: &str| {
+            let mut c = Config::default();
+            c.postgres.url = url.into();
+            c.pg_target()
+        };
+        assert_eq!(
+            unverified_remote(&target("postgres://u@db.internal/app?sslmode=require")),
+            Some("db.internal".into())
+        );
+        assert_eq!(
+            unverified_remote(&target("postgres://u@127.0.0.1,localhost/app")),
+            None,
+            "this machine"
+        );
+        let dir = std::env::temp_dir().join("outbox-relay-check-test-root.crt");
+        std::fs::write(&dir, "").unwrap();
+        assert_eq!(
+            unverified_remote(&target(&format!(
+                "postgres://u@db.internal/app?sslmode=verify-full&sslrootcert={}",
+                dir.display()
+            ))),
+            None
+        );
+    }
 }

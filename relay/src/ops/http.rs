@@ -27,7 +27,7 @@ use crate::oracle::Oracle;
 pub fn oracle(config: &Config) -> Arc<Oracle> {
     let t = &config.transactions;
     Arc::new(Oracle::new(
-        config.pg_config(),
+        config.pg_target(),
         &config.outbox.schema,
         Duration::from_millis(t.lock_timeout_ms),
         t.max_connections,

@@ -30,7 +30,7 @@ pub struct SlotGauges {
 
 /// Runs until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) {
-    let pg = config.pg_config();
+    let pg = config.pg_target();
     let every = Duration::from_millis(config.metrics.poll_interval_ms);
     let c = &config.outbox.columns;
     let oldest_sql = format!(

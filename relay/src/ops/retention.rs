@@ -67,7 +67,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) {
     if config.retention.delivered_hours == 0.0 {
         return;
     }
-    let pg = config.pg_config();
+    let pg = config.pg_target();
     let every = Duration::from_millis(config.retention.interval_ms);
     let mut client: Option<Client> = None;
     let mut failing = false;

@@ -1,8 +1,9 @@
 //! Postgres as the relay's ordinary sessions see it: connections (for queries and marking rows),
 //! and the leader lock ([`leader`]).
 //!
-//! TLS follows `sslmode` in `postgres.url` with libpq's meaning: `prefer` (the default) uses TLS
-//! when the server offers it, `require` insists, neither verifies the certificate.
+//! TLS follows `sslmode` in `postgres.url` with libpq's meanings (see [`crate::pgtls`]):
+//! `prefer` (the default) uses TLS when the server offers it, `require` insists, `verify-ca` and
+//! `verify-full` also check the certificate against `sslrootcert` (and the host name).
 
 pub mod leader;
 
@@ -11,9 +12,11 @@ use std::future::Future;
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
+use crate::pgtls::{PgTarget, SslMode};
+
 /// Opens a connection and drives it on a background task.
-pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
-    Ok(connect_watched(config).await?.0)
+pub async fn connect(target: &PgTarget) -> Result<Client, tokio_postgres::Error> {
+    Ok(connect_watched(target).await?.0)
 }
 
 /// Says why the server ended a connection, if it ended it because it is shutting down or
@@ -24,22 +27,28 @@ pub type ShutdownWatch = watch::Receiver<Option<String>>;
 /// [`connect`], plus a watch that turns `Some` when the server closes the connection because it
 /// is shutting down.
 pub async fn connect_watched(
-    config: &tokio_postgres::Config,
+    target: &PgTarget,
 ) -> Result<(Client, ShutdownWatch), tokio_postgres::Error> {
     let (tx, rx) = watch::channel(None);
-    let tls = native_tls::TlsConnector::builder()
-        .danger_accept_invalid_certs(true)
-        .danger_accept_invalid_hostnames(true)
-        .build()
-        .map(postgres_native_tls::MakeTlsConnector::new);
+    let config = &target.config;
+    let tls = match target.tls.mode {
+        SslMode::Disable => None,
+        _ => match target.tls.connector() {
+            Ok(c) => Some(postgres_native_tls::MakeTlsConnector::new(c)),
+            Err(e) => {
+                // Validated at start; without TLS, `require` and above fail to connect below.
+                tracing::warn!(error = %e, "TLS unavailable; connecting without it");
+                None
+            }
+        },
+    };
     let client = match tls {
-        Ok(tls) => {
+        Some(tls) => {
             let (client, connection) = config.connect(tls).await?;
             tokio::spawn(drive(connection, tx));
             client
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "TLS unavailable; connecting without it");
+        None => {
             let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
             tokio::spawn(drive(connection, tx));
             client
@@ -75,6 +84,15 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
             }
             s
         }
-        None => e.to_string(),
+        None => {
+            // The causes too: "error performing TLS handshake" alone hides which check failed.
+            let mut s = e.to_string();
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                s.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            s
+        }
     }
 }

@@ -17,11 +17,12 @@ use postgres_protocol::message::backend::{ErrorResponseBody, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::Host;
 
 use super::lsn::Lsn;
 use super::protocol::{ServerMessage, StandbyStatusUpdate};
 use super::wire::DecodeError;
+use crate::pgtls::{PgTarget, PgTls, SslMode};
 use crate::quote::{quote_ident, quote_literal};
 
 /// Anything that went wrong on the replication connection.
@@ -219,7 +220,7 @@ impl ReplicationClient {
     /// Connects with `replication=database` and authenticates, using the host, port, user,
     /// password, database and sslmode of `config` (the parsed `postgres.url`).
     pub async fn connect(config: &tokio_postgres::Config) -> Result<Self, ReplicationError> {
-        Self::connect_with_timeout(config, None).await
+        Self::connect_with_timeout(&PgTarget::unverified(config.clone()), None).await
     }
 
     /// [`ReplicationClient::connect`], with TCP keepalives on and, if given, `TCP_USER_TIMEOUT`
@@ -230,9 +231,10 @@ impl ReplicationClient {
     /// host by host, in order; with `target_session_attrs=read-write` a server that only reads
     /// (a standby: `SHOW transaction_read_only` is `on`) is passed over for the next one.
     pub async fn connect_with_timeout(
-        config: &tokio_postgres::Config,
+        target: &PgTarget,
         user_timeout: Option<std::time::Duration>,
     ) -> Result<Self, ReplicationError> {
+        let config = &target.config;
         let targets = targets(config);
         let read_write = config.get_target_session_attrs()
             == tokio_postgres::config::TargetSessionAttrs::ReadWrite;
@@ -245,7 +247,7 @@ impl ReplicationClient {
         let mut failures = Vec::new();
         for (host, port) in &targets {
             let attempt = async {
-                let connect = Self::connect_host(config, host, *port, user_timeout);
+                let connect = Self::connect_host(target, host, *port, user_timeout);
                 let mut client = tokio::time::timeout(connect_timeout, connect)
                     .await
                     .map_err(|_| ReplicationError::Connect {
@@ -281,42 +283,43 @@ impl ReplicationClient {
     }
 
     async fn connect_host(
-        config: &tokio_postgres::Config,
+        target: &PgTarget,
         host: &Host,
         port: u16,
         user_timeout: Option<std::time::Duration>,
     ) -> Result<Self, ReplicationError> {
+        let config = &target.config;
         let user = config
             .get_user()
             .map(str::to_owned)
             .unwrap_or_else(|| std::env::var("USER").unwrap_or_else(|_| "postgres".into()));
         let dbname = config.get_dbname().unwrap_or(&user).to_owned();
 
-        let target = describe_target(host, port);
+        let addr = describe_target(host, port);
         let stream = match host {
             Host::Tcp(h) => {
                 let tcp = TcpStream::connect((h.as_str(), port))
                     .await
                     .map_err(|source| ReplicationError::Connect {
-                        target: target.clone(),
+                        target: addr.clone(),
                         source,
                     })?;
                 tcp.set_nodelay(true).ok();
                 set_keepalive(&tcp, user_timeout);
-                negotiate_tls(tcp, h, config.get_ssl_mode()).await?
+                negotiate_tls(tcp, h, &target.tls).await?
             }
             #[cfg(unix)]
             Host::Unix(_) => {
-                let unix = tokio::net::UnixStream::connect(&target)
+                let unix = tokio::net::UnixStream::connect(&addr)
                     .await
                     .map_err(|source| ReplicationError::Connect {
-                        target: target.clone(),
+                        target: addr.clone(),
                         source,
                     })?;
                 PgStream::Unix(unix)
             }
         };
-        tracing::debug!(%target, %user, %dbname, "opening replication connection");
+        tracing::debug!(target = %addr, %user, %dbname, "opening replication connection");
 
         let mut client = ReplicationClient {
             stream,
@@ -778,9 +781,9 @@ fn describe_target(host: &Host, port: u16) -> String {
 async fn negotiate_tls(
     tcp: TcpStream,
     host: &str,
-    mode: SslMode,
+    tls: &PgTls,
 ) -> Result<PgStream, ReplicationError> {
-    if mode == SslMode::Disable {
+    if tls.mode == SslMode::Disable {
         return Ok(PgStream::Tcp(tcp));
     }
     let mut tcp = tcp;
@@ -789,27 +792,24 @@ async fn negotiate_tls(
     tcp.write_all(&req).await?;
     let answer = tcp.read_u8().await?;
     if answer != b'S' {
-        if mode == SslMode::Require {
-            return Err(ReplicationError::Tls(
-                "sslmode=require but the server does not accept TLS; enable ssl in \
-                 postgresql.conf or use sslmode=prefer/disable"
-                    .into(),
-            ));
+        if !matches!(tls.mode, SslMode::Allow | SslMode::Prefer) {
+            return Err(ReplicationError::Tls(format!(
+                "sslmode={} but the server does not accept TLS; enable ssl in postgresql.conf \
+                 or use sslmode=prefer/disable",
+                tls.mode.as_str()
+            )));
         }
         return Ok(PgStream::Tcp(tcp));
     }
-    // libpq semantics: sslmode=require/prefer encrypt without verifying the certificate.
-    let connector = native_tls::TlsConnector::builder()
-        .danger_accept_invalid_certs(true)
-        .danger_accept_invalid_hostnames(true)
-        .build()
-        .map_err(|e| ReplicationError::Tls(e.to_string()))?;
+    let connector = tls.connector().map_err(ReplicationError::Tls)?;
     let connector = tokio_native_tls::TlsConnector::from(connector);
-    let tls = connector
-        .connect(host, tcp)
-        .await
-        .map_err(|e| ReplicationError::Tls(format!("handshake with {host} failed: {e}")))?;
-    Ok(PgStream::Tls(Box::new(tls)))
+    let stream = connector.connect(host, tcp).await.map_err(|e| {
+        ReplicationError::Tls(format!(
+            "handshake with {host} failed (sslmode={}): {e}",
+            tls.mode.as_str()
+        ))
+    })?;
+    Ok(PgStream::Tls(Box::new(stream)))
 }
 
 /// A replication connection in CopyBoth mode.

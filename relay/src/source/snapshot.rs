@@ -69,7 +69,7 @@ async fn publish_snapshot<S: Sink>(
     consistent_point: Lsn,
     pipeline: &mut Pipeline<S>,
 ) -> Result<u64, SlotError> {
-    let mut db = crate::postgres::connect(&config.pg_config())
+    let mut db = crate::postgres::connect(&config.pg_target())
         .await
         .map_err(|e| SlotError::query("opening the snapshot connection", e))?;
     let tx = db
