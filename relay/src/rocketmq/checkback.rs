@@ -68,6 +68,7 @@ pub async fn run(
     }
     tracing::info!(name_server = %config.name_server, groups = ?groups, "answering RocketMQ check-backs");
     let (tx, mut incoming) = mpsc::channel::<(Connection, Command)>(1024);
+    let answered: Arc<[String]> = groups.clone().into();
     tokio::spawn(keep_registered(
         config.clone(),
         groups,
@@ -82,7 +83,10 @@ pub async fn run(
                     let oracle = oracle.clone();
                     let key_property = config.key_property.clone();
                     let own = own.clone();
-                    tokio::spawn(async move { answer(conn, cmd, &oracle, &own, &key_property).await });
+                    let groups = answered.clone();
+                    tokio::spawn(async move {
+                        answer(conn, cmd, &oracle, &own, &key_property, &groups).await
+                    });
                 }
                 Some((_, cmd)) => tracing::debug!(code = cmd.code, "ignoring a RocketMQ request"),
                 None => return,
@@ -169,6 +173,7 @@ pub async fn answer(
     oracle: &Oracle,
     own: &OwnHalves,
     key_property: &str,
+    groups: &[String],
 ) {
     let check = match client::parse_check(&cmd) {
         Ok(c) => c,
@@ -179,6 +184,17 @@ pub async fn answer(
     };
     if check.half.producer_group.is_empty() {
         tracing::warn!(broker = %conn.addr(), "a RocketMQ check-back without the PGROUP property; ignored");
+        return;
+    }
+    // Only the groups this relay answers for (it registered as their producer): a check-back
+    // for another group is not the oracle's to settle.
+    if !groups.contains(&check.half.producer_group) {
+        tracing::warn!(
+            broker = %conn.addr(),
+            group = %check.half.producer_group.chars().take(64).collect::<String>(),
+            "a RocketMQ check-back for a producer group this relay does not answer for; ignored \
+             (list it in rocketmq.producer_groups if it should)"
+        );
         return;
     }
     let key = transaction_key(&check.message, key_property);

@@ -120,6 +120,11 @@ pub async fn route(name_server: &Connection, topic: &str) -> Result<Option<Route
         return Ok(None);
     }
     resp.ok_or_describe(&format!("route of topic {topic}"))?;
+    parse_route(&resp.body).map(Some)
+}
+
+/// A GET_ROUTEINFO_BY_TOPIC answer's body: the write queues of each master broker.
+fn parse_route(body: &[u8]) -> Result<Route, String> {
     #[derive(Deserialize)]
     struct QueueData {
         #[serde(rename = "brokerName")]
@@ -134,9 +139,17 @@ pub async fn route(name_server: &Connection, topic: &str) -> Result<Option<Route
         #[serde(rename = "brokerDatas", default)]
         brokers: Vec<BrokerData>,
     }
-    let data: RouteData = parse_json(&quote_numeric_keys(&resp.body), "topic route")?;
+    let data: RouteData = parse_json(&quote_numeric_keys(body), "topic route")?;
     let mut queues = Vec::new();
     for q in &data.queues {
+        // The count sizes an allocation: a name server's word is not enough for 2^31 queues.
+        if !(0..=MAX_WRITE_QUEUES).contains(&q.write) {
+            return Err(format!(
+                "the name server lists {} write queues for broker {} in this topic's route; \
+                 more than {MAX_WRITE_QUEUES} is refused",
+                q.write, q.broker
+            ));
+        }
         if let Some(addr) = data
             .brokers
             .iter()
@@ -146,8 +159,11 @@ pub async fn route(name_server: &Connection, topic: &str) -> Result<Option<Route
             queues.extend((0..q.write).map(|i| (addr.clone(), i)));
         }
     }
-    Ok(Some(Route { queues }))
+    Ok(Route { queues })
 }
+
+/// The most write queues a topic route may list per broker (RocketMQ's own default is 4–16).
+pub const MAX_WRITE_QUEUES: i32 = 1024;
 
 /// Java name servers write `{0:"host:port"}` (numbers as keys); make that JSON.
 fn quote_numeric_keys(body: &[u8]) -> Vec<u8> {
@@ -531,6 +547,23 @@ mod tests {
         );
         assert_eq!(commit_log_offset("short"), None);
         assert_eq!(commit_log_offset("7F00000100002A9F00000000000010zz"), None);
+    }
+
+    #[test]
+    fn a_route_lists_each_masters_write_queues_and_refuses_absurd_counts() {
+        let route = |n: i64| {
+            format!(
+                r#"{{"queueDatas":[{{"brokerName":"b","writeQueueNums":{n}}}],
+                    "brokerDatas":[{{"brokerName":"b","brokerAddrs":{{0:"127.0.0.1:10911"}}}}]}}"#
+            )
+        };
+        let r = parse_route(route(4).as_bytes()).unwrap();
+        assert_eq!(r.queues.len(), 4);
+        assert_eq!(r.queues[3], ("127.0.0.1:10911".to_owned(), 3));
+        // Before: 2^31 - 1 queues were allocated as the name server said.
+        let err = parse_route(route(i64::from(i32::MAX)).as_bytes()).unwrap_err();
+        assert!(err.contains("more than 1024"), "{err}");
+        assert!(parse_route(route(-1).as_bytes()).is_err());
     }
 
     #[test]
