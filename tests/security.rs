@@ -289,3 +289,59 @@ async fn postgres_tls_is_verified_as_sslmode_says_on_both_connections() {
         relay.log()
     );
 }
+
+/// `channel_binding=require`: the replication connection (like libpq, and tokio-postgres for
+/// the query connection) accepts only SCRAM-SHA-256-PLUS bound to the server's certificate, so
+/// neither an MD5 password request nor a server letting the relay in without SCRAM passes.
+/// Before: the replication client answered MD5 and cleartext requests whatever was asked.
+#[tokio::test(flavor = "multi_thread")]
+async fn channel_binding_require_refuses_md5_and_unbound_logins() {
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    pg.psql(&format!(
+        "SET password_encryption = 'md5'; CREATE ROLE {MD5_USER} LOGIN REPLICATION PASSWORD '{PASSWORD}'; \
+         SET password_encryption = 'scram-sha-256'; CREATE ROLE {SCRAM_USER} LOGIN REPLICATION PASSWORD '{PASSWORD}';"
+    ));
+    let dir = tempfile::tempdir().expect("tempdir");
+    install_tls(&pg, dir.path());
+    let broker = Tansu::start();
+    let ca = dir.path().join("ca.crt").display().to_string();
+    let url = |user: &str| {
+        let password = if user == "postgres" {
+            String::new()
+        } else {
+            format!(":{}", PASSWORD.replace(' ', "%20"))
+        };
+        format!(
+            "postgres://{user}{password}@localhost:{}/postgres?sslmode=verify-full&sslrootcert={ca}\
+             &channel_binding=require",
+            pg.port
+        )
+    };
+    let line = |out: &str, name: &str| {
+        out.lines()
+            .filter(|l| ["PASS ", "FAIL ", "WARN "].iter().any(|v| l.starts_with(v)))
+            .find(|l| l.contains(name))
+            .unwrap_or_default()
+            .to_owned()
+    };
+
+    let out = check_with(&pg, &broker.brokers(), &url(SCRAM_USER));
+    assert!(
+        line(&out, "postgres connection").starts_with("PASS")
+            && line(&out, "replication connection").starts_with("PASS"),
+        "SCRAM-SHA-256-PLUS:\n{out}"
+    );
+    for user in [MD5_USER, "postgres"] {
+        let out = check_with(&pg, &broker.brokers(), &url(user));
+        let repl = line(&out, "replication connection");
+        assert!(
+            repl.starts_with("FAIL") && repl.contains("channel_binding=require"),
+            "{user}:\n{out}"
+        );
+        assert!(
+            line(&out, "postgres connection").starts_with("FAIL"),
+            "{user}:\n{out}"
+        );
+    }
+}

@@ -338,15 +338,42 @@ impl ReplicationClient {
         ];
         frontend::startup_message(params.iter().copied(), &mut client.wbuf)?;
         client.flush_writes().await?;
-        client.authenticate(&user, config.get_password()).await?;
+        client
+            .authenticate(&user, config.get_password(), config.get_channel_binding())
+            .await?;
         Ok(client)
     }
 
+    /// Authenticates as `user`. `binding` is libpq's `channel_binding`: with `require` only
+    /// SCRAM-SHA-256-PLUS bound to the server's TLS certificate is accepted (no trust, no
+    /// cleartext or MD5 password, no SCRAM without binding), so a man in the middle learns
+    /// nothing it could replay; with `prefer` the binding is used when TLS and the server allow.
     async fn authenticate(
         &mut self,
         user: &str,
         password: Option<&[u8]>,
+        binding: tokio_postgres::config::ChannelBinding,
     ) -> Result<(), ReplicationError> {
+        use tokio_postgres::config::ChannelBinding as Cb;
+        let required = binding == Cb::Require;
+        let unbound = |what: &str| {
+            ReplicationError::Auth(format!(
+                "channel_binding=require, but the server {what}; it must authenticate with \
+                 SCRAM-SHA-256 over TLS (password_encryption = 'scram-sha-256', a scram-sha-256 \
+                 line in pg_hba.conf, ssl = on), or drop channel_binding=require from postgres.url"
+            ))
+        };
+        // tls-server-end-point: the hash of the server's certificate, when on TLS.
+        let end_point = match &self.stream {
+            PgStream::Tls(tls) => tls.get_ref().tls_server_end_point().ok().flatten(),
+            _ => None,
+        };
+        if required && end_point.is_none() {
+            return Err(unbound(
+                "connection is not TLS (set sslmode=require or verify-full)",
+            ));
+        }
+        let mut bound = false;
         let need_password = || {
             ReplicationError::Auth(format!(
                 "Postgres asks for a password for user '{user}' but postgres.url has none; \
@@ -356,13 +383,24 @@ impl ReplicationClient {
         let mut scram: Option<ScramSha256> = None;
         loop {
             match self.read_message().await? {
-                Message::AuthenticationOk => break,
+                Message::AuthenticationOk => {
+                    if required && !bound {
+                        return Err(unbound("let the relay in without SCRAM (trust or similar)"));
+                    }
+                    break;
+                }
                 Message::AuthenticationCleartextPassword => {
+                    if required {
+                        return Err(unbound("asks for the password in clear text"));
+                    }
                     let pw = password.ok_or_else(need_password)?;
                     frontend::password_message(pw, &mut self.wbuf)?;
                     self.flush_writes().await?;
                 }
                 Message::AuthenticationMd5Password(body) => {
+                    if required {
+                        return Err(unbound("asks for an MD5 password"));
+                    }
                     let pw = password.ok_or_else(need_password)?;
                     let hash = postgres_protocol::authentication::md5_hash(
                         user.as_bytes(),
@@ -374,23 +412,37 @@ impl ReplicationClient {
                 }
                 Message::AuthenticationSasl(body) => {
                     let mut mechanisms = body.mechanisms();
-                    let mut has_scram = false;
+                    let (mut has_scram, mut has_plus) = (false, false);
                     while let Some(m) = mechanisms.next()? {
                         has_scram |= m == sasl::SCRAM_SHA_256;
-                    }
-                    if !has_scram {
-                        return Err(ReplicationError::Auth(
-                            "the server offers no SASL mechanism the relay supports (SCRAM-SHA-256)"
-                                .into(),
-                        ));
+                        has_plus |= m == sasl::SCRAM_SHA_256_PLUS;
                     }
                     let pw = password.ok_or_else(need_password)?;
-                    let s = ScramSha256::new(pw, sasl::ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(
-                        sasl::SCRAM_SHA_256,
-                        s.message(),
-                        &mut self.wbuf,
-                    )?;
+                    let (mechanism, channel) = match (&end_point, binding) {
+                        (Some(cert), Cb::Prefer | Cb::Require) if has_plus => (
+                            sasl::SCRAM_SHA_256_PLUS,
+                            sasl::ChannelBinding::tls_server_end_point(cert.clone()),
+                        ),
+                        _ if required => {
+                            return Err(unbound("does not offer SCRAM-SHA-256-PLUS"));
+                        }
+                        (Some(_), Cb::Prefer) if has_scram => {
+                            (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested())
+                        }
+                        _ if has_scram => {
+                            (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported())
+                        }
+                        _ => {
+                            return Err(ReplicationError::Auth(
+                                "the server offers no SASL mechanism the relay supports \
+                                 (SCRAM-SHA-256, SCRAM-SHA-256-PLUS)"
+                                    .into(),
+                            ));
+                        }
+                    };
+                    bound = mechanism == sasl::SCRAM_SHA_256_PLUS;
+                    let s = ScramSha256::new(pw, channel);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut self.wbuf)?;
                     self.flush_writes().await?;
                     scram = Some(s);
                 }
