@@ -28,9 +28,9 @@ COPY --from=build /src/target/release/outbox-relay /usr/local/bin/outbox-relay
 COPY sql ./sql
 COPY config/relay.toml ./config/relay.toml
 USER 10001
-# The admin listener: GET /metrics, /healthz, /readyz, /v1/transactions/{key}. In a container it
-# must listen on all interfaces for probes and scrapers; keep the port off public networks (a
-# transaction check settles undecided keys).
+# The admin listener: GET /metrics, /healthz, /readyz (read-only). In a container it must listen
+# on all interfaces for probes and scrapers. The transaction oracle's listener
+# (RELAY_TRANSACTIONS__HTTP_ADDR) is off unless set, and needs RELAY_TRANSACTIONS__HTTP_TOKEN_FILE.
 ENV RELAY_HTTP__ADDR=0.0.0.0:8080
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/outbox-relay"]
