@@ -12,6 +12,34 @@ fn undelivered(pg: &PgCluster) -> i64 {
         .expect("count")
 }
 
+/// Server B: a slot whose first-start snapshot is recorded as done, and 5 undelivered rows of
+/// `aggregatetype` behind it (keys `{prefix}-1` …), running.
+fn server_with_rows_behind_its_slot(aggregatetype: &str, prefix: &str) -> PgCluster {
+    let b = PgCluster::start();
+    b.apply_schema();
+    b.psql("SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')");
+    b.psql(
+        "INSERT INTO outbox_relay_state (slot_name, snapshot_started_at, snapshot_done_at) \
+         VALUES ('outbox_relay', now(), now())",
+    );
+    b.psql(&format!(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         SELECT '{aggregatetype}', '{prefix}-' || g, 'Created', '{{}}' FROM generate_series(1, 5) g"
+    ));
+    b
+}
+
+/// Moves server A's WAL far ahead (three segment switches, a delivered row each) while `relay`
+/// streams from it; returns when every row is delivered.
+async fn run_ahead(a: &PgCluster, db: &mut tokio_postgres::Client, relay: &Relay) {
+    for _ in 0..3 {
+        insert_rows(db, "ahead", 1, 1, true).await;
+        a.psql("SELECT pg_switch_wal()");
+    }
+    insert_rows(db, "ahead", 1, 1, true).await;
+    assert!(all_delivered(db, WAIT).await, "{}", relay.log());
+}
+
 /// The relay streamed from server A, far ahead in its WAL; then another server, B, answers at
 /// the same address, with a slot of the same name and rows behind A's position. The relay must
 /// notice the change of system (IDENTIFY_SYSTEM), drop A's positions and stream B's slot from
@@ -20,17 +48,7 @@ fn undelivered(pg: &PgCluster) -> i64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_moved_to_another_server_does_not_skip_its_rows() {
     // B: a slot (its first-start snapshot recorded as done) and rows behind it, then stopped.
-    let mut b = PgCluster::start();
-    b.apply_schema();
-    b.psql("SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')");
-    b.psql(
-        "INSERT INTO outbox_relay_state (slot_name, snapshot_started_at, snapshot_done_at) \
-         VALUES ('outbox_relay', now(), now())",
-    );
-    b.psql(
-        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
-         SELECT 'moved', 'm-' || g, 'Created', '{}' FROM generate_series(1, 5) g",
-    );
+    let mut b = server_with_rows_behind_its_slot("moved", "m");
     let b_end: u64 = b
         .psql("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")
         .parse()
@@ -48,12 +66,7 @@ async fn a_relay_moved_to_another_server_does_not_skip_its_rows() {
     ));
     let mut db = a.client().await;
     wait_streaming(&db, WAIT).await;
-    for _ in 0..3 {
-        insert_rows(&mut db, "ahead", 1, 1, true).await;
-        a.psql("SELECT pg_switch_wal()");
-    }
-    insert_rows(&mut db, "ahead", 1, 1, true).await;
-    assert!(all_delivered(&db, WAIT).await, "{}", relay.log());
+    run_ahead(&a, &mut db, &relay).await;
     let ahead = current_wal(&db).await;
     let confirmed = eventually(WAIT, || async {
         confirmed_flush(&db, "outbox_relay")
@@ -386,17 +399,7 @@ async fn failover_with_a_failover_slot(exactly_once: bool) {
 /// LSNs, so B's rows were marked delivered and never published.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stale_progress_record_from_another_server_skips_nothing() {
-    let mut b = PgCluster::start();
-    b.apply_schema();
-    b.psql("SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')");
-    b.psql(
-        "INSERT INTO outbox_relay_state (slot_name, snapshot_started_at, snapshot_done_at) \
-         VALUES ('outbox_relay', now(), now())",
-    );
-    b.psql(
-        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
-         SELECT 'failover', 'b-' || g, 'Created', '{}' FROM generate_series(1, 5) g",
-    );
+    let mut b = server_with_rows_behind_its_slot("failover", "b");
     b.stop("fast");
 
     let a = PgCluster::start();
@@ -415,12 +418,7 @@ async fn a_stale_progress_record_from_another_server_skips_nothing() {
     let mut relay = Relay::start(&env);
     let mut db = a.client().await;
     wait_streaming(&db, WAIT).await;
-    for _ in 0..3 {
-        insert_rows(&mut db, "ahead", 1, 1, true).await;
-        a.psql("SELECT pg_switch_wal()");
-    }
-    insert_rows(&mut db, "ahead", 1, 1, true).await;
-    assert!(all_delivered(&db, WAIT).await, "{}", relay.log());
+    run_ahead(&a, &mut db, &relay).await;
     relay.terminate();
     a.stop("fast");
 

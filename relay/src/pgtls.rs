@@ -141,10 +141,7 @@ pub fn split(url: &str) -> Result<(String, PgTls), String> {
         let mut kept = Vec::new();
         for (k, v) in pairs {
             if !take(&k, &v)? {
-                kept.push(format!(
-                    "{k}='{}'",
-                    v.replace('\\', "\\\\").replace('\'', "\\'")
-                ));
+                kept.push(conninfo_pair(&k, &v));
             }
         }
         kept.push(format!("sslmode={}", tls.mode.for_tokio_postgres()));
@@ -279,6 +276,18 @@ fn percent_decode(s: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `key=value` for a key/value connection string, the value quoted when it must be.
+pub fn conninfo_pair(key: &str, value: &str) -> String {
+    if value.is_empty() || value.contains(|c: char| c.is_whitespace() || c == '\'' || c == '\\') {
+        format!(
+            "{key}='{}'",
+            value.replace('\\', "\\\\").replace('\'', "\\'")
+        )
+    } else {
+        format!("{key}={value}")
+    }
 }
 
 /// The `key = value` pairs of a libpq key/value connection string (spaces around `=`, values

@@ -1362,10 +1362,8 @@ pub fn redact_url(url: &str) -> String {
             .map(|(k, v)| {
                 if secret(&k) {
                     format!("{k}=***")
-                } else if v.is_empty() || v.contains(|c: char| c.is_whitespace() || c == '\'') {
-                    format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
                 } else {
-                    format!("{k}={v}")
+                    crate::pgtls::conninfo_pair(&k, &v)
                 }
             })
             .collect::<Vec<_>>()

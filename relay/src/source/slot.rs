@@ -83,20 +83,16 @@ pub async fn server_major(db: &Client) -> Result<u32, SlotError> {
 }
 
 pub async fn slot_info(db: &Client, slot: &str) -> Result<Option<SlotInfo>, SlotError> {
-    let failover_columns = if server_major(db).await? >= 17 {
-        "failover, synced"
-    } else {
-        "NULL::bool, NULL::bool"
-    };
+    // `failover` and `synced` exist from Postgres 17: read through the row as JSON, they are
+    // NULL before, in one query on every version.
     let row = db
         .query_opt(
-            &format!(
-                "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, \
-                     wal_status, safe_wal_size, \
-                     (pg_current_wal_lsn() - restart_lsn)::bigint, \
-                     (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, {failover_columns} \
-                 FROM pg_replication_slots WHERE slot_name = $1"
-            ),
+            "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, \
+                 wal_status, safe_wal_size, \
+                 (pg_current_wal_lsn() - restart_lsn)::bigint, \
+                 (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, \
+                 (to_jsonb(s) ->> 'failover')::bool, (to_jsonb(s) ->> 'synced')::bool \
+             FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
         .await
