@@ -4,7 +4,12 @@
 #   docker run --rm -e RELAY_POSTGRES__URL=postgres://relay:pw@db:5432/app \
 #                   -e RELAY_KAFKA__BROKERS=kafka:9092 outbox-relay
 
-FROM rust:1.95-bookworm AS build
+# Base images are pinned by digest (the multi-platform index), so a rebuild uses the same bytes
+# until someone moves the pin on purpose. To update: `scripts/pin-images` (asks Docker Hub for the
+# current digest of each tag and rewrites the FROM lines), rebuild, run the tests, commit.
+# The digests below are those Docker resolved for these tags in a build log of 2026-09-27; the
+# development machines cannot reach Docker Hub, so they were not pulled here.
+FROM rust:1.95-bookworm@sha256:6258907abe69656e41cd992e0b705cdcfabcbbe3db374f92ed2d47121282d4a1 AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends cmake libssl-dev libcurl4-openssl-dev zlib1g-dev pkg-config \
  && rm -rf /var/lib/apt/lists/*
@@ -18,7 +23,7 @@ COPY tests ./tests
 COPY bench ./bench
 RUN cargo build --release --locked --bin outbox-relay
 
-FROM debian:bookworm-slim
+FROM debian:bookworm-slim@sha256:3783cc01769c7b2b1b83a5c5ad96c815348e28ed7da68e2e3687004faa906251
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates libssl3 libcurl4 zlib1g \
  && rm -rf /var/lib/apt/lists/* \

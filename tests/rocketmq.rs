@@ -84,7 +84,7 @@ async fn check_backs_commit_what_postgres_committed_and_roll_back_the_rest() {
         .await
         .expect("business table");
 
-    let app = Connection::open(&rmq.broker_addr(), None, Duration::from_secs(5))
+    let app = Connection::open(&rmq.broker_addr(), None, Duration::from_secs(5), None)
         .await
         .expect("connect to the broker");
     client::create_topic(&app, TOPIC, 4)
@@ -125,7 +125,7 @@ async fn check_backs_commit_what_postgres_committed_and_roll_back_the_rest() {
         .expect("END_TRANSACTION commit");
     drop(app); // the app is gone: only the relay is registered for the group
 
-    let reader = Connection::open(&rmq.broker_addr(), None, Duration::from_secs(5))
+    let reader = Connection::open(&rmq.broker_addr(), None, Duration::from_secs(5), None)
         .await
         .expect("connect");
     let unknown_seen = eventually(Duration::from_secs(60), || async {
@@ -259,7 +259,7 @@ async fn the_sink_publishes_each_row_as_a_transactional_message_once() {
         relay.log(),
         rmq.logs()
     );
-    let reader = Connection::open(&rmq.broker_addr(), None, Duration::from_secs(5))
+    let reader = Connection::open(&rmq.broker_addr(), None, Duration::from_secs(5), None)
         .await
         .expect("connect");
     let all_visible = eventually(Duration::from_secs(30), || async {
@@ -333,7 +333,7 @@ async fn kill_between_steps(crash_point: &str) -> (Vec<String>, Vec<String>, Str
     );
     assert!(first.log().contains(crash_point), "{}", first.log());
     let delivered_at_kill = delivered_ids(&db).await;
-    let reader = Connection::open(&rmq.broker_addr(), None, Duration::from_secs(5))
+    let reader = Connection::open(&rmq.broker_addr(), None, Duration::from_secs(5), None)
         .await
         .expect("connect");
     // No END_TRANSACTION went out, and no relay answers check-backs yet: nothing is visible.
@@ -416,7 +416,7 @@ async fn a_sink_message_settled_by_another_check_first_is_sent_again_once() {
     let mut db = pg.client().await;
     wait_streaming(&db, Duration::from_secs(30)).await;
     let ids = insert_rows(&mut db, "order", 1, 1, true).await;
-    let reader = Connection::open(&rmq.broker_addr(), None, Duration::from_secs(5))
+    let reader = Connection::open(&rmq.broker_addr(), None, Duration::from_secs(5), None)
         .await
         .expect("connect");
     // The half message, stored under the broker's half topic: its oracle key.
@@ -495,3 +495,130 @@ async fn the_sink_refuses_to_start_without_the_oracle() {
         relay.log()
     );
 }
+
+/// A broker with ACL on (`authenticationEnabled`) refuses requests not signed for one of its
+/// users. With a wrong secret the relay's sends are refused (NO_PERMISSION): the rows wait,
+/// neither delivered nor dead-lettered, and the log names the keys to set; with the right
+/// access key and secret every request (heartbeats, routes, half messages, END_TRANSACTION) is
+/// signed and each row arrives once. Before: no way to sign, and NO_PERMISSION dead-lettered
+/// the rows.
+#[tokio::test]
+async fn the_sink_signs_its_requests_for_a_broker_that_checks_acls() {
+    const USER: &str = "outbox-relay";
+    const SECRET: &str = "rocketmq-secret-123";
+    let rmq = RocketMq::start_with(1_000, 2_000, Some((USER, SECRET)));
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    let mut db = pg.client().await;
+    let mut ids = insert_rows(&mut db, "order", 3, 20, true).await;
+    ids.sort();
+
+    let mut wrong = sink_relay(
+        &pg,
+        &rmq,
+        &[
+            ("RELAY_ROCKETMQ__ACCESS_KEY", USER),
+            ("RELAY_ROCKETMQ__SECRET_KEY", "not-the-secret"),
+        ],
+    );
+    let refused = eventually(WAIT_REFUSAL, || async {
+        wrong.log().contains("code 16") && wrong.log().contains("rocketmq.secret_key")
+    })
+    .await;
+    assert!(refused, "{}\n--- rocketmq:\n{}", wrong.log(), rmq.logs());
+    let (delivered, failed): (i64, i64) = {
+        let r = db
+            .query_one(
+                "SELECT count(delivered_at), count(failed_at) FROM outbox",
+                &[],
+            )
+            .await
+            .expect("count");
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((delivered, failed), (0, 0), "{}", wrong.log());
+    wrong.terminate();
+    // `check` finds it before any row is sent, and passes with the right secret.
+    let check = |secret: &str| {
+        let ns = rmq.name_server();
+        let mut check = Relay::spawn(
+            &relay_env(
+                &pg,
+                "",
+                &[
+                    ("RELAY_SINK", "rocketmq"),
+                    ("RELAY_ROCKETMQ__NAME_SERVER", &ns),
+                    ("RELAY_ROCKETMQ__ACCESS_KEY", USER),
+                    ("RELAY_ROCKETMQ__SECRET_KEY", secret),
+                ],
+            ),
+            &["check"],
+        );
+        check
+            .wait_exit(Duration::from_secs(60))
+            .expect("check ends");
+        let broker_line = check
+            .log()
+            .lines()
+            .find(|l| l.contains(" broker "))
+            .unwrap_or_default()
+            .to_owned();
+        broker_line
+    };
+    let refused = check("not-the-secret");
+    assert!(
+        refused.starts_with("FAIL")
+            && refused.contains("code 16")
+            && refused.contains("rocketmq.access_key"),
+        "{refused}"
+    );
+    let accepted = check(SECRET);
+    assert!(
+        accepted.starts_with("PASS") && accepted.contains("signed"),
+        "{accepted}"
+    );
+
+    let relay = sink_relay(
+        &pg,
+        &rmq,
+        &[
+            ("RELAY_ROCKETMQ__ACCESS_KEY", USER),
+            ("RELAY_ROCKETMQ__SECRET_KEY", SECRET),
+        ],
+    );
+    assert!(
+        all_delivered(&db, Duration::from_secs(60)).await,
+        "rows not delivered\n--- relay:\n{}\n--- rocketmq:\n{}",
+        relay.log(),
+        rmq.logs()
+    );
+    let credentials =
+        outbox_relay::rocketmq::acl::Credentials::from_config(USER, SECRET).expect("credentials");
+    let reader = Connection::open(
+        &rmq.broker_addr(),
+        None,
+        Duration::from_secs(5),
+        credentials,
+    )
+    .await
+    .expect("connect");
+    let all_visible = eventually(Duration::from_secs(30), || async {
+        visible_ids(&reader).await.len() >= ids.len()
+    })
+    .await;
+    assert!(all_visible, "{}", relay.log());
+    assert_eq!(visible_ids(&reader).await, ids, "each row once");
+    // An unsigned reader is refused by the same broker: the ACL is on.
+    let unsigned = Connection::open(&rmq.broker_addr(), None, Duration::from_secs(5), None)
+        .await
+        .expect("connect");
+    assert!(
+        client::pull(&unsigned, "test-reader", SINK_TOPIC, 0, 0)
+            .await
+            .is_err_and(|e| e.contains("16")),
+        "an unsigned pull must be refused"
+    );
+}
+
+/// How long a refused relay gets to show the refusal in its log.
+const WAIT_REFUSAL: Duration = Duration::from_secs(30);

@@ -345,3 +345,27 @@ async fn channel_binding_require_refuses_md5_and_unbound_logins() {
         );
     }
 }
+
+/// The container's base images are pinned by digest (`FROM image:tag@sha256:<64 hex>`), so a
+/// rebuild gets the bytes that were reviewed; `scripts/pin-images` moves the pins. Before: both
+/// FROM lines named a tag only.
+#[test]
+fn the_dockerfile_pins_every_base_image_by_digest() {
+    let dockerfile = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile"),
+    )
+    .expect("read Dockerfile");
+    let images: Vec<&str> = dockerfile
+        .lines()
+        .filter_map(|line| line.strip_prefix("FROM "))
+        .map(|rest| rest.split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert!(images.len() >= 2, "build and runtime stages: {images:?}");
+    for image in images {
+        let digest = image.split_once("@sha256:").map(|(_, d)| d);
+        assert!(
+            digest.is_some_and(|d| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit())),
+            "{image} is not pinned by digest; run scripts/pin-images"
+        );
+    }
+}

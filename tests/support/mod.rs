@@ -679,6 +679,17 @@ pub struct RocketMq {
 
 impl RocketMq {
     pub fn start(check_interval_ms: u64, timeout_ms: u64) -> RocketMq {
+        Self::start_with(check_interval_ms, timeout_ms, None)
+    }
+
+    /// With `acl = Some((user, password))` the broker authenticates every request (its
+    /// `authenticationEnabled`; `user` is created as its one, super, user): unsigned or
+    /// wrongly signed requests are refused with NO_PERMISSION (16).
+    pub fn start_with(
+        check_interval_ms: u64,
+        timeout_ms: u64,
+        acl: Option<(&str, &str)>,
+    ) -> RocketMq {
         let install = "cargo install rocketmq-namesrv rocketmq-broker --version 1.0.0 --locked";
         let dir = tempfile::Builder::new()
             .prefix("rocketmq-")
@@ -722,7 +733,7 @@ transactionCheckInterval = {check_interval_ms}
 transactionTimeout = {timeout_ms}
 transactionCheckMax = 15
 transactionOpBatchInterval = 500
-
+{acl}
 [broker.brokerIdentity]
 brokerName = "broker-a"
 brokerClusterName = "DefaultCluster"
@@ -736,7 +747,14 @@ storePathRootDir = "{store}"
 haListenPort = {ha_port}
 mappedFileSizeCommitLog = 67108864
 "#,
-            store = store.display()
+            store = store.display(),
+            acl = acl
+                .map(|(user, password)| format!(
+                    "authenticationEnabled = true\nauthConfigPath = \"{}\"\n\
+                     initAuthenticationUser = '{{\"username\":\"{user}\",\"password\":\"{password}\"}}'\n",
+                    home.join("auth").display()
+                ))
+                .unwrap_or_default()
         );
         let conf_path = home.join("broker.toml");
         std::fs::write(&conf_path, conf).expect("broker.toml");

@@ -103,6 +103,11 @@ pub struct RocketmqConfig {
     pub create_topics: bool,
     /// `sink = "rocketmq"`: read and write queues of the topics the relay creates.
     pub topic_queues: i32,
+    /// ACL: the access key (user) every request to name servers and brokers is signed for;
+    /// "" for brokers without ACL.
+    pub access_key: String,
+    /// ACL: the access key's secret. A secret: set it with RELAY_ROCKETMQ__SECRET_KEY_FILE.
+    pub secret_key: String,
 }
 
 impl Default for RocketmqConfig {
@@ -116,6 +121,8 @@ impl Default for RocketmqConfig {
             producer_group: "outbox-relay".into(),
             create_topics: true,
             topic_queues: 4,
+            access_key: String::new(),
+            secret_key: String::new(),
         }
     }
 }
@@ -133,6 +140,13 @@ impl RocketmqConfig {
             }
         }
         groups
+    }
+
+    /// The ACL credentials requests are signed with; `None` without ACL. Validated at load.
+    pub fn credentials(&self) -> Option<crate::rocketmq::acl::Credentials> {
+        crate::rocketmq::acl::Credentials::from_config(&self.access_key, &self.secret_key)
+            .ok()
+            .flatten()
     }
 
     /// The name servers (`name_server` may list several, separated by `;` or `,`).
@@ -1153,6 +1167,16 @@ impl Config {
     /// Validates RocketMQ check-backs and the RocketMQ sink.
     fn validate_rocketmq(&self) -> Result<(), ConfigError> {
         let r = &self.rocketmq;
+        if let Err(fix) =
+            crate::rocketmq::acl::Credentials::from_config(&r.access_key, &r.secret_key)
+        {
+            let (key, value) = if r.access_key.is_empty() {
+                ("rocketmq.access_key", "")
+            } else {
+                ("rocketmq.secret_key", "")
+            };
+            return Err(invalid(key, value, fix));
+        }
         if !r.name_server.is_empty() {
             let bad = r.name_servers().into_iter().find(|a| {
                 a.rsplit_once(':')

@@ -535,18 +535,39 @@ async fn rocketmq_check(config: &Config) -> CheckResult {
 /// The master brokers the first answering name server lists, described; an error when none
 /// answers or it lists none.
 pub async fn rocketmq_masters(config: &Config) -> Result<String, String> {
-    let (ns, masters) =
-        crate::rocketmq::client::masters_from_any(&config.rocketmq.name_servers()).await?;
+    let (ns, masters) = crate::rocketmq::client::masters_from_any(
+        &config.rocketmq.name_servers(),
+        config.rocketmq.credentials().as_ref(),
+    )
+    .await?;
     if masters.is_empty() {
         return Err(format!(
             "{} lists no master broker; start a broker registered with it",
             ns.addr()
         ));
     }
+    // Each master answers a heartbeat (no producer group: nothing registered), signed when
+    // ACL credentials are set: an ACL refusal shows here rather than at the first send.
+    let credentials = config.rocketmq.credentials();
+    for addr in &masters {
+        let broker = crate::rocketmq::connection::Connection::open(
+            addr,
+            None,
+            crate::rocketmq::client::TIMEOUT,
+            credentials.clone(),
+        )
+        .await?;
+        crate::rocketmq::client::heartbeat(&broker, "outbox-relay-check", &[]).await?;
+    }
     Ok(format!(
-        "RocketMQ name server {} lists {} master broker(s): {}",
+        "RocketMQ name server {} lists {} master broker(s), each answered{}: {}",
         ns.addr(),
         masters.len(),
+        if credentials.is_some() {
+            " a request signed for rocketmq.access_key"
+        } else {
+            ""
+        },
         masters.join(", ")
     ))
 }

@@ -109,12 +109,18 @@ async fn keep_registered(
     let mut name_server: Option<Connection> = None;
     let mut reported_down = false;
     loop {
-        match list_brokers(&config.name_servers(), &mut name_server).await {
+        match list_brokers(&config, &mut name_server).await {
             Ok(addrs) => {
                 reported_down = false;
                 for addr in addrs {
                     if brokers.get(&addr).is_none_or(Connection::is_closed) {
-                        match Connection::open(&addr, Some(incoming.clone()), client::TIMEOUT).await
+                        match Connection::open(
+                            &addr,
+                            Some(incoming.clone()),
+                            client::TIMEOUT,
+                            config.credentials(),
+                        )
+                        .await
                         {
                             Ok(c) => {
                                 brokers.insert(addr, c);
@@ -152,7 +158,7 @@ async fn keep_registered(
 
 /// The master brokers, from the first name server that answers (reusing its connection).
 async fn list_brokers(
-    addrs: &[String],
+    config: &RocketmqConfig,
     name_server: &mut Option<Connection>,
 ) -> Result<Vec<String>, String> {
     if let Some(ns) = name_server.as_ref().filter(|c| !c.is_closed()) {
@@ -161,7 +167,8 @@ async fn list_brokers(
             Err(_) => *name_server = None,
         }
     }
-    let (ns, list) = client::masters_from_any(addrs).await?;
+    let (ns, list) =
+        client::masters_from_any(&config.name_servers(), config.credentials().as_ref()).await?;
     *name_server = Some(ns);
     Ok(list)
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::Deserialize;
 
+use super::acl::Credentials;
 use super::connection::Connection;
 use super::message::{self, MessageExt, prop, sysflag};
 use super::remoting::{Command, code, fields, response};
@@ -68,12 +69,15 @@ pub async fn master_brokers(name_server: &Connection) -> Result<Vec<String>, Str
 }
 
 /// The master brokers, from the first of the name servers `addrs` that answers, with the
-/// connection that answered (to ask it again).
-pub async fn masters_from_any(addrs: &[String]) -> Result<(Connection, Vec<String>), String> {
+/// connection that answered (to ask it again); requests signed with `credentials` (ACL).
+pub async fn masters_from_any(
+    addrs: &[String],
+    credentials: Option<&Credentials>,
+) -> Result<(Connection, Vec<String>), String> {
     let mut last = String::from("no name server configured");
     for addr in addrs {
         let attempt = async {
-            let ns = Connection::open(addr, None, TIMEOUT).await?;
+            let ns = Connection::open(addr, None, TIMEOUT, credentials.cloned()).await?;
             let list = master_brokers(&ns).await?;
             Ok::<_, String>((ns, list))
         };
@@ -325,11 +329,14 @@ pub fn half_sent(
     uniq_key: &str,
 ) -> Result<HalfMessage, SendError> {
     if resp.code != response::SUCCESS {
-        // MESSAGE_ILLEGAL, VERSION_NOT_SUPPORTED, NO_PERMISSION, REQUEST_CODE_NOT_SUPPORTED.
-        let permanent = matches!(resp.code, 3 | 13 | 15 | 16);
+        // MESSAGE_ILLEGAL, VERSION_NOT_SUPPORTED, REQUEST_CODE_NOT_SUPPORTED: the message
+        // itself. NO_PERMISSION (16) is about the relay's credentials or the topic's ACL, not
+        // the row: retried without limit until an operator fixes it, never dead-lettered.
+        let permanent = matches!(resp.code, 3 | 13 | 15);
+        let hint = super::remoting::acl_hint(resp.code);
         return Err(SendError {
             message: format!(
-                "half message to topic {topic}: the broker answered code {} ({})",
+                "half message to topic {topic}: the broker answered code {} ({}){hint}",
                 resp.code,
                 resp.remark.as_deref().unwrap_or("no remark")
             ),

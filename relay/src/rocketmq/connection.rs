@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
+use super::acl::Credentials;
 use super::remoting::Command;
 
 type Pending = Arc<Mutex<HashMap<i32, oneshot::Sender<Command>>>>;
@@ -27,14 +28,18 @@ pub struct Connection {
     pending: Pending,
     next_opaque: Arc<AtomicI32>,
     closed: Arc<AtomicBool>,
+    /// ACL: every request leaving on this connection is signed with these.
+    credentials: Option<Arc<Credentials>>,
 }
 
 impl Connection {
-    /// Connects to `addr`; requests from the peer go to `incoming` (or are dropped).
+    /// Connects to `addr`; requests from the peer go to `incoming` (or are dropped). With
+    /// `credentials` every request sent is ACL-signed.
     pub async fn open(
         addr: &str,
         incoming: Option<mpsc::Sender<(Connection, Command)>>,
         timeout: Duration,
+        credentials: Option<Credentials>,
     ) -> Result<Connection, String> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
@@ -49,6 +54,7 @@ impl Connection {
             pending: Arc::new(Mutex::new(HashMap::new())),
             next_opaque: Arc::new(AtomicI32::new(1)),
             closed: Arc::new(AtomicBool::new(false)),
+            credentials: credentials.map(Arc::new),
         };
         let closed = conn.closed.clone();
         // The reader stops when the writer does (every user gone, or the socket broken), even
@@ -70,6 +76,7 @@ impl Connection {
         let weak_out = conn.out.downgrade();
         let peer = conn.addr.clone();
         let opaque = conn.next_opaque.clone();
+        let credentials = conn.credentials.clone();
         tokio::spawn(async move {
             let mut buf = BytesMut::with_capacity(64 * 1024);
             'read: loop {
@@ -93,6 +100,7 @@ impl Connection {
                                 pending: pending.clone(),
                                 next_opaque: opaque.clone(),
                                 closed: closed.clone(),
+                                credentials: credentials.clone(),
                             };
                             // Never block reading responses on a slow consumer: a dropped
                             // check-back is asked again by the broker.
@@ -186,9 +194,17 @@ impl Connection {
         self.send_frame(&cmd).await
     }
 
-    /// Queues a frame; a peer that stops reading for [`SEND_TIMEOUT`] closes the connection.
+    /// Queues a frame (a request signed when the connection has credentials); a peer that stops
+    /// reading for [`SEND_TIMEOUT`] closes the connection.
     async fn send_frame(&self, cmd: &Command) -> Result<(), String> {
-        let frame = cmd.encode()?;
+        let frame = match &self.credentials {
+            Some(credentials) if !cmd.is_response() => {
+                let mut signed = cmd.clone();
+                credentials.sign(&mut signed)?;
+                signed.encode()?
+            }
+            _ => cmd.encode()?,
+        };
         match tokio::time::timeout(SEND_TIMEOUT, self.out.send(frame)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(format!(

@@ -2,6 +2,7 @@
 //! client library): answering transaction check-backs from the oracle, and the transactional
 //! sends of the RocketMQ sink (`sink/rocketmq.rs`).
 
+pub mod acl;
 pub mod checkback;
 pub mod client;
 pub mod connection;

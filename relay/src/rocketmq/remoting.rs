@@ -31,10 +31,21 @@ pub mod code {
 pub mod response {
     pub const SUCCESS: i32 = 0;
     pub const SYSTEM_ERROR: i32 = 1;
+    pub const NO_PERMISSION: i32 = 16;
     pub const TOPIC_NOT_EXIST: i32 = 17;
     pub const PULL_NOT_FOUND: i32 = 19;
     pub const PULL_RETRY_IMMEDIATELY: i32 = 20;
     pub const PULL_OFFSET_MOVED: i32 = 21;
+}
+
+/// What to do about a response code: for NO_PERMISSION, which keys to set.
+pub fn acl_hint(code: i32) -> &'static str {
+    if code == response::NO_PERMISSION {
+        "; the broker checks ACLs: set rocketmq.access_key and rocketmq.secret_key \
+         (RELAY_ROCKETMQ__SECRET_KEY_FILE) to a user allowed to do this (PUB on the topic to send)"
+    } else {
+        ""
+    }
 }
 
 const FLAG_RESPONSE: i32 = 1;
@@ -139,9 +150,10 @@ impl Command {
             Ok(())
         } else {
             Err(format!(
-                "{what}: the broker answered code {} ({})",
+                "{what}: the broker answered code {} ({}){}",
                 self.code,
-                self.remark.as_deref().unwrap_or("no remark")
+                self.remark.as_deref().unwrap_or("no remark"),
+                acl_hint(self.code)
             ))
         }
     }

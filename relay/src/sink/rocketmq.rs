@@ -175,7 +175,7 @@ impl Shared {
         {
             return Ok(c.clone());
         }
-        let c = Connection::open(addr, None, client::TIMEOUT).await?;
+        let c = Connection::open(addr, None, client::TIMEOUT, self.config.credentials()).await?;
         self.brokers.lock().await.insert(addr.to_owned(), c.clone());
         Ok(c)
     }
@@ -193,7 +193,7 @@ impl Shared {
         }
         let mut last = String::from("no name server configured (rocketmq.name_server)");
         for addr in self.config.name_servers() {
-            match Connection::open(&addr, None, client::TIMEOUT).await {
+            match Connection::open(&addr, None, client::TIMEOUT, self.config.credentials()).await {
                 Ok(c) => {
                     *self.name_server.lock().await = Some(c.clone());
                     return Ok(c);
