@@ -9,6 +9,7 @@ mod exactly_once;
 mod examples;
 mod failover;
 mod lifecycle;
+mod nats;
 mod operations;
 mod poison;
 mod replication_client;

@@ -51,6 +51,9 @@ pub const TRANSACTION_CHECKS: &str = "outbox_relay_transaction_checks_total";
 /// Counter: END_TRANSACTION requests the RocketMQ sink sent for its own half messages, by
 /// `resolution` (`commit`, `rollback`) and `result` (`ok`, `error`: left to the check-back).
 pub const ROCKETMQ_END_TRANSACTIONS: &str = "outbox_relay_rocketmq_end_transactions_total";
+/// Counter: messages NATS JetStream acknowledged as duplicates (a resend of a message id inside
+/// the stream's duplicate window: stored once).
+pub const NATS_DUPLICATES: &str = "outbox_relay_nats_duplicates_total";
 
 /// Bucket bounds (seconds) of the latency histograms: fine below 100 ms, where the relay's own
 /// share of the latency lives, coarse above.
@@ -147,6 +150,10 @@ fn describe() {
     describe_counter!(
         ROCKETMQ_END_TRANSACTIONS,
         "END_TRANSACTION requests for the RocketMQ sink's half messages, by resolution and result"
+    );
+    describe_counter!(
+        NATS_DUPLICATES,
+        "Resends JetStream dropped as duplicates of a stored message id (stored once)"
     );
 }
 

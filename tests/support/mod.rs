@@ -8,6 +8,9 @@
 
 #![allow(dead_code)]
 
+pub mod nats;
+pub use nats::{NatsMessage, NatsServer};
+
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -86,6 +86,9 @@ pub enum RunError {
          transactions (Kafka 2.5 or later), or set delivery = \"at_least_once\""
     )]
     ExactlyOnce(SinkError),
+    /// The NATS client cannot be set up (a URL or credentials file it cannot use).
+    #[error("{0}")]
+    Nats(String),
 }
 
 impl Classify for RunError {
@@ -100,7 +103,7 @@ impl Classify for RunError {
             RunError::Slot(e) => e.action(),
             RunError::Pipeline(e) => e.action(),
             RunError::Replication(e) => e.action(),
-            RunError::Kafka(_) => Action::Stop,
+            RunError::Kafka(_) | RunError::Nats(_) => Action::Stop,
             // The producer could not reach the brokers (retryable) or was fenced (stop).
             RunError::ExactlyOnce(e) => e.action(),
         }
@@ -185,6 +188,7 @@ pub async fn run(
     let brokers = match config.sink {
         SinkKind::Kafka => config.kafka.brokers.clone(),
         SinkKind::Rocketmq => config.rocketmq.name_server.clone(),
+        SinkKind::Nats => crate::config::redact_url(&config.nats.url),
     };
     tracing::info!(
         postgres = %redact_url(&config.postgres.url),
@@ -556,6 +560,12 @@ async fn build_pipeline(
             let sink = RocketMqSink::new(config, deliveries_tx.clone(), own.clone());
             let settler = sink.settler();
             (AnySink::Rocketmq(sink), Some(settler), None)
+        }
+        SinkKind::Nats => {
+            let sink = crate::sink::nats::NatsSink::new(config, deliveries_tx.clone())
+                .await
+                .map_err(RunError::Nats)?;
+            (AnySink::Nats(sink), None, None)
         }
     };
     let marking = tokio::spawn(marking::run(

@@ -37,6 +37,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub transactions: TransactionsConfig,
     pub rocketmq: RocketmqConfig,
+    pub nats: NatsConfig,
     pub health: HealthConfig,
     /// `RELAY_*` environment variables that name no configuration key (Kubernetes injects
     /// `RELAY_SERVICE_HOST`, `RELAY_PORT`, … for a Service named `relay`): ignored, and logged
@@ -78,8 +79,75 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "http",
     "transactions",
     "rocketmq",
+    "nats",
     "health",
 ];
+
+/// `sink = "nats"`: NATS JetStream. Each message is published to the subject the routing gives
+/// (`kafka.topic_template`, default `outbox.event.{aggregatetype}`) and counts as sent once the
+/// stream's PubAck arrives; `Nats-Msg-Id` is the outbox id, so JetStream drops resends inside the
+/// stream's duplicate window.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated: `nats://host:4222`, `tls://host:4222`; user and password
+    /// or a token may be given in the URL.
+    pub url: String,
+    /// A `.creds` file (JWT and NKey seed), for decentralized authentication.
+    pub credentials_file: String,
+    /// An NKey seed (`SU…`). A secret: set it with RELAY_NATS__NKEY_SEED_FILE.
+    pub nkey_seed: String,
+    /// A token. A secret: set it with RELAY_NATS__TOKEN_FILE.
+    pub token: String,
+    /// A PEM file of the authorities the server's certificate is verified against (TLS).
+    pub tls_ca_file: String,
+    /// Refuse a connection without TLS.
+    pub tls_required: bool,
+    /// Create the stream at start when it does not exist (an existing stream is left as it is).
+    pub create_stream: bool,
+    /// The stream the relay creates (and `check` looks at).
+    pub stream: String,
+    /// Its subjects, comma-separated; they must cover the routed subjects and the dead-letter
+    /// subject (`dead_letter.topic`).
+    pub stream_subjects: String,
+    /// Its replicas (1 to 5).
+    pub replicas: usize,
+    /// Its duplicate window (ms): resends of a message id inside it are dropped by the server.
+    pub duplicate_window_ms: u64,
+    /// How long a publish waits for its PubAck before it is sent again (ms).
+    pub ack_timeout_ms: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: String::new(),
+            credentials_file: String::new(),
+            nkey_seed: String::new(),
+            token: String::new(),
+            tls_ca_file: String::new(),
+            tls_required: false,
+            create_stream: true,
+            stream: "OUTBOX".into(),
+            stream_subjects: "outbox.>".into(),
+            replicas: 1,
+            duplicate_window_ms: 120_000,
+            ack_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl NatsConfig {
+    /// `stream_subjects`, trimmed, without empties.
+    pub fn subjects(&self) -> Vec<String> {
+        self.stream_subjects
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+}
 
 /// RocketMQ check-backs: the relay answers them for these producer groups from the oracle.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -243,6 +311,8 @@ pub enum SinkKind {
     /// RocketMQ transactional messages: each row's message becomes visible if and only if the
     /// row is marked delivered (the oracle decides what the relay could not say).
     Rocketmq,
+    /// NATS JetStream: published with `Nats-Msg-Id`, sent once the stream's PubAck arrives.
+    Nats,
 }
 
 /// What the relay promises about each row's message.
@@ -765,6 +835,7 @@ impl Config {
         self.validate_pipeline()?;
         self.validate_operations()?;
         self.validate_rocketmq()?;
+        self.validate_nats()?;
         self.validate_log()?;
         Ok(())
     }
@@ -1251,6 +1322,66 @@ impl Config {
                      delivered; set pipeline.mark_delivered = true",
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Validates the NATS sink's settings (`sink = "nats"`).
+    fn validate_nats(&self) -> Result<(), ConfigError> {
+        if self.sink != SinkKind::Nats {
+            return Ok(());
+        }
+        let n = &self.nats;
+        if n.url.trim().is_empty() {
+            return Err(invalid(
+                "nats.url",
+                "",
+                "sink = nats needs the server URL, e.g. nats://127.0.0.1:4222",
+            ));
+        }
+        if self.delivery == DeliveryMode::ExactlyOnce {
+            return Err(invalid(
+                "delivery",
+                "exactly_once",
+                "exactly_once uses Kafka transactions; with sink = nats JetStream drops resends of \
+                 a message id inside the stream's duplicate window: set delivery = at_least_once",
+            ));
+        }
+        if n.stream.is_empty() || n.stream.contains(['.', ' ', '*', '>', '/', '\\']) {
+            return Err(invalid(
+                "nats.stream",
+                &n.stream,
+                "a JetStream stream name: no spaces, '.', '*', '>', '/' or '\\'",
+            ));
+        }
+        if n.create_stream && n.subjects().is_empty() {
+            return Err(invalid(
+                "nats.stream_subjects",
+                &n.stream_subjects,
+                "list the subjects the stream captures, e.g. outbox.>",
+            ));
+        }
+        if !(1..=5).contains(&n.replicas) {
+            return Err(invalid(
+                "nats.replicas",
+                n.replicas,
+                "must be between 1 and 5",
+            ));
+        }
+        if n.duplicate_window_ms < 1_000 {
+            return Err(invalid(
+                "nats.duplicate_window_ms",
+                n.duplicate_window_ms,
+                "at least 1000; resends after a relay restart must fall inside it (120000 is \
+                 JetStream's default)",
+            ));
+        }
+        if !(100..=600_000).contains(&n.ack_timeout_ms) {
+            return Err(invalid(
+                "nats.ack_timeout_ms",
+                n.ack_timeout_ms,
+                "must be between 100 and 600000",
+            ));
         }
         Ok(())
     }

@@ -494,8 +494,15 @@ async fn oracle_check(c: &tokio_postgres::Client, config: &Config) -> CheckResul
 }
 
 async fn broker_check(config: &Config) -> CheckResult {
-    if config.sink == crate::config::SinkKind::Rocketmq {
-        return rocketmq_check(config).await;
+    match config.sink {
+        crate::config::SinkKind::Rocketmq => return rocketmq_check(config).await,
+        crate::config::SinkKind::Nats => {
+            return match nats_check(config).await {
+                Ok(found) => pass("broker", found),
+                Err(e) => fail("broker", e),
+            };
+        }
+        crate::config::SinkKind::Kafka => {}
     }
     let cc = crate::sink::kafka::probe_config(&config.kafka);
     let brokers = config.kafka.brokers.clone();
@@ -516,6 +523,105 @@ async fn broker_check(config: &Config) -> CheckResult {
             ),
         ),
         Err(e) => fail("broker", e.to_string()),
+    }
+}
+
+/// `sink = "nats"`: the server answers, JetStream is on, and a stream captures the routed
+/// subjects (a sample of `kafka.topic_template`) and the dead-letter subject, or will be created.
+async fn nats_check(config: &Config) -> Result<String, String> {
+    use crate::sink::nats;
+    let n = &config.nats;
+    let client = tokio::time::timeout(Duration::from_secs(15), nats::connect(n, false))
+        .await
+        .map_err(|_| {
+            format!(
+                "NATS at {} did not answer within 15 s",
+                crate::config::redact_url(&n.url)
+            )
+        })??;
+    let js = nats::context(client, n);
+    js.query_account().await.map_err(|e| {
+        format!("the NATS server answers but JetStream does not ({e}); start it with JetStream on (nats-server -js)")
+    })?;
+    let sample = sample_subject(&config.kafka.topic_template);
+    let mut captured = Vec::new();
+    for subject in [sample.as_str(), config.dead_letter.topic.as_str()] {
+        match js.stream_by_subject(subject).await {
+            Ok(stream) => captured.push(format!("{subject} → stream {stream}")),
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::context::GetStreamByNameErrorKind::NotFound =>
+            {
+                let covered = n.create_stream
+                    && n.subjects()
+                        .iter()
+                        .any(|pattern| subject_matches(pattern, subject));
+                if !covered {
+                    return Err(format!(
+                        "no JetStream stream captures {subject}{}; add it to a stream's subjects \
+                         (nats.stream_subjects with nats.create_stream = true, or `nats stream edit`)",
+                        if n.create_stream {
+                            format!(
+                                " and nats.stream_subjects ({}) does not cover it",
+                                n.stream_subjects
+                            )
+                        } else {
+                            String::new()
+                        }
+                    ));
+                }
+                captured.push(format!(
+                    "{subject} → stream {} (created at start)",
+                    n.stream
+                ));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot ask JetStream which stream captures {subject}: {e}"
+                ));
+            }
+        }
+    }
+    Ok(format!(
+        "NATS at {} with JetStream: {}",
+        crate::config::redact_url(&n.url),
+        captured.join(", ")
+    ))
+}
+
+/// The template with each placeholder replaced by `sample`: a subject the routing can give.
+fn sample_subject(template: &str) -> String {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        match rest[open..].find('}') {
+            Some(close) => {
+                out.push_str("sample");
+                rest = &rest[open + close + 1..];
+            }
+            None => {
+                rest = &rest[open..];
+                break;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Whether the NATS subject pattern `pattern` (`*` one token, `>` the rest) matches `subject`.
+fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
     }
 }
 
@@ -598,6 +704,21 @@ pub fn print_report(results: &[CheckResult]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nats_subject_patterns_and_template_samples() {
+        assert_eq!(
+            sample_subject("outbox.event.{aggregatetype}"),
+            "outbox.event.sample"
+        );
+        assert_eq!(sample_subject("a.{x}.{y}"), "a.sample.sample");
+        assert!(subject_matches("outbox.>", "outbox.event.sample"));
+        assert!(subject_matches("outbox.*.sample", "outbox.event.sample"));
+        assert!(subject_matches("outbox.dlq", "outbox.dlq"));
+        assert!(!subject_matches("outbox.>", "outbox"));
+        assert!(!subject_matches("outbox.*", "outbox.event.sample"));
+        assert!(!subject_matches("orders.>", "outbox.dlq"));
+    }
 
     #[test]
     fn a_remote_server_not_verified_by_name_is_reported() {

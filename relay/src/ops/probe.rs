@@ -26,7 +26,18 @@ pub async fn probe_broker(
                 }
             }
         }
-        SinkKind::Rocketmq => None,
+        SinkKind::Rocketmq | SinkKind::Nats => None,
+    };
+    // NATS: one client, reconnecting by itself; each round asks JetStream for the account.
+    let nats = match config.sink {
+        SinkKind::Nats => match crate::sink::nats::connect(&config.nats, true).await {
+            Ok(client) => Some(crate::sink::nats::context(client, &config.nats)),
+            Err(e) => {
+                health.set_broker(Some(e));
+                return;
+            }
+        },
+        _ => None,
     };
     loop {
         let outcome = match &kafka {
@@ -48,9 +59,16 @@ pub async fn probe_broker(
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()))
             }
-            None => crate::ops::check::rocketmq_masters(&config)
-                .await
-                .map(|_| ()),
+            None => match &nats {
+                Some(js) => js
+                    .query_account()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("NATS JetStream does not answer: {e}")),
+                None => crate::ops::check::rocketmq_masters(&config)
+                    .await
+                    .map(|_| ()),
+            },
         };
         health.set_broker(outcome.err());
         tokio::select! {

@@ -25,6 +25,7 @@
 //!   it must not be rebuilt (a new producer would fence the newer relay in turn).
 
 pub mod kafka;
+pub mod nats;
 pub mod rocketmq;
 
 use std::future::Future;
@@ -180,6 +181,7 @@ pub trait Sink: Send {
 pub enum AnySink {
     Kafka(kafka::KafkaSink),
     Rocketmq(rocketmq::RocketMqSink),
+    Nats(nats::NatsSink),
 }
 
 impl Sink for AnySink {
@@ -187,6 +189,7 @@ impl Sink for AnySink {
         match self {
             AnySink::Kafka(s) => s.publish(msg, token).await,
             AnySink::Rocketmq(s) => s.publish(msg, token).await,
+            AnySink::Nats(s) => s.publish(msg, token).await,
         }
     }
 
@@ -194,6 +197,7 @@ impl Sink for AnySink {
         match self {
             AnySink::Kafka(s) => s.flush(timeout).await,
             AnySink::Rocketmq(s) => s.flush(timeout).await,
+            AnySink::Nats(s) => s.flush(timeout).await,
         }
     }
 
@@ -201,6 +205,7 @@ impl Sink for AnySink {
         match self {
             AnySink::Kafka(s) => s.commit(position).await,
             AnySink::Rocketmq(s) => s.commit(position).await,
+            AnySink::Nats(s) => s.commit(position).await,
         }
     }
 
@@ -208,6 +213,7 @@ impl Sink for AnySink {
         match self {
             AnySink::Kafka(s) => s.fenced(),
             AnySink::Rocketmq(s) => s.fenced(),
+            AnySink::Nats(s) => s.fenced(),
         }
     }
 }
