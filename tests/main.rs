@@ -12,6 +12,7 @@ mod lifecycle;
 mod nats;
 mod operations;
 mod poison;
+mod rabbitmq;
 mod replication_client;
 mod rocketmq;
 mod security;

@@ -1,9 +1,7 @@
 //! The NATS JetStream sink against a private `nats-server -js` and a real Postgres; what the
 //! stream holds is read by nats-py (`tests/consumers/nats_read.py`), not by the relay's client.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::support::*;
@@ -62,16 +60,7 @@ async fn committed_rows_arrive_once_with_their_headers_and_rolled_back_rows_neve
         ids.extend(insert_rows(&mut db, "order", 7, 50, true).await);
     }
     let rolled_back = insert_rows(&mut db, "order", 7, 10, false).await;
-    let with_headers: String = db
-        .query_one(
-            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers) \
-             VALUES ('order', 'agg-h', 'Shipped', '{\"seq\": 1}', '{\"traceparent\": \"00-abc-01\"}') \
-             RETURNING id::text",
-            &[],
-        )
-        .await
-        .expect("insert")
-        .get(0);
+    let with_headers = insert_row_with_headers(&db).await;
     ids.push(with_headers.clone());
     assert!(
         all_delivered(&db, Duration::from_secs(60)).await,
@@ -118,64 +107,36 @@ async fn per_aggregate_order_holds_over_ten_thousand_rows() {
         "rows not delivered\n{}",
         relay.log()
     );
-    let order: Vec<(String, String)> = db
-        .query("SELECT id::text, aggregateid FROM outbox ORDER BY seq", &[])
-        .await
-        .expect("rows")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(order.len(), 10_000);
-    let position: HashMap<&str, usize> = order
-        .iter()
-        .enumerate()
-        .map(|(i, (id, _))| (id.as_str(), i))
-        .collect();
     let messages = nats.messages(STREAM);
     assert_eq!(messages.len(), 10_000, "each row once");
-    let mut last: HashMap<String, usize> = HashMap::new();
-    let mut reordered = 0;
-    for m in &messages {
-        let id = m.header("id").expect("id");
-        assert_eq!(m.header("Nats-Msg-Id"), Some(id));
-        let agg = m.header("aggregateid").expect("aggregateid").to_owned();
-        let p = position[id];
-        if let Some(prev) = last.insert(agg, p)
-            && prev > p
-        {
-            reordered += 1;
-        }
-    }
+    let received: Vec<(String, String)> = messages
+        .iter()
+        .map(|m| {
+            let id = m.header("id").expect("id");
+            assert_eq!(m.header("Nats-Msg-Id"), Some(id));
+            (
+                id.to_owned(),
+                m.header("aggregateid").expect("aggregateid").to_owned(),
+            )
+        })
+        .collect();
     assert_eq!(
-        reordered, 0,
+        out_of_order(&db, &received).await,
+        0,
         "messages of one aggregate out of commit order"
     );
 }
 
 /// A writer commits rows (10 % of its transactions roll back) while the test does `fault`;
 /// then the writer stops, a relay drains, and the stream is compared with the table.
-/// Returns (rows, lost, duplicates, leaked).
 async fn under_writer(
     nats: &mut NatsServer,
     pg: &PgCluster,
     fault: impl AsyncFnOnce(&mut NatsServer, &PgCluster),
-) -> (usize, usize, usize, usize) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let stop = stop.clone();
-        let mut db = pg.client().await;
-        tokio::spawn(async move {
-            let mut i = 0u64;
-            while !stop.load(Ordering::SeqCst) {
-                i += 1;
-                insert_rows(&mut db, "order", 13, 1 + (i % 5) as usize, i % 10 != 0).await;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    };
+) -> Tally {
+    let writer = BackgroundWriter::start(pg).await;
     fault(nats, pg).await;
-    stop.store(true, Ordering::SeqCst);
-    writer.await.expect("writer");
+    writer.stop().await;
     let relay = nats_relay(pg, nats, &[]);
     let db = pg.client().await;
     assert!(
@@ -184,13 +145,7 @@ async fn under_writer(
         relay.log(),
         nats.log()
     );
-    let table = rows(&db).await;
-    let stored = stored_ids(&nats.messages(STREAM));
-    let unique: HashSet<&String> = stored.iter().collect();
-    let lost = table.keys().filter(|id| !unique.contains(id)).count();
-    let leaked = unique.iter().filter(|id| !table.contains_key(**id)).count();
-    let duplicates = stored.len() - unique.len();
-    (table.len(), lost, duplicates, leaked)
+    tally(&db, &stored_ids(&nats.messages(STREAM))).await
 }
 
 /// kill -9 three times under a writer: nothing lost, and nothing stored twice (the resends fall
@@ -200,7 +155,12 @@ async fn killed_three_times_under_a_writer_it_loses_nothing_and_stores_nothing_t
     let mut nats = NatsServer::start();
     let pg = PgCluster::start();
     pg.apply_schema();
-    let (rows, lost, duplicates, leaked) = under_writer(&mut nats, &pg, async |nats, pg| {
+    let Tally {
+        rows,
+        lost,
+        duplicates,
+        leaked,
+    } = under_writer(&mut nats, &pg, async |nats, pg| {
         for _ in 0..3 {
             let mut relay = nats_relay(pg, nats, &[]);
             tokio::time::sleep(Duration::from_millis(2_500)).await;
@@ -222,7 +182,12 @@ async fn the_server_killed_and_restarted_during_the_run_loses_nothing() {
     let mut nats = NatsServer::start();
     let pg = PgCluster::start();
     pg.apply_schema();
-    let (rows, lost, duplicates, leaked) = under_writer(&mut nats, &pg, async |nats, pg| {
+    let Tally {
+        rows,
+        lost,
+        duplicates,
+        leaked,
+    } = under_writer(&mut nats, &pg, async |nats, pg| {
         let relay = nats_relay(pg, nats, &[("RELAY_NATS__ACK_TIMEOUT_MS", "2000")]);
         tokio::time::sleep(Duration::from_secs(3)).await;
         nats.restart(Duration::from_secs(3));
@@ -274,37 +239,12 @@ async fn an_uncaptured_subject_and_an_oversize_message_are_dead_lettered() {
         ],
     );
     let db = pg.client().await;
-    let insert = |aggregatetype: &'static str, payload: String| {
-        let db = &db;
-        async move {
-            db.query_one(
-                "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
-                 VALUES ($1, 'a', 'Tested', $2::text::jsonb) RETURNING id::text",
-                &[&aggregatetype, &payload],
-            )
-            .await
-            .expect("insert")
-            .get::<_, String>(0)
-        }
-    };
-    let before = insert("order", "{\"seq\": 1}".into()).await;
-    let uncaptured = insert("payment", "{\"seq\": 2}".into()).await;
-    let oversize = insert(
-        "order",
-        format!("{{\"blob\": \"{}\"}}", "x".repeat(2 << 20)),
-    )
-    .await;
-    let after = insert("order", "{\"seq\": 3}".into()).await;
-    let settled = eventually(Duration::from_secs(90), || async {
-        db.query_one(
-            "SELECT count(*) FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL",
-            &[],
-        )
-        .await
-        .map(|r| r.get::<_, i64>(0) == 0)
-        .unwrap_or(false)
-    })
-    .await;
+    let before = insert_row(&db, "order", "{\"seq\": 1}").await;
+    let uncaptured = insert_row(&db, "payment", "{\"seq\": 2}").await;
+    let blob = format!("{{\"blob\": \"{}\"}}", "x".repeat(2 << 20));
+    let oversize = insert_row(&db, "order", &blob).await;
+    let after = insert_row(&db, "order", "{\"seq\": 3}").await;
+    let settled = all_settled(&db, Duration::from_secs(90)).await;
     assert!(settled, "{}\n--- nats:\n{}", relay.log(), nats.log());
     let table = rows(&db).await;
     assert!(table[&before].2 && table[&after].2, "good rows delivered");

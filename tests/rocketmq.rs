@@ -557,13 +557,12 @@ async fn the_sink_signs_its_requests_for_a_broker_that_checks_acls() {
         check
             .wait_exit(Duration::from_secs(60))
             .expect("check ends");
-        let broker_line = check
+        check
             .log()
             .lines()
             .find(|l| l.contains(" broker "))
             .unwrap_or_default()
-            .to_owned();
-        broker_line
+            .to_owned()
     };
     let refused = check("not-the-secret");
     assert!(

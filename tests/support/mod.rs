@@ -9,7 +9,9 @@
 #![allow(dead_code)]
 
 pub mod nats;
+pub mod rabbitmq;
 pub use nats::{NatsMessage, NatsServer};
+pub use rabbitmq::{RabbitMessage, RabbitNode};
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -1167,6 +1169,131 @@ pub async fn insert_rows(
         tx.rollback().await.expect("rollback");
     }
     ids
+}
+
+/// A writer in the background: transactions of 1 to 5 `order` rows over 13 aggregates every
+/// ~10 ms, every tenth rolled back, until [`BackgroundWriter::stop`].
+pub struct BackgroundWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BackgroundWriter {
+    pub async fn start(pg: &PgCluster) -> BackgroundWriter {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut db = pg.client().await;
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut i = 0u64;
+            while !flag.load(Ordering::SeqCst) {
+                i += 1;
+                let commit = !i.is_multiple_of(10);
+                insert_rows(&mut db, "order", 13, 1 + (i % 5) as usize, commit).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        BackgroundWriter { stop, task }
+    }
+
+    pub async fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.task.await.expect("writer");
+    }
+}
+
+/// Inserts one `order` row of aggregate `agg-h`, type `Shipped`, with the header
+/// `traceparent: 00-abc-01`; its id.
+pub async fn insert_row_with_headers(db: &tokio_postgres::Client) -> String {
+    db.query_one(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers) \
+         VALUES ('order', 'agg-h', 'Shipped', '{\"seq\": 1}', '{\"traceparent\": \"00-abc-01\"}') \
+         RETURNING id::text",
+        &[],
+    )
+    .await
+    .expect("insert")
+    .get(0)
+}
+
+/// Inserts one row of aggregate `a`, type `Tested`, with the JSON `payload`; its id.
+pub async fn insert_row(db: &tokio_postgres::Client, aggregatetype: &str, payload: &str) -> String {
+    db.query_one(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         VALUES ($1, 'a', 'Tested', $2::text::jsonb) RETURNING id::text",
+        &[&aggregatetype, &payload],
+    )
+    .await
+    .expect("insert")
+    .get(0)
+}
+
+/// How many messages the broker holds out of their aggregate's commit order (the table's
+/// insertion order, `seq`); `received` is (outbox id, aggregateid) in the broker's order.
+pub async fn out_of_order(db: &tokio_postgres::Client, received: &[(String, String)]) -> usize {
+    let position: HashMap<String, usize> = db
+        .query("SELECT id::text FROM outbox ORDER BY seq", &[])
+        .await
+        .expect("rows")
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.get(0), i))
+        .collect();
+    let mut last: HashMap<&str, usize> = HashMap::new();
+    let mut reordered = 0;
+    for (id, aggregate) in received {
+        let p = *position.get(id).expect("a message of a row in the table");
+        if let Some(prev) = last.insert(aggregate, p)
+            && prev > p
+        {
+            reordered += 1;
+        }
+    }
+    reordered
+}
+
+/// The outbox table against the ids a broker holds.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Tally {
+    pub rows: usize,
+    /// Rows whose id the broker does not hold.
+    pub lost: usize,
+    /// Ids the broker holds more than once (counted beyond the first).
+    pub duplicates: usize,
+    /// Ids the broker holds that are no row (rolled back).
+    pub leaked: usize,
+}
+
+pub async fn tally(db: &tokio_postgres::Client, received: &[String]) -> Tally {
+    let table: std::collections::HashSet<String> = db
+        .query("SELECT id::text FROM outbox", &[])
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let unique: std::collections::HashSet<&String> = received.iter().collect();
+    Tally {
+        rows: table.len(),
+        lost: table.iter().filter(|id| !unique.contains(id)).count(),
+        duplicates: received.len() - unique.len(),
+        leaked: unique.iter().filter(|id| !table.contains(**id)).count(),
+    }
+}
+
+/// Waits until every outbox row is marked delivered or failed.
+pub async fn all_settled(client: &tokio_postgres::Client, timeout: Duration) -> bool {
+    eventually(timeout, || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) == 0)
+            .unwrap_or(false)
+    })
+    .await
 }
 
 /// Waits until every outbox row is marked delivered.

@@ -86,7 +86,7 @@ pub enum RunError {
          transactions (Kafka 2.5 or later), or set delivery = \"at_least_once\""
     )]
     ExactlyOnce(SinkError),
-    /// The NATS client cannot be set up (a URL or credentials file it cannot use).
+    /// The NATS or RabbitMQ client cannot be set up (a URL or credentials file it cannot use).
     #[error("{0}")]
     Nats(String),
 }
@@ -189,6 +189,7 @@ pub async fn run(
         SinkKind::Kafka => config.kafka.brokers.clone(),
         SinkKind::Rocketmq => config.rocketmq.name_server.clone(),
         SinkKind::Nats => crate::config::redact_url(&config.nats.url),
+        SinkKind::Rabbitmq => crate::config::redact_url(&config.rabbitmq.url),
     };
     tracing::info!(
         postgres = %redact_url(&config.postgres.url),
@@ -566,6 +567,11 @@ async fn build_pipeline(
                 .await
                 .map_err(RunError::Nats)?;
             (AnySink::Nats(sink), None, None)
+        }
+        SinkKind::Rabbitmq => {
+            let sink = crate::sink::rabbitmq::RabbitmqSink::new(config, deliveries_tx.clone())
+                .map_err(RunError::Nats)?;
+            (AnySink::Rabbitmq(sink), None, None)
         }
     };
     let marking = tokio::spawn(marking::run(

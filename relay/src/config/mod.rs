@@ -38,6 +38,7 @@ pub struct Config {
     pub transactions: TransactionsConfig,
     pub rocketmq: RocketmqConfig,
     pub nats: NatsConfig,
+    pub rabbitmq: RabbitmqConfig,
     pub health: HealthConfig,
     /// `RELAY_*` environment variables that name no configuration key (Kubernetes injects
     /// `RELAY_SERVICE_HOST`, `RELAY_PORT`, … for a Service named `relay`): ignored, and logged
@@ -80,8 +81,48 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "transactions",
     "rocketmq",
     "nats",
+    "rabbitmq",
     "health",
 ];
+
+/// `sink = "rabbitmq"`: AMQP 0-9-1 with publisher confirms. Each message is published persistent
+/// and `mandatory` to `exchange` with the routing key `routing_key` renders; it counts as sent
+/// when the broker confirms it, and comes back as a poison message when no queue is bound for it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RabbitmqConfig {
+    /// `amqp://user:password@host:5672/vhost` (`amqps://` for TLS; vhost `/` is `%2f`). A secret
+    /// when it holds a password: set it with RELAY_RABBITMQ__URL_FILE.
+    pub url: String,
+    /// The exchange rows are published to.
+    pub exchange: String,
+    /// Its type when the relay declares it: `topic`, `direct`, `fanout` or `headers`.
+    pub exchange_type: String,
+    /// Declare the exchange (durable) and the dead-letter queue (`dead_letter.topic`, durable) at
+    /// start; an existing one is left as it is (a different type is an error).
+    pub declare: bool,
+    /// The routing key: `{aggregatetype}`, `{aggregateid}` and `{type}` are replaced.
+    pub routing_key: String,
+    /// Messages larger than this are refused by the relay (dead-lettered) before they reach the
+    /// broker; set it to the broker's `max_message_size` (RabbitMQ 4: 16 MiB, 3.x: 128 MiB).
+    pub max_message_bytes: usize,
+    /// How long a publish waits for its confirm before it is sent again (ms).
+    pub ack_timeout_ms: u64,
+}
+
+impl Default for RabbitmqConfig {
+    fn default() -> Self {
+        RabbitmqConfig {
+            url: String::new(),
+            exchange: "outbox".into(),
+            exchange_type: "topic".into(),
+            declare: true,
+            routing_key: "{aggregatetype}.{type}".into(),
+            max_message_bytes: 16 << 20,
+            ack_timeout_ms: 10_000,
+        }
+    }
+}
 
 /// `sink = "nats"`: NATS JetStream. Each message is published to the subject the routing gives
 /// (`kafka.topic_template`, default `outbox.event.{aggregatetype}`) and counts as sent once the
@@ -210,13 +251,6 @@ impl RocketmqConfig {
         groups
     }
 
-    /// The ACL credentials requests are signed with; `None` without ACL. Validated at load.
-    pub fn credentials(&self) -> Option<crate::rocketmq::acl::Credentials> {
-        crate::rocketmq::acl::Credentials::from_config(&self.access_key, &self.secret_key)
-            .ok()
-            .flatten()
-    }
-
     /// The name servers (`name_server` may list several, separated by `;` or `,`).
     pub fn name_servers(&self) -> Vec<String> {
         self.name_server
@@ -313,6 +347,8 @@ pub enum SinkKind {
     Rocketmq,
     /// NATS JetStream: published with `Nats-Msg-Id`, sent once the stream's PubAck arrives.
     Nats,
+    /// RabbitMQ (AMQP 0-9-1): persistent, mandatory, sent once the broker confirms it.
+    Rabbitmq,
 }
 
 /// What the relay promises about each row's message.
@@ -836,6 +872,7 @@ impl Config {
         self.validate_operations()?;
         self.validate_rocketmq()?;
         self.validate_nats()?;
+        self.validate_rabbitmq()?;
         self.validate_log()?;
         Ok(())
     }
@@ -1238,15 +1275,25 @@ impl Config {
     /// Validates RocketMQ check-backs and the RocketMQ sink.
     fn validate_rocketmq(&self) -> Result<(), ConfigError> {
         let r = &self.rocketmq;
-        if let Err(fix) =
-            crate::rocketmq::acl::Credentials::from_config(&r.access_key, &r.secret_key)
-        {
-            let (key, value) = if r.access_key.is_empty() {
-                ("rocketmq.access_key", "")
-            } else {
-                ("rocketmq.secret_key", "")
-            };
-            return Err(invalid(key, value, fix));
+        match (r.access_key.is_empty(), r.secret_key.is_empty()) {
+            (false, true) => {
+                return Err(invalid(
+                    "rocketmq.secret_key",
+                    "",
+                    "rocketmq.access_key is set but its secret is empty; set \
+                     RELAY_ROCKETMQ__SECRET_KEY (or RELAY_ROCKETMQ__SECRET_KEY_FILE) too, or clear \
+                     the access key if the brokers do not check ACLs",
+                ));
+            }
+            (true, false) => {
+                return Err(invalid(
+                    "rocketmq.access_key",
+                    "",
+                    "rocketmq.secret_key is set but the access key is empty; set \
+                     RELAY_ROCKETMQ__ACCESS_KEY to the user the secret belongs to",
+                ));
+            }
+            _ => {}
         }
         if !r.name_server.is_empty() {
             let bad = r.name_servers().into_iter().find(|a| {
@@ -1380,6 +1427,61 @@ impl Config {
             return Err(invalid(
                 "nats.ack_timeout_ms",
                 n.ack_timeout_ms,
+                "must be between 100 and 600000",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Validates the RabbitMQ sink's settings (`sink = "rabbitmq"`).
+    fn validate_rabbitmq(&self) -> Result<(), ConfigError> {
+        if self.sink != SinkKind::Rabbitmq {
+            return Ok(());
+        }
+        let r = &self.rabbitmq;
+        if !(r.url.starts_with("amqp://") || r.url.starts_with("amqps://")) {
+            return Err(invalid(
+                "rabbitmq.url",
+                redact_url(&r.url),
+                "sink = rabbitmq needs amqp://user:password@host:5672/%2f (amqps:// for TLS)",
+            ));
+        }
+        if self.delivery == DeliveryMode::ExactlyOnce {
+            return Err(invalid(
+                "delivery",
+                "exactly_once",
+                "exactly_once uses Kafka transactions; with sink = rabbitmq set delivery = \
+                 at_least_once (consumers deduplicate on message_id)",
+            ));
+        }
+        if r.exchange.len() > 255 {
+            return Err(invalid(
+                "rabbitmq.exchange",
+                &r.exchange,
+                "at most 255 bytes",
+            ));
+        }
+        if !["topic", "direct", "fanout", "headers"].contains(&r.exchange_type.as_str()) {
+            return Err(invalid(
+                "rabbitmq.exchange_type",
+                &r.exchange_type,
+                "one of topic, direct, fanout, headers",
+            ));
+        }
+        if let Err(e) = TopicTemplate::parse(&r.routing_key) {
+            return Err(invalid("rabbitmq.routing_key", &r.routing_key, e));
+        }
+        if r.max_message_bytes == 0 {
+            return Err(invalid(
+                "rabbitmq.max_message_bytes",
+                0,
+                "set it to the broker's max_message_size (RabbitMQ 4: 16777216)",
+            ));
+        }
+        if !(100..=600_000).contains(&r.ack_timeout_ms) {
+            return Err(invalid(
+                "rabbitmq.ack_timeout_ms",
+                r.ack_timeout_ms,
                 "must be between 100 and 600000",
             ));
         }

@@ -502,6 +502,30 @@ async fn broker_check(config: &Config) -> CheckResult {
                 Err(e) => fail("broker", e),
             };
         }
+        crate::config::SinkKind::Rabbitmq => {
+            let r = &config.rabbitmq;
+            return match crate::sink::rabbitmq::open_channel(r, &config.dead_letter.topic).await {
+                Ok((conn, _)) => {
+                    let _ = conn.close(200, "check done".into()).await;
+                    pass(
+                        "broker",
+                        format!(
+                            "RabbitMQ at {} accepts publisher confirms{}",
+                            crate::config::redact_url(&r.url),
+                            if r.declare {
+                                format!(
+                                    "; exchange '{}' ({}) and dead-letter queue '{}' declared",
+                                    r.exchange, r.exchange_type, config.dead_letter.topic
+                                )
+                            } else {
+                                String::new()
+                            }
+                        ),
+                    )
+                }
+                Err(e) => fail("broker", e),
+            };
+        }
         crate::config::SinkKind::Kafka => {}
     }
     let cc = crate::sink::kafka::probe_config(&config.kafka);
@@ -643,7 +667,7 @@ async fn rocketmq_check(config: &Config) -> CheckResult {
 pub async fn rocketmq_masters(config: &Config) -> Result<String, String> {
     let (ns, masters) = crate::rocketmq::client::masters_from_any(
         &config.rocketmq.name_servers(),
-        config.rocketmq.credentials().as_ref(),
+        crate::rocketmq::acl::Credentials::of(&config.rocketmq).as_ref(),
     )
     .await?;
     if masters.is_empty() {
@@ -654,7 +678,7 @@ pub async fn rocketmq_masters(config: &Config) -> Result<String, String> {
     }
     // Each master answers a heartbeat (no producer group: nothing registered), signed when
     // ACL credentials are set: an ACL refusal shows here rather than at the first send.
-    let credentials = config.rocketmq.credentials();
+    let credentials = crate::rocketmq::acl::Credentials::of(&config.rocketmq);
     for addr in &masters {
         let broker = crate::rocketmq::connection::Connection::open(
             addr,

@@ -26,8 +26,14 @@ pub async fn probe_broker(
                 }
             }
         }
-        SinkKind::Rocketmq | SinkKind::Nats => None,
+        SinkKind::Rocketmq | SinkKind::Nats | SinkKind::Rabbitmq => None,
     };
+    // RabbitMQ: one connection, opened again when it is gone (nothing declared by the probe).
+    let rabbit_config = crate::config::RabbitmqConfig {
+        declare: false,
+        ..config.rabbitmq.clone()
+    };
+    let mut rabbit: Option<lapin::Connection> = None;
     // NATS: one client, reconnecting by itself; each round asks JetStream for the account.
     let nats = match config.sink {
         SinkKind::Nats => match crate::sink::nats::connect(&config.nats, true).await {
@@ -58,6 +64,20 @@ pub async fn probe_broker(
                 })
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()))
+            }
+            None if config.sink == SinkKind::Rabbitmq => {
+                if rabbit.as_ref().is_some_and(|c| c.status().connected()) {
+                    Ok(())
+                } else {
+                    rabbit = None;
+                    match crate::sink::rabbitmq::open_channel(&rabbit_config, "").await {
+                        Ok((conn, _)) => {
+                            rabbit = Some(conn);
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
             }
             None => match &nats {
                 Some(js) => js

@@ -32,6 +32,14 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
+    /// The credentials `rocketmq.access_key`/`secret_key` name; `None` without ACL (the
+    /// configuration refuses one without the other at load).
+    pub fn of(config: &crate::config::RocketmqConfig) -> Option<Credentials> {
+        Credentials::from_config(&config.access_key, &config.secret_key)
+            .ok()
+            .flatten()
+    }
+
     /// `None` when both are empty (no ACL); an error when only one is set.
     pub fn from_config(access_key: &str, secret_key: &str) -> Result<Option<Credentials>, String> {
         match (access_key.is_empty(), secret_key.is_empty()) {

@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::OwnHalves;
+use super::acl::Credentials;
 use super::client::{self, Resolution};
 use super::connection::Connection;
 use super::message::{MessageExt, prop};
@@ -118,7 +119,7 @@ async fn keep_registered(
                             &addr,
                             Some(incoming.clone()),
                             client::TIMEOUT,
-                            config.credentials(),
+                            Credentials::of(&config),
                         )
                         .await
                         {
@@ -168,7 +169,7 @@ async fn list_brokers(
         }
     }
     let (ns, list) =
-        client::masters_from_any(&config.name_servers(), config.credentials().as_ref()).await?;
+        client::masters_from_any(&config.name_servers(), Credentials::of(config).as_ref()).await?;
     *name_server = Some(ns);
     Ok(list)
 }

@@ -24,8 +24,10 @@
 //!   whose transactional identity was taken over by a newer relay reports [`SinkError::Fenced`];
 //!   it must not be rebuilt (a new producer would fence the newer relay in turn).
 
+mod confirm;
 pub mod kafka;
 pub mod nats;
+pub mod rabbitmq;
 pub mod rocketmq;
 
 use std::future::Future;
@@ -182,6 +184,7 @@ pub enum AnySink {
     Kafka(kafka::KafkaSink),
     Rocketmq(rocketmq::RocketMqSink),
     Nats(nats::NatsSink),
+    Rabbitmq(rabbitmq::RabbitmqSink),
 }
 
 impl Sink for AnySink {
@@ -190,6 +193,7 @@ impl Sink for AnySink {
             AnySink::Kafka(s) => s.publish(msg, token).await,
             AnySink::Rocketmq(s) => s.publish(msg, token).await,
             AnySink::Nats(s) => s.publish(msg, token).await,
+            AnySink::Rabbitmq(s) => s.publish(msg, token).await,
         }
     }
 
@@ -198,6 +202,7 @@ impl Sink for AnySink {
             AnySink::Kafka(s) => s.flush(timeout).await,
             AnySink::Rocketmq(s) => s.flush(timeout).await,
             AnySink::Nats(s) => s.flush(timeout).await,
+            AnySink::Rabbitmq(s) => s.flush(timeout).await,
         }
     }
 
@@ -206,6 +211,7 @@ impl Sink for AnySink {
             AnySink::Kafka(s) => s.commit(position).await,
             AnySink::Rocketmq(s) => s.commit(position).await,
             AnySink::Nats(s) => s.commit(position).await,
+            AnySink::Rabbitmq(s) => s.commit(position).await,
         }
     }
 
@@ -214,6 +220,7 @@ impl Sink for AnySink {
             AnySink::Kafka(s) => s.fenced(),
             AnySink::Rocketmq(s) => s.fenced(),
             AnySink::Nats(s) => s.fenced(),
+            AnySink::Rabbitmq(s) => s.fenced(),
         }
     }
 }

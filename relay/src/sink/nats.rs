@@ -20,14 +20,13 @@ use std::time::Duration;
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, stream};
 use async_nats::{HeaderMap, HeaderValue};
-use backon::BackoffBuilder;
 use bytes::Bytes;
 use tokio::sync::{OnceCell, mpsc};
 use tokio::task::JoinSet;
 
+use super::confirm::{self, Attempt, Policy, until_stored};
 use super::{AckToken, Delivery, OutboxMessage, Sink, SinkError};
 use crate::config::{Config, NatsConfig, RetryConfig};
-use crate::retry::backoff;
 
 /// Headers JetStream (or NATS) reads itself: a row cannot set them.
 fn reserved(name: &str) -> bool {
@@ -213,17 +212,6 @@ fn header_value(b: &[u8]) -> Result<HeaderValue, &'static str> {
         .map_err(|_| "holds a line break, which NATS headers cannot carry")
 }
 
-/// How a publish ended, for the retry decision.
-enum Outcome {
-    Stored {
-        duplicate: bool,
-    },
-    /// Refused for good (too large, no stream captures the subject).
-    Refused(String),
-    /// Sent again with backoff.
-    Transient(String),
-}
-
 struct Shared {
     js: jetstream::Context,
     config: NatsConfig,
@@ -236,7 +224,7 @@ struct Shared {
 
 impl Shared {
     /// Publishes once and waits for the PubAck.
-    async fn publish_once(&self, p: &Prepared) -> Outcome {
+    async fn publish_once(&self, p: &Prepared) -> Attempt {
         let sent = self.js.send_publish(p.subject.clone(), p.publish()).await;
         self.finish(p, sent).await
     }
@@ -246,29 +234,32 @@ impl Shared {
         &self,
         p: &Prepared,
         sent: Result<jetstream::context::PublishAckFuture, PublishError>,
-    ) -> Outcome {
+    ) -> Attempt {
         let ack = match sent {
             Ok(ack) => ack,
             Err(e) => return self.classify(p, e).await,
         };
         match ack.await {
-            Ok(ack) => Outcome::Stored {
-                duplicate: ack.duplicate,
-            },
+            Ok(ack) => {
+                if ack.duplicate {
+                    metrics::counter!(crate::metrics::NATS_DUPLICATES).increment(1);
+                }
+                Attempt::Stored
+            }
             Err(e) => self.classify(p, e).await,
         }
     }
 
-    async fn classify(&self, p: &Prepared, e: PublishError) -> Outcome {
+    async fn classify(&self, p: &Prepared, e: PublishError) -> Attempt {
         match e.kind() {
-            PublishErrorKind::MaxPayloadExceeded => Outcome::Refused(format!(
+            PublishErrorKind::MaxPayloadExceeded => Attempt::Refused(format!(
                 "NATS refused message {} for subject {}: {e} (the server's max_payload)",
                 p.id, p.subject
             )),
             PublishErrorKind::StreamNotFound => {
                 // "No responders": no stream captures the subject, or none is loaded yet. Ask.
                 match self.js.stream_by_subject(p.subject.clone()).await {
-                    Ok(stream) => Outcome::Transient(format!(
+                    Ok(stream) => Attempt::Transient(format!(
                         "stream {stream} captures {} but did not answer yet",
                         p.subject
                     )),
@@ -276,25 +267,28 @@ impl Shared {
                         if lookup.kind()
                             == jetstream::context::GetStreamByNameErrorKind::NotFound =>
                     {
-                        Outcome::Refused(format!(
+                        Attempt::Refused(format!(
                             "no JetStream stream captures subject {}; add it to a stream's \
                              subjects (nats.stream_subjects with nats.create_stream, or nats \
                              stream edit) or route the row elsewhere",
                             p.subject
                         ))
                     }
-                    Err(lookup) => Outcome::Transient(format!(
+                    Err(lookup) => Attempt::Transient(format!(
                         "no stream answered for {} and JetStream could not be asked which \
                          captures it: {lookup}",
                         p.subject
                     )),
                 }
             }
-            PublishErrorKind::Other if too_large_for_the_stream(&e) => Outcome::Refused(format!(
+            PublishErrorKind::Other if too_large_for_the_stream(&e) => Attempt::Refused(format!(
                 "JetStream refused message {} for subject {}: {e} (the stream's max_msg_size)",
                 p.id, p.subject
             )),
-            _ => Outcome::Transient(format!("publish to {}: {e}", p.subject)),
+            _ => Attempt::Transient(format!(
+                "publish to {} (Nats-Msg-Id {}): {e}",
+                p.subject, p.msg_id
+            )),
         }
     }
 }
@@ -342,52 +336,6 @@ impl Drop for NatsSink {
     }
 }
 
-/// Waits for the PubAck of the first send, then publishes again until the stream stores the
-/// message; reports it `Failed` after `max_attempts` refusals.
-async fn send(
-    shared: Arc<Shared>,
-    first: Result<jetstream::context::PublishAckFuture, PublishError>,
-    prepared: Prepared,
-    msg: OutboxMessage,
-    mut token: AckToken,
-    deliveries: mpsc::UnboundedSender<Delivery>,
-) {
-    let mut delays = backoff(&shared.retry).build();
-    let mut refusals = 0;
-    let mut outcome = shared.finish(&prepared, first).await;
-    loop {
-        match outcome {
-            Outcome::Stored { duplicate } => {
-                if duplicate {
-                    metrics::counter!(crate::metrics::NATS_DUPLICATES).increment(1);
-                }
-                shared.ack_metrics.acked(token.commit_time);
-                let _ = deliveries.send(Delivery::Acked(token));
-                return;
-            }
-            Outcome::Refused(error) => {
-                refusals += 1;
-                if refusals >= shared.max_attempts {
-                    let _ = deliveries.send(Delivery::Failed {
-                        token,
-                        error,
-                        message: Box::new(msg),
-                    });
-                    return;
-                }
-                tracing::warn!(id = %prepared.id, subject = %prepared.subject, attempt = refusals, %error, "NATS refused the message; trying again");
-            }
-            Outcome::Transient(error) => {
-                tracing::warn!(id = %prepared.id, subject = %prepared.subject, msg_id = %prepared.msg_id, %error, "NATS publish not acknowledged; sending again (same message id)");
-            }
-        }
-        token.attempt += 1;
-        metrics::counter!(crate::metrics::RETRIES, "stage" => "broker").increment(1);
-        tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(30))).await;
-        outcome = shared.publish_once(&prepared).await;
-    }
-}
-
 impl Sink for NatsSink {
     async fn publish(&mut self, msg: &OutboxMessage, token: AckToken) -> Result<(), SinkError> {
         while self.sends.try_join_next().is_some() {}
@@ -420,26 +368,26 @@ impl Sink for NatsSink {
             .js
             .send_publish(prepared.subject.clone(), prepared.publish())
             .await;
-        self.sends.spawn(send(
-            self.shared.clone(),
-            first,
-            prepared,
-            msg.clone(),
-            token,
-            self.deliveries.clone(),
-        ));
+        let shared = self.shared.clone();
+        let (msg, deliveries) = (msg.clone(), self.deliveries.clone());
+        self.sends.spawn(async move {
+            let first = shared.finish(&prepared, first).await;
+            let policy = Policy {
+                retry: &shared.retry,
+                max_attempts: shared.max_attempts,
+                ack_metrics: &shared.ack_metrics,
+                broker: "nats",
+            };
+            until_stored(policy, first, msg, token, deliveries, || {
+                shared.publish_once(&prepared)
+            })
+            .await;
+        });
         Ok(())
     }
 
     async fn flush(&mut self, timeout: Duration) -> usize {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while !self.sends.is_empty() {
-            match tokio::time::timeout_at(deadline, self.sends.join_next()).await {
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
-            }
-        }
-        self.sends.len()
+        confirm::flush(&mut self.sends, timeout).await
     }
 }
 

@@ -40,6 +40,7 @@ use super::OutboxMessage;
 use super::{AckToken, Delivery, Sink, SinkError};
 use crate::config::{Config, RetryConfig, RocketmqConfig};
 use crate::retry::backoff;
+use crate::rocketmq::acl::Credentials;
 use crate::rocketmq::client::{self, HalfMessage, HalfSend, Resolution, Route, SendError};
 use crate::rocketmq::connection::Connection;
 use crate::rocketmq::message::prop;
@@ -175,7 +176,8 @@ impl Shared {
         {
             return Ok(c.clone());
         }
-        let c = Connection::open(addr, None, client::TIMEOUT, self.config.credentials()).await?;
+        let c =
+            Connection::open(addr, None, client::TIMEOUT, Credentials::of(&self.config)).await?;
         self.brokers.lock().await.insert(addr.to_owned(), c.clone());
         Ok(c)
     }
@@ -193,7 +195,9 @@ impl Shared {
         }
         let mut last = String::from("no name server configured (rocketmq.name_server)");
         for addr in self.config.name_servers() {
-            match Connection::open(&addr, None, client::TIMEOUT, self.config.credentials()).await {
+            match Connection::open(&addr, None, client::TIMEOUT, Credentials::of(&self.config))
+                .await
+            {
                 Ok(c) => {
                     *self.name_server.lock().await = Some(c.clone());
                     return Ok(c);
@@ -511,14 +515,7 @@ impl Sink for RocketMqSink {
     }
 
     async fn flush(&mut self, timeout: Duration) -> usize {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while !self.sends.is_empty() {
-            match tokio::time::timeout_at(deadline, self.sends.join_next()).await {
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
-            }
-        }
-        self.sends.len()
+        super::confirm::flush(&mut self.sends, timeout).await
     }
 }
 

@@ -1,0 +1,90 @@
+//! What the sinks that wait for a broker's confirmation per message (NATS JetStream, RabbitMQ)
+//! share: the outcome of one send, the loop that sends again until the broker stores the message
+//! or refuses it for good, and waiting for the sends in flight.
+
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::{AckToken, Delivery, OutboxMessage};
+use crate::config::RetryConfig;
+
+/// How one send of a message ended.
+pub enum Attempt {
+    /// The broker confirmed it.
+    Stored,
+    /// Refused for good (too large, nowhere to go): counted toward `dead_letter.max_attempts`.
+    Refused(String),
+    /// Not confirmed (timeout, lost connection, nack): sent again, without limit.
+    Transient(String),
+}
+
+/// How to retry, and where to report.
+pub struct Policy<'a> {
+    pub retry: &'a RetryConfig,
+    pub max_attempts: u32,
+    pub ack_metrics: &'a crate::metrics::AckMetrics,
+    /// The broker's name, for the log.
+    pub broker: &'static str,
+}
+
+/// Reports `first` or, until the broker stores the message, sends it again with backoff
+/// (`again`); after `max_attempts` refusals reports it `Failed` with the message for the
+/// dead-letter record.
+pub async fn until_stored<F, Fut>(
+    policy: Policy<'_>,
+    first: Attempt,
+    msg: OutboxMessage,
+    mut token: AckToken,
+    deliveries: mpsc::UnboundedSender<Delivery>,
+    mut again: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Attempt>,
+{
+    let mut delays = crate::retry::backoff(policy.retry).build();
+    let mut refusals = 0;
+    let mut outcome = first;
+    loop {
+        match outcome {
+            Attempt::Stored => {
+                policy.ack_metrics.acked(token.commit_time);
+                let _ = deliveries.send(Delivery::Acked(token));
+                return;
+            }
+            Attempt::Refused(error) => {
+                refusals += 1;
+                if refusals >= policy.max_attempts {
+                    let _ = deliveries.send(Delivery::Failed {
+                        token,
+                        error,
+                        message: Box::new(msg),
+                    });
+                    return;
+                }
+                tracing::warn!(id = %msg.id, broker = policy.broker, attempt = refusals, %error, "the broker refused the message; trying again");
+            }
+            Attempt::Transient(error) => {
+                tracing::warn!(id = %msg.id, broker = policy.broker, %error, "the message was not confirmed; sending it again");
+            }
+        }
+        token.attempt += 1;
+        metrics::counter!(crate::metrics::RETRIES, "stage" => "broker").increment(1);
+        tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(30))).await;
+        outcome = again().await;
+    }
+}
+
+/// Waits up to `timeout` for the sends in flight; returns how many are left.
+pub async fn flush(sends: &mut JoinSet<()>, timeout: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !sends.is_empty() {
+        match tokio::time::timeout_at(deadline, sends.join_next()).await {
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    sends.len()
+}
