@@ -284,3 +284,56 @@ async fn an_uncaptured_subject_and_an_oversize_message_are_dead_lettered() {
     good.sort();
     assert_eq!(stored, good);
 }
+
+/// `outbox-relay check` with the NATS sink: the server's token is required (a relay without it
+/// fails naming the settings), the token from a secret file passes and says which stream captures
+/// the subjects, and with stream creation off and no stream it fails naming the subject and fix.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_authenticates_and_finds_the_stream_or_names_the_fix() {
+    let nats = NatsServer::start_with_token(Some("s3cret-token-for-nats"));
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    let dir = tempfile::tempdir().expect("dir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token-for-nats\n").expect("token file");
+    let token_file = token_file.display().to_string();
+    let url = nats.url();
+    let check = |extra: &[(&str, &str)]| {
+        let mut settings = vec![("RELAY_SINK", "nats"), ("RELAY_NATS__URL", url.as_str())];
+        settings.extend_from_slice(extra);
+        let mut check = Relay::spawn(&relay_env(&pg, "", &settings), &["check"]);
+        check
+            .wait_exit(Duration::from_secs(60))
+            .expect("check ends");
+        check
+            .log()
+            .lines()
+            .find(|l| {
+                ["PASS ", "WARN ", "FAIL "].iter().any(|p| l.starts_with(p))
+                    && l.contains(" broker ")
+            })
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let refused = check(&[]);
+    assert!(
+        refused.starts_with("FAIL") && refused.contains("nats.url"),
+        "{refused}"
+    );
+    let passed = check(&[("RELAY_NATS__TOKEN_FILE", &token_file)]);
+    assert!(
+        passed.starts_with("PASS")
+            && passed.contains("outbox.event.sample")
+            && passed.contains("OUTBOX"),
+        "{passed}"
+    );
+    let missing = check(&[
+        ("RELAY_NATS__TOKEN_FILE", &token_file),
+        ("RELAY_NATS__CREATE_STREAM", "false"),
+    ]);
+    assert!(
+        missing.starts_with("FAIL")
+            && missing.contains("no JetStream stream captures outbox.event.sample"),
+        "{missing}"
+    );
+}

@@ -241,3 +241,45 @@ async fn an_unroutable_row_and_an_oversize_message_are_dead_lettered() {
     good.sort();
     assert_eq!(got, good);
 }
+
+/// `outbox-relay check` with the RabbitMQ sink: a wrong password fails naming `rabbitmq.url`;
+/// the right one passes after declaring the exchange and the dead-letter queue.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_connects_with_confirms_and_declares_or_names_the_fix() {
+    let node = RabbitNode::start();
+    let pg = PgCluster::start();
+    pg.apply_schema();
+    let check = |url: String| {
+        let settings = [
+            ("RELAY_SINK", "rabbitmq"),
+            ("RELAY_RABBITMQ__URL", url.as_str()),
+        ];
+        let mut check = Relay::spawn(&relay_env(&pg, "", &settings), &["check"]);
+        check
+            .wait_exit(Duration::from_secs(60))
+            .expect("check ends");
+        check
+            .log()
+            .lines()
+            .find(|l| {
+                ["PASS ", "WARN ", "FAIL "].iter().any(|p| l.starts_with(p))
+                    && l.contains(" broker ")
+            })
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let refused = check(node.url().replace("guest:guest", "guest:wrong"));
+    assert!(
+        refused.starts_with("FAIL")
+            && refused.contains("rabbitmq.url")
+            && !refused.contains(":wrong@"),
+        "{refused}"
+    );
+    let passed = check(node.url());
+    assert!(
+        passed.starts_with("PASS")
+            && passed.contains("exchange 'outbox' (topic)")
+            && passed.contains("'outbox.dlq'"),
+        "{passed}"
+    );
+}

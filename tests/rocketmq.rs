@@ -560,7 +560,10 @@ async fn the_sink_signs_its_requests_for_a_broker_that_checks_acls() {
         check
             .log()
             .lines()
-            .find(|l| l.contains(" broker "))
+            .find(|l| {
+                ["PASS ", "WARN ", "FAIL "].iter().any(|p| l.starts_with(p))
+                    && l.contains(" broker ")
+            })
             .unwrap_or_default()
             .to_owned()
     };

@@ -13,6 +13,8 @@ pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// `--auth`: clients must present this token.
+    token: Option<String>,
 }
 
 fn nats_server_bin() -> PathBuf {
@@ -29,6 +31,11 @@ fn nats_server_bin() -> PathBuf {
 
 impl NatsServer {
     pub fn start() -> NatsServer {
+        Self::start_with_token(None)
+    }
+
+    /// A server that admits only clients presenting `token` (`--auth`).
+    pub fn start_with_token(token: Option<&str>) -> NatsServer {
         let dir = tempfile::Builder::new()
             .prefix("nats-")
             .tempdir()
@@ -37,6 +44,7 @@ impl NatsServer {
             child: None,
             port: free_port(),
             dir,
+            token: token.map(str::to_owned),
         };
         server.spawn();
         server
@@ -48,7 +56,11 @@ impl NatsServer {
             .append(true)
             .open(self.dir.path().join("nats.log"))
             .expect("log");
-        let child = Command::new(nats_server_bin())
+        let mut cmd = Command::new(nats_server_bin());
+        if let Some(token) = &self.token {
+            cmd.args(["--auth", token]);
+        }
+        let child = cmd
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
             .arg("-sd")
             .arg(self.dir.path().join("store"))

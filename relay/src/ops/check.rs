@@ -563,10 +563,10 @@ async fn nats_check(config: &Config) -> Result<String, String> {
                 crate::config::redact_url(&n.url)
             )
         })??;
-    let js = nats::context(client, n);
-    js.query_account().await.map_err(|e| {
-        format!("the NATS server answers but JetStream does not ({e}); start it with JetStream on (nats-server -js)")
+    nats::jetstream_answers(&client).await.map_err(|e| {
+        format!("the NATS server answers but {e}; start it with JetStream on (nats-server -js)")
     })?;
+    let js = nats::context(client, n);
     let sample = sample_subject(&config.kafka.topic_template);
     let mut captured = Vec::new();
     for subject in [sample.as_str(), config.dead_letter.topic.as_str()] {

@@ -37,7 +37,7 @@ pub async fn probe_broker(
     // NATS: one client, reconnecting by itself; each round asks JetStream for the account.
     let nats = match config.sink {
         SinkKind::Nats => match crate::sink::nats::connect(&config.nats, true).await {
-            Ok(client) => Some(crate::sink::nats::context(client, &config.nats)),
+            Ok(client) => Some(client),
             Err(e) => {
                 health.set_broker(Some(e));
                 return;
@@ -80,11 +80,7 @@ pub async fn probe_broker(
                 }
             }
             None => match &nats {
-                Some(js) => js
-                    .query_account()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| format!("NATS JetStream does not answer: {e}")),
+                Some(client) => crate::sink::nats::jetstream_answers(client).await,
                 None => crate::ops::check::rocketmq_masters(&config)
                     .await
                     .map(|_| ()),

@@ -101,6 +101,24 @@ pub async fn connect(config: &NatsConfig, keep_trying: bool) -> Result<async_nat
     })
 }
 
+/// Whether JetStream answers for this account (`$JS.API.INFO`): `Err` with the reason. Asked
+/// raw, so that servers older than the client's account schema (2.9) answer too.
+pub async fn jetstream_answers(client: &async_nats::Client) -> Result<(), String> {
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request("$JS.API.INFO", Bytes::new()),
+    )
+    .await
+    .map_err(|_| "JetStream did not answer within 5 s".to_owned())?
+    .map_err(|e| format!("JetStream does not answer ({e})"))?;
+    let info: serde_json::Value = serde_json::from_slice(&reply.payload)
+        .map_err(|e| format!("JetStream answered something else than JSON ({e})"))?;
+    match info.get("error") {
+        Some(error) => Err(format!("JetStream refused: {error}")),
+        None => Ok(()),
+    }
+}
+
 /// A JetStream context whose requests wait `nats.ack_timeout_ms` for their answer.
 pub fn context(client: async_nats::Client, config: &NatsConfig) -> jetstream::Context {
     jetstream::ContextBuilder::new()
