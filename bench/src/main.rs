@@ -6,13 +6,18 @@
 //! 3. the relay draining the backlog from WAL, with marking delivered on and off;
 //! 4. steady state: the highest rate of single-row transactions the relay keeps up with next to
 //!    their writer, then commit → consumer and commit → `delivered_at` latency at 25/50/75 % of it;
-//! 5. peak RSS while one huge transaction streams.
+//! 5. peak RSS while one huge transaction streams;
+//! 6. other sinks: for NATS JetStream and RabbitMQ each (a private server started for the phase),
+//!    a plain publisher with the relay's client crate and guarantees, then the relay draining a
+//!    backlog of the same rows with that sink (marking on).
 //!
 //! Prints a table and `e2e_vs_limit=…`, writes `BENCHMARKS.md` and `bench/chart.svg`.
 //! `scripts/bench [--quick]` builds and runs it.
 
 mod kafka;
+mod nats;
 mod procs;
+mod rabbit;
 mod report;
 mod workload;
 
@@ -25,10 +30,10 @@ use clap::Parser;
 use futures_util::TryStreamExt;
 
 use kafka::{LatencyConsumer, Msg};
-use procs::{NoidaDb, PgCluster, RelayProc, Tansu};
+use procs::{NatsServer, NoidaDb, PgCluster, RabbitMq, RelayProc, Tansu};
 use report::{
-    Cores, DeliveryRun, Drain, Latency, Machine, MarkStats, Percentiles, Results, Single,
-    SinkLimit, Source, SteadyMax, Unmarked,
+    Cores, DeliveryRun, Drain, Latency, Machine, MarkStats, OtherSink, Percentiles, Publisher,
+    Results, Single, SinkLimit, Source, SteadyMax, Unmarked,
 };
 use workload::Written;
 
@@ -162,6 +167,52 @@ fn main() -> ExitCode {
     code
 }
 
+/// The broker the relays started now publish to.
+#[derive(Debug, Clone)]
+enum RelaySink {
+    /// Tansu (or, while the delivery modes run, the broker with transactions).
+    Kafka,
+    Nats {
+        url: String,
+    },
+    Rabbitmq {
+        url: String,
+    },
+}
+
+impl RelaySink {
+    /// `RELAY_SINK`, for the sinks other than Kafka.
+    fn name(&self) -> Option<&'static str> {
+        match self {
+            RelaySink::Kafka => None,
+            RelaySink::Nats { .. } => Some("nats"),
+            RelaySink::Rabbitmq { .. } => Some("rabbitmq"),
+        }
+    }
+}
+
+/// The broker of the other-sinks phase that runs now.
+enum SideBroker {
+    Nats(NatsServer),
+    Rabbitmq(RabbitMq),
+}
+
+impl SideBroker {
+    fn cpu_seconds(&self) -> f64 {
+        match self {
+            SideBroker::Nats(s) => s.cpu_seconds(),
+            SideBroker::Rabbitmq(n) => n.cpu_seconds(),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            SideBroker::Nats(_) => "nats-server",
+            SideBroker::Rabbitmq(_) => "RabbitMQ",
+        }
+    }
+}
+
 /// Sizes of one run.
 struct Plan {
     quick: bool,
@@ -176,11 +227,17 @@ struct Plan {
 /// directory last.
 struct Env {
     relay: Option<RelayProc>,
+    /// While the other sinks are measured: the NATS server or the RabbitMQ node.
+    side_broker: Option<SideBroker>,
+    /// CPU seconds of the other-sinks brokers stopped so far.
+    side_cpu_done: f64,
     tansu: Tansu,
     /// While the delivery-mode comparison runs: the broker with transactions the relay uses.
     txn_broker: Option<NoidaDb>,
     /// `delivery` for the relays started now (`at_least_once` but in the comparison).
     delivery: &'static str,
+    /// `sink` for the relays started now (Kafka but in the other-sinks phase).
+    sink: RelaySink,
     pg: PgCluster,
     db: tokio_postgres::Client,
     relay_bin: PathBuf,
@@ -204,6 +261,8 @@ struct CpuSnapshot {
     relay: f64,
     postgres: f64,
     tansu: f64,
+    /// The other-sinks phase's broker (0 when none runs).
+    side: f64,
     bench: f64,
     /// All CPUs of the machine, busy seconds.
     system: f64,
@@ -222,6 +281,7 @@ impl CpuSnapshot {
                 - (self.relay - earlier.relay)
                 - (self.postgres - earlier.postgres)
                 - (self.tansu - earlier.tansu)
+                - (self.side - earlier.side)
                 - (self.bench - earlier.bench))
                 .max(0.0)
                 / secs,
@@ -336,9 +396,12 @@ async fn run(opts: Opts) -> Result<()> {
     let db = pg.connect().await?;
     let mut env = Env {
         relay: None,
+        side_broker: None,
+        side_cpu_done: 0.0,
         tansu,
         txn_broker: None,
         delivery: "at_least_once",
+        sink: RelaySink::Kafka,
         pg,
         db,
         relay_bin,
@@ -459,6 +522,7 @@ impl Env {
         let single = self.single_transaction().await?;
         self.vacuum("after the single transaction").await?;
         let delivery = self.delivery_modes(steady_max.rate() * 0.5).await?;
+        let other_sinks = self.other_sinks().await?;
 
         // Last, so every phase above ran on the shipped layout: the optional layout that makes
         // the marking UPDATE HOT (sql/optional/hot_marking.sql), and a third backlog on it.
@@ -493,6 +557,7 @@ impl Env {
             latency_secs: self.plan.latency_secs,
             single,
             delivery,
+            other_sinks,
             machine,
             unmarked: std::mem::take(&mut self.unmarked),
             other_cores: self.cpu_snapshot().cores_since(&cpu_start).other,
@@ -634,6 +699,19 @@ impl Env {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
+        if let Some(name) = self.sink.name() {
+            env.retain(|(k, _)| {
+                !k.starts_with("RELAY_KAFKA__") && !k.starts_with("RELAY_EXACTLY_ONCE__")
+            });
+            env.push(("RELAY_SINK".into(), name.into()));
+            match &self.sink {
+                RelaySink::Nats { url } => env.push(("RELAY_NATS__URL".into(), url.clone())),
+                RelaySink::Rabbitmq { url } => {
+                    env.push(("RELAY_RABBITMQ__URL".into(), url.clone()))
+                }
+                RelaySink::Kafka => {}
+            }
+        }
         for (k, v) in &self.plan.relay_env {
             if k == "RELAY_PIPELINE__MARK_DELIVERED" {
                 continue; // each phase sets it
@@ -1018,11 +1096,13 @@ impl Env {
 
     /// The relay drains a backlog it reads from WAL (its slot predates the backlog).
     async fn drain(&mut self, mark: bool, w: &Written) -> Result<Drain> {
-        let label = if mark {
-            "relay drain, marking on"
-        } else {
-            "relay drain, marking off"
+        let marking = if mark { "marking on" } else { "marking off" };
+        let sink = self.sink.name();
+        let label = match sink {
+            None => format!("relay drain, {marking}"),
+            Some(sink) => format!("relay drain to {sink}, {marking}"),
         };
+        let label = label.as_str();
         println!(
             "bench: {label}: the relay starts and publishes {} rows from WAL",
             w.rows
@@ -1030,14 +1110,12 @@ impl Env {
         self.reset_statements().await?;
         let wal0 = workload::wal_insert_lsn(&self.db).await?;
         let cpu0 = self.cpu_snapshot();
-        self.start_relay(
-            mark,
-            if mark {
-                "drain-marking-on"
-            } else {
-                "drain-marking-off"
-            },
-        )?;
+        let log_label = format!(
+            "drain{}-marking-{}",
+            sink.map(|s| format!("-{s}")).unwrap_or_default(),
+            if mark { "on" } else { "off" }
+        );
+        self.start_relay(mark, &log_label)?;
         let started = self.relay()?.started;
         let started_wall = self.relay()?.started_wall;
         let (startup_secs, walsender) = self.wait_streaming(false).await?;
@@ -1052,6 +1130,7 @@ impl Env {
         let cpu1 = self.cpu_snapshot();
         let pg_cpu = cpu1.postgres - cpu0.postgres;
         let tansu_cpu = cpu1.tansu - cpu0.tansu;
+        let broker_cpu = cpu1.side - cpu0.side;
         let other_cpu =
             cpu1.cores_since(&cpu0).other * cpu1.at.duration_since(cpu0.at).as_secs_f64();
         let walsender_cpu = walsender.and_then(procs::pid_cpu_seconds);
@@ -1076,11 +1155,16 @@ impl Env {
             pg_cpu,
             walsender_cpu,
             tansu_cpu,
+            broker_cpu,
             other_cpu,
             marks,
         };
+        let tansu = match (sink, &self.side_broker) {
+            (Some(_), Some(b)) => format!(", {} CPU {:.1} s", b.name(), d.broker_cpu),
+            _ => format!(", Tansu CPU {:.1} s", d.tansu_cpu),
+        };
         println!(
-            "bench:   {label}: {:.0} rows/s ({} rows, {:.0} MB of WAL, in {:.2} s incl. {:.2} s start-up); relay CPU {:.1} s ({:.1} s per 1M rows), peak RSS {:.0} MB; Postgres CPU {:.1} s (walsender {}), Tansu CPU {:.1} s, other processes {:.1} s",
+            "bench:   {label}: {:.0} rows/s ({} rows, {:.0} MB of WAL, in {:.2} s incl. {:.2} s start-up); relay CPU {:.1} s ({:.1} s per 1M rows), peak RSS {:.0} MB; Postgres CPU {:.1} s (walsender {}){tansu}, other processes {:.1} s",
             d.rate(),
             d.rows,
             d.wal_bytes as f64 / 1e6,
@@ -1093,7 +1177,6 @@ impl Env {
             d.walsender_cpu
                 .map(|c| format!("{c:.1} s"))
                 .unwrap_or_else(|| "?".into()),
-            d.tansu_cpu,
             d.other_cpu
         );
         if let Some(m) = d.marks {
@@ -1116,6 +1199,7 @@ impl Env {
                 .unwrap_or(0.0),
             postgres: self.pg.cpu_seconds(),
             tansu: self.tansu.cpu_seconds(),
+            side: self.side_cpu(),
             // With reaped children (pg_recvlogical, psql).
             bench: procs::proc_stat(std::process::id())
                 .map(|s| s.cpu_all())
@@ -1291,6 +1375,195 @@ impl Env {
         }
         self.delivery = "at_least_once";
         Ok(runs)
+    }
+
+    /// Other sinks: NATS JetStream and RabbitMQ, each on a private server started for its phase
+    /// and stopped after it. For each, a fresh backlog (the same mix, smaller than the Kafka
+    /// ones) read from WAL: first its rows sent by a plain publisher with the relay's client crate
+    /// and guarantees (the sink limit), then drained by the relay with that sink, marking on.
+    async fn other_sinks(&mut self) -> Result<Vec<OtherSink>> {
+        let rows = if self.plan.quick { 20_000 } else { 200_000 };
+        let started = Instant::now();
+        let nats = self.nats_sink(rows).await?;
+        let rabbitmq = self.rabbitmq_sink(rows).await?;
+        println!(
+            "bench: other sinks measured in {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(vec![nats, rabbitmq])
+    }
+
+    /// A backlog for one of the other sinks, read by the relay from WAL: its slot is moved past
+    /// everything before (after a checkpoint, which moves its restart point too).
+    async fn other_backlog(&mut self, rows: u64, label: &str) -> Result<Written> {
+        self.sql("CHECKPOINT").await?;
+        self.skip_relay_wal().await?;
+        let w = workload::write_backlog(&self.db, BACKLOG_AGG, self.next_row, rows, label).await?;
+        self.next_row += w.rows;
+        self.vacuum(&format!("after writing the {label}")).await?;
+        Ok(w)
+    }
+
+    /// The relay drains `w` with `sink` (marking on).
+    async fn drain_to(&mut self, sink: RelaySink, w: &Written) -> Result<Drain> {
+        self.sink = sink;
+        let drain = self.drain(true, w).await;
+        self.sink = RelaySink::Kafka;
+        drain
+    }
+
+    /// CPU seconds of the other-sinks brokers so far (the one running and those stopped).
+    fn side_cpu(&self) -> f64 {
+        self.side_cpu_done
+            + self
+                .side_broker
+                .as_ref()
+                .map_or(0.0, SideBroker::cpu_seconds)
+    }
+
+    /// Stops the other-sinks broker that runs, keeping its CPU seconds.
+    fn stop_side_broker(&mut self) {
+        if let Some(b) = self.side_broker.take() {
+            self.side_cpu_done += b.cpu_seconds();
+        }
+    }
+
+    async fn nats_sink(&mut self, rows: u64) -> Result<OtherSink> {
+        let started = Instant::now();
+        let server = NatsServer::start(&self.work.join("nats"), &self.work.join("nats.log"))?;
+        let (url, version) = (server.url(), server.version.clone());
+        self.side_broker = Some(SideBroker::Nats(server));
+        println!(
+            "bench: NATS JetStream: {version} at {url}, file storage under the work directory"
+        );
+        let w = self.other_backlog(rows, "NATS backlog").await?;
+        let msgs = self.load_messages(&w).await?;
+        let avg_payload =
+            msgs.iter().map(|m| m.payload.len()).sum::<usize>() as f64 / msgs.len() as f64;
+        println!(
+            "bench: NATS sink limit: a plain async-nats JetStream publisher (the relay's connect, context and stream settings) publishes the same {} messages to stream {}, every PubAck awaited",
+            msgs.len(),
+            nats::SINK_STREAM
+        );
+        let cpu0 = self.side_cpu();
+        let run = nats::sink_limit(&url, &msgs).await?;
+        let publisher = Publisher {
+            msgs: run.msgs,
+            secs: run.secs,
+            avg_payload,
+            broker_cpu: self.side_cpu() - cpu0,
+        };
+        drop(msgs);
+        println!(
+            "bench:   NATS sink limit: {:.0} msgs/s ({} messages in {:.2} s; nats-server CPU {:.1} s)",
+            publisher.rate(),
+            publisher.msgs,
+            publisher.secs,
+            publisher.broker_cpu
+        );
+        // The relay's drain starts on a server holding nothing.
+        nats::delete_stream(&url, nats::SINK_STREAM).await?;
+        let drain = self
+            .drain_to(RelaySink::Nats { url: url.clone() }, &w)
+            .await?;
+        let stream = outbox_relay::config::NatsConfig::default().stream;
+        let stored = nats::stream_messages(&url, &stream).await?;
+        ensure!(
+            stored >= w.rows,
+            "NATS: stream {stream} holds {stored} messages after the relay drained {} rows",
+            w.rows
+        );
+        self.stop_side_broker();
+        let phase_secs = started.elapsed().as_secs_f64();
+        println!(
+            "bench:   relay drain to nats: stream {stream} holds {stored} messages; {phase_secs:.0} s for the NATS phase"
+        );
+        Ok(OtherSink {
+            sink: "nats",
+            name: "NATS JetStream",
+            server: version,
+            publisher,
+            drain,
+            stored,
+            phase_secs,
+        })
+    }
+
+    async fn rabbitmq_sink(&mut self, rows: u64) -> Result<OtherSink> {
+        let started = Instant::now();
+        let node = RabbitMq::start(&self.work.join("rabbitmq"))?;
+        let (url, version) = (node.url(), node.version.clone());
+        let (conn, channel) = rabbit::open(&url, Duration::from_secs(60))
+            .await
+            .map_err(|e| anyhow!("{e:#}\n{}", node.log_tail(20)))?;
+        self.side_broker = Some(SideBroker::Rabbitmq(node));
+        rabbit::declare_queue(&channel).await?;
+        println!(
+            "bench: RabbitMQ: {version} at {url} (booted in {:.1} s), durable queue {} bound with '#' to exchange {}",
+            started.elapsed().as_secs_f64(),
+            rabbit::QUEUE,
+            outbox_relay::config::RabbitmqConfig::default().exchange
+        );
+        let w = self.other_backlog(rows, "RabbitMQ backlog").await?;
+        let msgs = self.load_messages(&w).await?;
+        let avg_payload =
+            msgs.iter().map(|m| m.payload.len()).sum::<usize>() as f64 / msgs.len() as f64;
+        println!(
+            "bench: RabbitMQ sink limit: a plain lapin publisher (a confirm-mode channel opened by the relay's open_channel) publishes the same {} messages persistent and mandatory, every confirm awaited",
+            msgs.len()
+        );
+        let cpu0 = self.side_cpu();
+        let run = rabbit::sink_limit(&url, &msgs).await?;
+        let publisher = Publisher {
+            msgs: run.msgs,
+            secs: run.secs,
+            avg_payload,
+            broker_cpu: self.side_cpu() - cpu0,
+        };
+        drop(msgs);
+        let queued = rabbit::queue_depth(&channel).await?;
+        ensure!(
+            queued == publisher.msgs,
+            "RabbitMQ: queue {} holds {queued} messages after the sink limit confirmed {}",
+            rabbit::QUEUE,
+            publisher.msgs
+        );
+        println!(
+            "bench:   RabbitMQ sink limit: {:.0} msgs/s ({} messages in {:.2} s; RabbitMQ CPU {:.1} s)",
+            publisher.rate(),
+            publisher.msgs,
+            publisher.secs,
+            publisher.broker_cpu
+        );
+        // The relay's drain starts on an empty queue.
+        rabbit::purge(&channel).await?;
+        let drain = self
+            .drain_to(RelaySink::Rabbitmq { url: url.clone() }, &w)
+            .await?;
+        let stored = rabbit::queue_depth(&channel).await?;
+        ensure!(
+            stored >= w.rows,
+            "RabbitMQ: queue {} holds {stored} messages after the relay drained {} rows",
+            rabbit::QUEUE,
+            w.rows
+        );
+        let _ = channel.close(200, "done".into()).await;
+        let _ = conn.close(200, "done".into()).await;
+        self.stop_side_broker();
+        let phase_secs = started.elapsed().as_secs_f64();
+        println!(
+            "bench:   relay drain to rabbitmq: queue {} holds {stored} messages; {phase_secs:.0} s for the RabbitMQ phase",
+            rabbit::QUEUE
+        );
+        Ok(OtherSink {
+            sink: "rabbitmq",
+            name: "RabbitMQ",
+            server: version,
+            publisher,
+            drain,
+            stored,
+            phase_secs,
+        })
     }
 
     /// Offers single-row transactions with `type = ev_type` at `rate` per second (0: as fast as

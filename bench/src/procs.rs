@@ -592,3 +592,337 @@ pub fn system_busy_seconds() -> f64 {
 pub fn pid_cpu_seconds(pid: u32) -> Option<f64> {
     proc_stat(pid).map(|s| s.cpu_self())
 }
+
+/// The nats-server binary: `NATS_SERVER_BIN`, then Debian's, then `PATH`.
+fn nats_server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("nats-server"))
+}
+
+/// A NATS server with JetStream (`nats-server -js`) on a free loopback port, its store in a
+/// directory of the run.
+pub struct NatsServer {
+    child: Child,
+    pub port: u16,
+    pub version: String,
+}
+
+impl NatsServer {
+    /// Starts it with its JetStream store under `store` and its output in `log`.
+    pub fn start(store: &Path, log: &Path) -> Result<NatsServer> {
+        let bin = nats_server_bin();
+        let version = Command::new(&bin)
+            .arg("--version")
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .replace("nats-server: ", "nats-server ")
+            })
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "nats-server (version unknown)".into());
+        let port = free_port()?;
+        std::fs::create_dir_all(store).with_context(|| format!("creating {}", store.display()))?;
+        let out = std::fs::File::create(log).context("creating the nats-server log")?;
+        let child = Command::new(&bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+            .arg("-sd")
+            .arg(store)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} (apt-get install nats-server; scripts/setup does, or set NATS_SERVER_BIN)",
+                    bin.display()
+                )
+            })?;
+        let mut server = NatsServer {
+            child,
+            port,
+            version,
+        };
+        wait_listening(&mut server.child, port, "nats-server", log)?;
+        Ok(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn cpu_seconds(&self) -> f64 {
+        proc_stat(self.child.id())
+            .map(|s| s.cpu_all())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every process of a private RabbitMQ node (the script, beam.smp, erl_child_setup,
+/// inet_gethost…) carries this variable with the node's name: they are found in /proc by it.
+const RABBIT_MARKER_VAR: &str = "OUTBOX_BENCH_RABBIT_NODE";
+
+fn rabbitmq_server_bin() -> PathBuf {
+    std::env::var_os("RABBITMQ_SERVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/rabbitmq/bin/rabbitmq-server"))
+}
+
+fn epmd_bin() -> PathBuf {
+    ["/usr/bin/epmd", "/usr/lib/erlang/bin/epmd"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("epmd"))
+}
+
+/// The RabbitMQ version Debian installed, from its library directory's name.
+fn rabbitmq_version() -> String {
+    std::fs::read_dir("/usr/lib/rabbitmq/lib")
+        .ok()
+        .and_then(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()?
+                        .strip_prefix("rabbitmq_server-")
+                        .map(str::to_owned)
+                })
+                .max()
+        })
+        .map_or_else(
+            || "RabbitMQ (version unknown)".into(),
+            |v| format!("RabbitMQ {v}"),
+        )
+}
+
+/// The pids of live processes whose environment holds `var=value` (not this one).
+fn pids_with_env(var: &str, value: &str) -> Vec<u32> {
+    let needle = format!("{var}={value}");
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let env = std::fs::read(e.path().join("environ")).ok()?;
+            (pid != me && env.split(|b| *b == 0).any(|v| v == needle.as_bytes())).then_some(pid)
+        })
+        .collect()
+}
+
+/// A private RabbitMQ node (Debian's `rabbitmq-server`), wholly ours, as the integration tests
+/// start it (tests/support/rabbitmq.rs): its own HOME and Erlang cookie, its own epmd on a free
+/// port (the system's node, epmd 4369 and ports 5672/25672 are never touched), AMQP and
+/// distribution on free ports of 127.0.0.1, data and logs in a directory of the run. Started
+/// with `/usr/lib/rabbitmq/bin/rabbitmq-server`, not the `/usr/sbin` wrapper (as root that one
+/// re-runs the server as the `rabbitmq` user through `su`, which drops the environment).
+pub struct RabbitMq {
+    node: Option<Child>,
+    epmd: Option<Child>,
+    /// The AMQP port.
+    pub port: u16,
+    node_name: String,
+    dir: PathBuf,
+    pub version: String,
+}
+
+impl RabbitMq {
+    /// Starts a node with everything under `dir`; returns once its AMQP port accepts
+    /// connections (the listener opens last in the boot).
+    pub fn start(dir: &Path) -> Result<RabbitMq> {
+        let mut ports = Vec::new();
+        while ports.len() < 3 {
+            let p = free_port()?;
+            if !ports.contains(&p) {
+                ports.push(p);
+            }
+        }
+        let (port, dist_port, epmd_port) = (ports[0], ports[1], ports[2]);
+        let node_name = format!("outbox-bench-{port}-{}@localhost", std::process::id());
+        for sub in ["mnesia", "log"] {
+            std::fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+        }
+        // Our own cookie in our own HOME: the system node's cookie is neither read nor needed.
+        let mut random = [0u8; 16];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
+            .context("reading /dev/urandom for an Erlang cookie")?;
+        let cookie_path = dir.join(".erlang.cookie");
+        let cookie: String = random.iter().map(|b| format!("{b:02X}")).collect();
+        std::fs::write(&cookie_path, cookie).context("writing .erlang.cookie")?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&cookie_path, std::fs::Permissions::from_mode(0o400))
+                .context("chmod .erlang.cookie")?;
+        }
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!(
+                "listeners.tcp.default = 127.0.0.1:{port}\n\
+                 loopback_users = none\n\
+                 disk_free_limit.absolute = 1MB\n"
+            ),
+        )
+        .context("writing rabbitmq.conf")?;
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").context("writing enabled_plugins")?;
+        // Replaces /etc/rabbitmq/rabbitmq-env.conf (which names the system node).
+        std::fs::write(dir.join("rabbitmq-env.conf"), "").context("writing rabbitmq-env.conf")?;
+        let mut node = RabbitMq {
+            node: None,
+            epmd: None,
+            port,
+            node_name,
+            dir: dir.to_owned(),
+            version: rabbitmq_version(),
+        };
+        // This node's own epmd, in the foreground (not -daemon), so that it dies with the node.
+        let epmd_log = std::fs::File::create(dir.join("epmd.log")).context("creating epmd.log")?;
+        let mut epmd = Command::new(epmd_bin())
+            .args(["-port", &epmd_port.to_string(), "-address", "127.0.0.1"])
+            .stdin(Stdio::null())
+            .stdout(epmd_log.try_clone()?)
+            .stderr(epmd_log)
+            .spawn()
+            .context("starting epmd (apt-get install rabbitmq-server; scripts/setup does)")?;
+        let waited = wait_listening(&mut epmd, epmd_port, "epmd", &dir.join("epmd.log"));
+        node.epmd = Some(epmd);
+        waited?;
+        let log = dir.join("stdout.log");
+        let out = std::fs::File::create(&log).context("creating the rabbitmq-server log")?;
+        let mut cmd = Command::new(rabbitmq_server_bin());
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k.starts_with("RABBITMQ_") || k.starts_with("ERL_") {
+                cmd.env_remove(k.as_ref());
+            }
+        }
+        {
+            use std::os::unix::process::CommandExt;
+            // A group of its own: a kill reaches the script and beam.smp at once.
+            cmd.process_group(0);
+        }
+        cmd.current_dir(dir)
+            .env("HOME", dir)
+            .env(RABBIT_MARKER_VAR, &node.node_name)
+            .env("RABBITMQ_NODENAME", &node.node_name)
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("ERL_EPMD_PORT", epmd_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
+            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_PID_FILE", dir.join("rabbit.pid"))
+            // Never a daemon epmd (it would outlive us); distribution on loopback only.
+            .env(
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+                "-start_epmd false -kernel inet_dist_use_interface {127,0,0,1}",
+            )
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let child = cmd.spawn().with_context(|| {
+            format!(
+                "starting {} (apt-get install rabbitmq-server; scripts/setup does, or set RABBITMQ_SERVER_BIN)",
+                rabbitmq_server_bin().display()
+            )
+        })?;
+        node.node = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(Ok(Some(status))) = node.node.as_mut().map(Child::try_wait) {
+                node.node = None;
+                bail!(
+                    "rabbitmq-server exited during boot ({status}):\n{}",
+                    node.log_tail(30)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "rabbitmq-server did not listen on 127.0.0.1:{port} within 90 s:\n{}",
+                    node.log_tail(30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(node)
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// The last lines of the node's log and of what the server script printed.
+    pub fn log_tail(&self, n: usize) -> String {
+        format!(
+            "{}\n---- rabbitmq-server stdout/stderr ----\n{}",
+            tail(
+                &self.dir.join("log").join(format!("{}.log", self.node_name)),
+                n
+            ),
+            tail(&self.dir.join("stdout.log"), n)
+        )
+    }
+
+    /// CPU seconds used so far by the node's live processes.
+    pub fn cpu_seconds(&self) -> f64 {
+        pids_with_env(RABBIT_MARKER_VAR, &self.node_name)
+            .into_iter()
+            .filter_map(proc_stat)
+            .map(|s| s.cpu_self())
+            .sum()
+    }
+}
+
+impl Drop for RabbitMq {
+    /// kill -9 of the node's process group and of any process of it left elsewhere, then its
+    /// epmd.
+    fn drop(&mut self) {
+        if let Some(mut c) = self.node.take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", c.id())])
+                .stderr(Stdio::null())
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = pids_with_env(RABBIT_MARKER_VAR, &self.node_name);
+            if left.is_empty() || Instant::now() > deadline {
+                break;
+            }
+            for pid in left {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if let Some(mut e) = self.epmd.take() {
+            let _ = e.kill();
+            let _ = e.wait();
+        }
+    }
+}

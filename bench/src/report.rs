@@ -129,6 +129,115 @@ const DELIVERY_HEAD: [&str; 6] = [
     "commit→ack (visible) p50 / p99 / p99.9 ms",
 ];
 
+/// A plain publisher on a broker other than Kafka: the sink limit for that sink.
+pub struct Publisher {
+    pub msgs: u64,
+    /// From the first publish to the last confirmation.
+    pub secs: f64,
+    pub avg_payload: f64,
+    /// The broker's CPU seconds meanwhile.
+    pub broker_cpu: f64,
+}
+
+impl Publisher {
+    pub fn rate(&self) -> f64 {
+        self.msgs as f64 / self.secs
+    }
+}
+
+/// One sink other than Kafka: its plain publisher and the relay draining a backlog with it.
+pub struct OtherSink {
+    /// `RELAY_SINK`.
+    pub sink: &'static str,
+    pub name: &'static str,
+    /// The server's name and version.
+    pub server: String,
+    pub publisher: Publisher,
+    /// Marking on; its `broker_cpu` is this sink's broker, its `tansu_cpu` Tansu idling.
+    pub drain: Drain,
+    /// Messages the stream or queue held after the drain (at least the rows: at-least-once).
+    pub stored: u64,
+    /// The whole phase: server start, backlog, publisher, drain.
+    pub phase_secs: f64,
+}
+
+impl OtherSink {
+    /// The relay's drain rate (start-up included) against the plain publisher's.
+    pub fn ratio(&self) -> f64 {
+        self.drain.rate() / self.publisher.rate()
+    }
+}
+
+const OTHER_SINKS_HEAD: [&str; 5] = [
+    "sink",
+    "plain publisher msgs/s",
+    "relay drain rows/s",
+    "ratio",
+    "detail",
+];
+
+/// The other sinks as table rows.
+fn other_sink_rows(r: &Results) -> Vec<[String; 5]> {
+    r.other_sinks
+        .iter()
+        .map(|o| {
+            let (p, d) = (&o.publisher, &o.drain);
+            let (store, headers) = match o.sink {
+                "nats" => (
+                    "stream `OUTBOX`",
+                    "headers id/type/aggregatetype/aggregateid, `Nats-Msg-Id`",
+                ),
+                _ => (
+                    "queue `bench`",
+                    "persistent, mandatory, message_id, headers id/type/aggregatetype/aggregateid",
+                ),
+            };
+            let mut detail = format!(
+                "{}; publisher: the same {} messages ({headers}, payload avg {:.0} B) in {:.2} s, \
+                 broker CPU {:.1} s; relay: {} rows ({:.0} MB of WAL) in {:.2} s (incl. {:.2} s \
+                 start-up; {} rows/s after it); relay CPU {:.1} s = **{:.1} s per 1M rows**; relay \
+                 peak RSS {}; Postgres CPU {:.1} s (walsender {}); broker CPU {:.1} s; other \
+                 processes {:.1} s",
+                o.server,
+                thousands(p.msgs as f64),
+                p.avg_payload,
+                p.secs,
+                p.broker_cpu,
+                thousands(d.rows as f64),
+                d.wal_bytes as f64 / 1e6,
+                d.secs,
+                d.startup_secs,
+                thousands(d.streaming_rate()),
+                d.relay_cpu,
+                d.cpu_per_million(),
+                mb(d.peak_rss_kib),
+                d.pg_cpu,
+                d.walsender_cpu
+                    .map(|c| format!("{c:.1} s"))
+                    .unwrap_or_else(|| "?".into()),
+                d.broker_cpu,
+                d.other_cpu
+            );
+            if let Some(m) = d.marks
+                && m.calls > 0
+            {
+                detail.push_str(&format!("; {m}"));
+            }
+            detail.push_str(&format!(
+                "; {store} held {} messages afterwards",
+                thousands(o.stored as f64)
+            ));
+            [
+                o.name.to_owned(),
+                format!("**{}**", thousands(p.rate())),
+                format!("**{}**", thousands(d.rate())),
+                format!("{:.2}", o.ratio()),
+                detail,
+            ]
+        })
+        .collect()
+}
+
 /// The relay draining a backlog from WAL.
 pub struct Drain {
     pub rows: u64,
@@ -145,6 +254,8 @@ pub struct Drain {
     pub pg_cpu: f64,
     pub walsender_cpu: Option<f64>,
     pub tansu_cpu: f64,
+    /// The CPU of the other-sinks phase's broker (NATS, RabbitMQ) when the relay drains to it.
+    pub broker_cpu: f64,
     /// CPU used meanwhile by processes that are not part of the benchmark.
     pub other_cpu: f64,
     pub marks: Option<MarkStats>,
@@ -469,6 +580,8 @@ pub struct Results {
     pub single: Single,
     /// At-least-once against exactly-once on a broker with transactions.
     pub delivery: Vec<DeliveryRun>,
+    /// NATS JetStream and RabbitMQ: plain publisher and relay drain.
+    pub other_sinks: Vec<OtherSink>,
     pub machine: Machine,
     pub unmarked: Vec<Unmarked>,
     /// Cores used on average by processes outside the benchmark during the run.
@@ -494,6 +607,12 @@ impl Results {
             let cores = d.other_cpu / d.secs;
             if cores > LIMIT {
                 out.push(format!("{name} ({cores:.2} cores)"));
+            }
+        }
+        for o in &self.other_sinks {
+            let cores = o.drain.other_cpu / o.drain.secs;
+            if cores > LIMIT {
+                out.push(format!("drain to {} ({cores:.2} cores)", o.sink));
             }
         }
         if self.steady_max.cores.other > LIMIT {
@@ -764,6 +883,25 @@ pub fn print_table(r: &Results) {
         }
         if let Some(cost) = r.exactly_once_cost() {
             println!("  exactly-once throughput cost: {:.1} %", cost * 100.0);
+        }
+    }
+    if let Some(first) = r.other_sinks.first() {
+        println!(
+            "  other sinks ({}-row backlogs, marking on; each broker running alone):",
+            thousands(first.drain.rows as f64)
+        );
+        for o in &r.other_sinks {
+            println!(
+                "  {:>14}  plain publisher {:>8} msgs/s  relay drain {:>8} rows/s  ratio {:.2}  relay {:.1} CPU s/1M  broker CPU {:.1} s ({}; phase {:.0} s)",
+                o.name,
+                thousands(o.publisher.rate()),
+                thousands(o.drain.rate()),
+                o.ratio(),
+                o.drain.cpu_per_million(),
+                o.drain.broker_cpu,
+                o.server,
+                o.phase_secs
+            );
         }
     }
     let disturbed = r.disturbed();
@@ -1064,6 +1202,52 @@ fn markdown(r: &Results) -> String {
             );
         }
     }
+    if let Some(first) = r.other_sinks.first() {
+        let _ = writeln!(
+            s,
+            "\n## Other sinks\n\n\
+             The relay with `sink = nats` and `sink = rabbitmq`, each against a private server the \
+             bench starts for that phase alone (after the phases above; the server is stopped \
+             after it), same machine, same Postgres. Each phase writes a fresh backlog of {} rows \
+             (the same mix; smaller than the {}-row Kafka backlogs{}), read by the relay from WAL. \
+             **Plain publisher**: the same rows, read back from the table, sent with the relay's \
+             client crate, settings and guarantees, pipelined as the relay does (up to \
+             `pipeline.max_in_flight` = {} unconfirmed); timed from the first publish to the \
+             last confirmation. **Relay drain**: `RELAY_SINK=nats` or `rabbitmq`, marking on, \
+             timed from process start to the last row's `delivered_at`, as the Kafka drain above. \
+             Ratio = relay drain ÷ plain publisher.\n\n\
+             - **NATS JetStream** (`nats-server -js`, file storage in the work directory): \
+             async-nats 0.52 connected and configured by the relay's own \
+             `outbox_relay::sink::nats::connect` and `context` (which also bound the PubAcks \
+             pending); streams made by its `stream_config` (file storage, 1 replica, 2-minute \
+             duplicate window): `BENCH_SINK` on `bench.sink` for the publisher (deleted after it), \
+             `OUTBOX` on `outbox.>` created by the relay. Every message carries the relay's headers \
+             and `Nats-Msg-Id` = the outbox id and counts when its PubAck arrives.\n\
+             - **RabbitMQ** (a node of its own: own epmd and Erlang cookie, ports on 127.0.0.1, \
+             data in the work directory): lapin 4 on one confirm-mode channel opened by the \
+             relay's own `outbox_relay::sink::rabbitmq::open_channel` (durable topic exchange \
+             `outbox`); every message persistent, `mandatory`, routing key `bench.OrderPlaced`, \
+             `message_id` = the outbox id, the relay's headers, counted on the broker's ack. A \
+             durable classic queue `bench` bound with `#` receives them (purged between the \
+             publisher and the drain).\n\n\
+             Broker CPU is the server's (all its processes for RabbitMQ) over each measurement; \
+             like everything else it shares the same {} CPUs.\n",
+            thousands(first.drain.rows as f64),
+            thousands(r.rows as f64),
+            if r.quick {
+                "; a full run uses 200,000"
+            } else {
+                "; a quick run uses 20,000"
+            },
+            thousands(outbox_relay::config::PipelineConfig::default().max_in_flight as f64),
+            r.machine.cpus
+        );
+        let _ = writeln!(s, "| {} |", OTHER_SINKS_HEAD.join(" | "));
+        let _ = writeln!(s, "|{}", "---|".repeat(OTHER_SINKS_HEAD.len()));
+        for o in other_sink_rows(r) {
+            let _ = writeln!(s, "| {} |", o.join(" | "));
+        }
+    }
     s.push_str(&goals(r));
     let _ = writeln!(
         s,
@@ -1071,7 +1255,8 @@ fn markdown(r: &Results) -> String {
 ## What was measured
 
 Everything ran on one machine in one run of `outbox-bench`, against one private Postgres cluster and
-one Tansu broker that it started itself and stopped at the end.
+one Tansu broker that it started itself and stopped at the end (and, for the other sinks, a NATS
+server and a RabbitMQ node, each running for its own phase only).
 
 - **Workload.** {mix}. `aggregatetype` is `bench` for the backlogs, so every backlog row goes to
   `outbox.event.bench`; all topics have {parts} partitions (created before the run, replication 1).
