@@ -16,6 +16,12 @@
 #   plain-ff70    a plain index on seq instead, fillfactor 70 (HOT where the page has room)
 #   plain-ff50    a plain index on seq, fillfactor 50 (room for every row's new version: all HOT)
 #   delete        DELETE instead of UPDATE (what deleting delivered rows would cost)
+# Delivery ledgers (issue 19 candidates: the outbox row is never updated; a narrow table records
+# what was delivered, and "undelivered" is an anti-join against it):
+#   ledger-ids    one row per delivered id: outbox_delivered (id uuid PRIMARY KEY, at timestamptz)
+#   ledger-batch  one row per marking batch: (ids uuid[], at), a GIN index for "was id delivered"
+#   ledger-seq    one row per marking batch: (seqs int8multirange, at) over the rows' seq, a GiST
+#                 index; contiguous seqs collapse into one range
 set -euo pipefail
 
 bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
@@ -46,11 +52,12 @@ checkpoint_timeout = 1h
 max_wal_size = 10GB
 EOF
 "${as_pg[@]}" "$bin/pg_ctl" -D "$work/data" -l "$work/pg.log" -w start >/dev/null
+export PGOPTIONS="-c client_min_messages=warning"
 psql=(psql -h 127.0.0.1 -p "$port" -U postgres -X -q -At -v ON_ERROR_STOP=1)
 
 run() {
   local name=$1 index=$2 ff=$3 short=$4 long=$5 stmt=$6
-  "${psql[@]}" -c "DROP TABLE IF EXISTS outbox, batches"
+  "${psql[@]}" -c "DROP TABLE IF EXISTS outbox, batches, ledger"
   "${psql[@]}" -c "CREATE TABLE outbox (
       id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL,
       aggregateid text NOT NULL, type text NOT NULL, payload jsonb, headers jsonb, topic text,
@@ -64,11 +71,13 @@ run() {
       FROM generate_series(1, 200000) g"
   "${psql[@]}" -c "VACUUM ANALYZE outbox"
   "${psql[@]}" -c "CREATE TABLE batches AS
-      SELECT (seq - 1) / 1000 AS b, array_agg(id ORDER BY seq) AS ids FROM outbox GROUP BY 1"
+      SELECT (seq - 1) / 1000 AS b, array_agg(id ORDER BY seq) AS ids,
+             array_agg(seq ORDER BY seq) AS seqs FROM outbox GROUP BY 1"
+  [ -n "${ledger:-}" ] && "${psql[@]}" -c "$ledger"
   "${psql[@]}" -c "CREATE OR REPLACE PROCEDURE mark_all() LANGUAGE plpgsql AS \$\$
       DECLARE r record;
       BEGIN
-        FOR r IN SELECT ids FROM batches ORDER BY b LOOP $stmt; COMMIT; END LOOP;
+        FOR r IN SELECT ids, seqs FROM batches ORDER BY b LOOP $stmt; COMMIT; END LOOP;
       END \$\$"
   local w0 t0 t1 w1
   w0=$("${psql[@]}" -c "SELECT pg_current_wal_lsn()")
@@ -78,6 +87,14 @@ run() {
   w1=$("${psql[@]}" -c "SELECT pg_current_wal_lsn()")
   local stats
   stats=$("${psql[@]}" -c "SELECT n_tup_hot_upd, n_tup_upd + n_tup_del FROM pg_stat_user_tables WHERE relname = 'outbox'")
+  if [ -n "${ledger:-}" ]; then
+    # The question the relay and monitoring ask of a ledger: how many rows are undelivered.
+    local u0 u1 undelivered
+    u0=$(date +%s.%N)
+    undelivered=$("${psql[@]}" -c "$undelivered_sql")
+    u1=$(date +%s.%N)
+    echo "             undelivered after marking: $undelivered (query $(python3 -c "print(round(($u1 - $u0) * 1000))") ms)"
+  fi
   python3 - "$name" "$t0" "$t1" "$stats" "$("${psql[@]}" -c "SELECT pg_wal_lsn_diff('$w1', '$w0')")" <<'PY'
 import sys
 name, t0, t1, stats, wal = sys.argv[1:]
@@ -95,3 +112,13 @@ run narrow "$partial" 100 10 10 "$update"
 run plain-ff70 "$plain" 70 150 950 "$update"
 run plain-ff50 "$plain" 50 150 950 "$update"
 run delete "$partial" 100 150 950 'DELETE FROM outbox WHERE id = ANY(r.ids)'
+
+ledger='CREATE TABLE ledger (id uuid PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())'
+undelivered_sql='SELECT count(*) FROM outbox o WHERE NOT EXISTS (SELECT 1 FROM ledger l WHERE l.id = o.id)'
+run ledger-ids "$plain" 100 150 950 'INSERT INTO ledger (id) SELECT unnest(r.ids)'
+ledger='CREATE TABLE ledger (ids uuid[] NOT NULL, at timestamptz NOT NULL DEFAULT now()); CREATE INDEX ON ledger USING gin (ids)'
+undelivered_sql='SELECT count(*) FROM outbox o WHERE NOT EXISTS (SELECT 1 FROM ledger l WHERE l.ids @> ARRAY[o.id])'
+run ledger-batch "$plain" 100 150 950 'INSERT INTO ledger (ids) VALUES (r.ids)'
+ledger='CREATE TABLE ledger (seqs int8multirange NOT NULL, at timestamptz NOT NULL DEFAULT now()); CREATE INDEX ON ledger USING gist (seqs)'
+undelivered_sql='SELECT count(*) FROM outbox o WHERE NOT EXISTS (SELECT 1 FROM ledger l WHERE l.seqs @> o.seq)'
+run ledger-seq "$plain" 100 150 950 'INSERT INTO ledger (seqs) SELECT range_agg(int8range(s, s, '"'"'[]'"'"')) FROM unnest(r.seqs) s'
