@@ -301,19 +301,7 @@ async fn check_authenticates_and_finds_the_stream_or_names_the_fix() {
     let check = |extra: &[(&str, &str)]| {
         let mut settings = vec![("RELAY_SINK", "nats"), ("RELAY_NATS__URL", url.as_str())];
         settings.extend_from_slice(extra);
-        let mut check = Relay::spawn(&relay_env(&pg, "", &settings), &["check"]);
-        check
-            .wait_exit(Duration::from_secs(60))
-            .expect("check ends");
-        check
-            .log()
-            .lines()
-            .find(|l| {
-                ["PASS ", "WARN ", "FAIL "].iter().any(|p| l.starts_with(p))
-                    && l.contains(" broker ")
-            })
-            .unwrap_or_default()
-            .to_owned()
+        check_broker_line(&relay_env(&pg, "", &settings))
     };
     let refused = check(&[]);
     assert!(

@@ -254,19 +254,7 @@ async fn check_connects_with_confirms_and_declares_or_names_the_fix() {
             ("RELAY_SINK", "rabbitmq"),
             ("RELAY_RABBITMQ__URL", url.as_str()),
         ];
-        let mut check = Relay::spawn(&relay_env(&pg, "", &settings), &["check"]);
-        check
-            .wait_exit(Duration::from_secs(60))
-            .expect("check ends");
-        check
-            .log()
-            .lines()
-            .find(|l| {
-                ["PASS ", "WARN ", "FAIL "].iter().any(|p| l.starts_with(p))
-                    && l.contains(" broker ")
-            })
-            .unwrap_or_default()
-            .to_owned()
+        check_broker_line(&relay_env(&pg, "", &settings))
     };
     let refused = check(node.url().replace("guest:guest", "guest:wrong"));
     assert!(

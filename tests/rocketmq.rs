@@ -541,31 +541,16 @@ async fn the_sink_signs_its_requests_for_a_broker_that_checks_acls() {
     // `check` finds it before any row is sent, and passes with the right secret.
     let check = |secret: &str| {
         let ns = rmq.name_server();
-        let mut check = Relay::spawn(
-            &relay_env(
-                &pg,
-                "",
-                &[
-                    ("RELAY_SINK", "rocketmq"),
-                    ("RELAY_ROCKETMQ__NAME_SERVER", &ns),
-                    ("RELAY_ROCKETMQ__ACCESS_KEY", USER),
-                    ("RELAY_ROCKETMQ__SECRET_KEY", secret),
-                ],
-            ),
-            &["check"],
-        );
-        check
-            .wait_exit(Duration::from_secs(60))
-            .expect("check ends");
-        check
-            .log()
-            .lines()
-            .find(|l| {
-                ["PASS ", "WARN ", "FAIL "].iter().any(|p| l.starts_with(p))
-                    && l.contains(" broker ")
-            })
-            .unwrap_or_default()
-            .to_owned()
+        check_broker_line(&relay_env(
+            &pg,
+            "",
+            &[
+                ("RELAY_SINK", "rocketmq"),
+                ("RELAY_ROCKETMQ__NAME_SERVER", &ns),
+                ("RELAY_ROCKETMQ__ACCESS_KEY", USER),
+                ("RELAY_ROCKETMQ__SECRET_KEY", secret),
+            ],
+        ))
     };
     let refused = check("not-the-secret");
     assert!(

@@ -1202,6 +1202,22 @@ impl BackgroundWriter {
     }
 }
 
+/// Runs `outbox-relay check` with `env` and returns its report line for the broker.
+pub fn check_broker_line(env: &[(String, String)]) -> String {
+    let mut check = Relay::spawn(env, &["check"]);
+    check
+        .wait_exit(Duration::from_secs(60))
+        .expect("check ends");
+    check
+        .log()
+        .lines()
+        .find(|l| {
+            ["PASS ", "WARN ", "FAIL "].iter().any(|p| l.starts_with(p)) && l.contains(" broker ")
+        })
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// Inserts one `order` row of aggregate `agg-h`, type `Shipped`, with the header
 /// `traceparent: 00-abc-01`; its id.
 pub async fn insert_row_with_headers(db: &tokio_postgres::Client) -> String {

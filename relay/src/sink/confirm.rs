@@ -1,7 +1,8 @@
 //! What the sinks that wait for a broker's confirmation per message (NATS JetStream, RabbitMQ)
 //! share: the outcome of one send, the loop that sends again until the broker stores the message
-//! or refuses it for good, and waiting for the sends in flight.
+//! or refuses it for good, and the set of sends in flight ([`InFlight`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::BackoffBuilder;
@@ -9,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::{AckToken, Delivery, OutboxMessage};
-use crate::config::RetryConfig;
+use crate::config::{Config, RetryConfig};
 
 /// How one send of a message ended.
 pub enum Attempt {
@@ -22,19 +23,76 @@ pub enum Attempt {
 }
 
 /// How to retry, and where to report.
-pub struct Policy<'a> {
-    pub retry: &'a RetryConfig,
-    pub max_attempts: u32,
-    pub ack_metrics: &'a crate::metrics::AckMetrics,
+struct Policy {
+    retry: RetryConfig,
+    max_attempts: u32,
+    ack_metrics: crate::metrics::AckMetrics,
     /// The broker's name, for the log.
-    pub broker: &'static str,
+    broker: &'static str,
+}
+
+/// The messages a sink has handed to its broker and not yet reported: one task each, which
+/// waits for the confirmation and sends again until the broker stores the message. Dropping it
+/// abandons them (the relay re-reads whatever was not confirmed).
+pub struct InFlight {
+    policy: Arc<Policy>,
+    deliveries: mpsc::UnboundedSender<Delivery>,
+    sends: JoinSet<()>,
+}
+
+impl InFlight {
+    pub fn new(
+        config: &Config,
+        broker: &'static str,
+        deliveries: mpsc::UnboundedSender<Delivery>,
+    ) -> InFlight {
+        InFlight {
+            policy: Arc::new(Policy {
+                retry: config.retry.clone(),
+                max_attempts: config.dead_letter.max_attempts,
+                ack_metrics: crate::metrics::AckMetrics::new(),
+                broker,
+            }),
+            deliveries,
+            sends: JoinSet::new(),
+        }
+    }
+
+    /// Follows one message: `first` is the outcome of its first send (already on its way),
+    /// `again` sends it once more. Reports it `Acked`, or `Failed` after `dead_letter.max_attempts`
+    /// refusals.
+    pub fn spawn<F, A, G>(&mut self, msg: OutboxMessage, token: AckToken, first: F, again: A)
+    where
+        F: Future<Output = Attempt> + Send + 'static,
+        A: FnMut() -> G + Send + 'static,
+        G: Future<Output = Attempt> + Send,
+    {
+        while self.sends.try_join_next().is_some() {}
+        let policy = self.policy.clone();
+        let deliveries = self.deliveries.clone();
+        self.sends.spawn(async move {
+            let first = first.await;
+            until_stored(&policy, first, msg, token, deliveries, again).await;
+        });
+    }
+
+    /// Waits up to `timeout` for the messages in flight; returns how many are left.
+    pub async fn flush(&mut self, timeout: Duration) -> usize {
+        flush(&mut self.sends, timeout).await
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.sends.abort_all();
+    }
 }
 
 /// Reports `first` or, until the broker stores the message, sends it again with backoff
 /// (`again`); after `max_attempts` refusals reports it `Failed` with the message for the
 /// dead-letter record.
-pub async fn until_stored<F, Fut>(
-    policy: Policy<'_>,
+async fn until_stored<F, Fut>(
+    policy: &Policy,
     first: Attempt,
     msg: OutboxMessage,
     mut token: AckToken,
@@ -44,7 +102,7 @@ pub async fn until_stored<F, Fut>(
     F: FnMut() -> Fut,
     Fut: Future<Output = Attempt>,
 {
-    let mut delays = crate::retry::backoff(policy.retry).build();
+    let mut delays = crate::retry::backoff(&policy.retry).build();
     let mut refusals = 0;
     let mut outcome = first;
     loop {

@@ -22,11 +22,10 @@ use async_nats::jetstream::{self, stream};
 use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 use tokio::sync::{OnceCell, mpsc};
-use tokio::task::JoinSet;
 
-use super::confirm::{self, Attempt, Policy, until_stored};
+use super::confirm::{Attempt, InFlight};
 use super::{AckToken, Delivery, OutboxMessage, Sink, SinkError};
-use crate::config::{Config, NatsConfig, RetryConfig};
+use crate::config::{Config, NatsConfig};
 
 /// Headers JetStream (or NATS) reads itself: a row cannot set them.
 fn reserved(name: &str) -> bool {
@@ -167,7 +166,6 @@ pub fn valid_subject(subject: &str) -> bool {
 }
 
 /// A message ready to be published (any number of times).
-#[derive(Clone)]
 struct Prepared {
     id: uuid::Uuid,
     subject: String,
@@ -233,11 +231,8 @@ fn header_value(b: &[u8]) -> Result<HeaderValue, &'static str> {
 struct Shared {
     js: jetstream::Context,
     config: NatsConfig,
-    retry: RetryConfig,
-    max_attempts: u32,
     dead_letter_topic: String,
     stream_ready: OnceCell<String>,
-    ack_metrics: crate::metrics::AckMetrics,
 }
 
 impl Shared {
@@ -320,9 +315,8 @@ fn too_large_for_the_stream(e: &PublishError) -> bool {
 /// Publishes outbox messages to NATS JetStream. See the module documentation.
 pub struct NatsSink {
     shared: Arc<Shared>,
-    deliveries: mpsc::UnboundedSender<Delivery>,
     /// One task per message in flight: waits for the PubAck, sends again, reports.
-    sends: JoinSet<()>,
+    in_flight: InFlight,
 }
 
 impl NatsSink {
@@ -336,27 +330,16 @@ impl NatsSink {
             shared: Arc::new(Shared {
                 js: context(client, &config.nats),
                 config: config.nats.clone(),
-                retry: config.retry.clone(),
-                max_attempts: config.dead_letter.max_attempts,
                 dead_letter_topic: config.dead_letter.topic.clone(),
                 stream_ready: OnceCell::new(),
-                ack_metrics: crate::metrics::AckMetrics::new(),
             }),
-            deliveries,
-            sends: JoinSet::new(),
+            in_flight: InFlight::new(config, "nats", deliveries),
         })
-    }
-}
-
-impl Drop for NatsSink {
-    fn drop(&mut self) {
-        self.sends.abort_all();
     }
 }
 
 impl Sink for NatsSink {
     async fn publish(&mut self, msg: &OutboxMessage, token: AckToken) -> Result<(), SinkError> {
-        while self.sends.try_join_next().is_some() {}
         let prepared = Prepared::new(msg, &self.shared.dead_letter_topic).map_err(|reason| {
             SinkError::Rejected {
                 id: msg.id,
@@ -381,31 +364,25 @@ impl Sink for NatsSink {
         }
         // The first send leaves here, in the order messages are handed over (the client writes
         // them to its connection in this order); the PubAck is awaited in the task.
-        let first = self
+        let sent = self
             .shared
             .js
             .send_publish(prepared.subject.clone(), prepared.publish())
             .await;
+        let prepared = Arc::new(prepared);
+        let (shared, p) = (self.shared.clone(), prepared.clone());
+        let first = async move { shared.finish(&p, sent).await };
         let shared = self.shared.clone();
-        let (msg, deliveries) = (msg.clone(), self.deliveries.clone());
-        self.sends.spawn(async move {
-            let first = shared.finish(&prepared, first).await;
-            let policy = Policy {
-                retry: &shared.retry,
-                max_attempts: shared.max_attempts,
-                ack_metrics: &shared.ack_metrics,
-                broker: "nats",
-            };
-            until_stored(policy, first, msg, token, deliveries, || {
-                shared.publish_once(&prepared)
-            })
-            .await;
-        });
+        let again = move || {
+            let (shared, p) = (shared.clone(), prepared.clone());
+            async move { shared.publish_once(&p).await }
+        };
+        self.in_flight.spawn(msg.clone(), token, first, again);
         Ok(())
     }
 
     async fn flush(&mut self, timeout: Duration) -> usize {
-        confirm::flush(&mut self.sends, timeout).await
+        self.in_flight.flush(timeout).await
     }
 }
 

@@ -26,11 +26,10 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, ExchangeKind, PublisherConfirm};
 use tokio::sync::{Mutex, mpsc};
-use tokio::task::JoinSet;
 
-use super::confirm::{self, Attempt, Policy, until_stored};
+use super::confirm::{Attempt, InFlight};
 use super::{AckToken, Delivery, OutboxMessage, Sink, SinkError};
-use crate::config::{Config, RabbitmqConfig, RetryConfig, TopicTemplate};
+use crate::config::{Config, RabbitmqConfig, TopicTemplate};
 
 /// Connects, opens a channel in confirm mode and (with `rabbitmq.declare`) declares the exchange
 /// and the dead-letter queue `dead_letter_queue`.
@@ -188,13 +187,10 @@ impl Prepared {
 
 struct Shared {
     config: RabbitmqConfig,
-    retry: RetryConfig,
-    max_attempts: u32,
     dead_letter_topic: String,
     routing_key: TopicTemplate,
     /// The connection and confirm-mode channel, opened on first use and after a failure.
     channel: Mutex<Option<(lapin::Connection, Channel)>>,
-    ack_metrics: crate::metrics::AckMetrics,
 }
 
 impl Shared {
@@ -283,8 +279,8 @@ impl Shared {
 /// Publishes outbox messages to RabbitMQ with publisher confirms. See the module documentation.
 pub struct RabbitmqSink {
     shared: Arc<Shared>,
-    deliveries: mpsc::UnboundedSender<Delivery>,
-    sends: JoinSet<()>,
+    /// One task per message in flight: waits for the confirm, publishes again, reports.
+    in_flight: InFlight,
 }
 
 impl RabbitmqSink {
@@ -298,28 +294,17 @@ impl RabbitmqSink {
         Ok(RabbitmqSink {
             shared: Arc::new(Shared {
                 config: config.rabbitmq.clone(),
-                retry: config.retry.clone(),
-                max_attempts: config.dead_letter.max_attempts,
                 dead_letter_topic: config.dead_letter.topic.clone(),
                 routing_key,
                 channel: Mutex::new(None),
-                ack_metrics: crate::metrics::AckMetrics::new(),
             }),
-            deliveries,
-            sends: JoinSet::new(),
+            in_flight: InFlight::new(config, "rabbitmq", deliveries),
         })
-    }
-}
-
-impl Drop for RabbitmqSink {
-    fn drop(&mut self) {
-        self.sends.abort_all();
     }
 }
 
 impl Sink for RabbitmqSink {
     async fn publish(&mut self, msg: &OutboxMessage, token: AckToken) -> Result<(), SinkError> {
-        while self.sends.try_join_next().is_some() {}
         let s = &self.shared;
         let prepared = Prepared::new(msg, &s.config, &s.routing_key, &s.dead_letter_topic)
             .map_err(|reason| SinkError::Rejected {
@@ -328,28 +313,24 @@ impl Sink for RabbitmqSink {
                 reason,
             })?;
         // Published here, in the order messages are handed over; confirmed in the task.
-        let first = s.start(&prepared).await;
+        let started = s.start(&prepared).await;
+        let prepared = Arc::new(prepared);
+        let (shared, p) = (s.clone(), prepared.clone());
+        let first = async move { shared.finish(&p, started).await };
         let shared = s.clone();
-        let (msg, deliveries) = (msg.clone(), self.deliveries.clone());
-        self.sends.spawn(async move {
-            let first = shared.finish(&prepared, first).await;
-            let policy = Policy {
-                retry: &shared.retry,
-                max_attempts: shared.max_attempts,
-                ack_metrics: &shared.ack_metrics,
-                broker: "rabbitmq",
-            };
-            until_stored(policy, first, msg, token, deliveries, || async {
-                let started = shared.start(&prepared).await;
-                shared.finish(&prepared, started).await
-            })
-            .await;
-        });
+        let again = move || {
+            let (shared, p) = (shared.clone(), prepared.clone());
+            async move {
+                let started = shared.start(&p).await;
+                shared.finish(&p, started).await
+            }
+        };
+        self.in_flight.spawn(msg.clone(), token, first, again);
         Ok(())
     }
 
     async fn flush(&mut self, timeout: Duration) -> usize {
-        confirm::flush(&mut self.sends, timeout).await
+        self.in_flight.flush(timeout).await
     }
 }
 
