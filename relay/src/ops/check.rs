@@ -613,25 +613,12 @@ async fn nats_check(config: &Config) -> Result<String, String> {
     ))
 }
 
-/// The template with each placeholder replaced by `sample`: a subject the routing can give.
+/// The template with each placeholder replaced by `sample`: a subject the routing can give
+/// (the template was validated at load).
 fn sample_subject(template: &str) -> String {
-    let mut out = String::new();
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
-        match rest[open..].find('}') {
-            Some(close) => {
-                out.push_str("sample");
-                rest = &rest[open + close + 1..];
-            }
-            None => {
-                rest = &rest[open..];
-                break;
-            }
-        }
-    }
-    out.push_str(rest);
-    out
+    crate::config::TopicTemplate::parse(template)
+        .map(|t| t.render("sample", "sample", "sample"))
+        .unwrap_or_else(|_| template.to_owned())
 }
 
 /// Whether the NATS subject pattern `pattern` (`*` one token, `>` the rest) matches `subject`.
@@ -735,7 +722,10 @@ mod tests {
             sample_subject("outbox.event.{aggregatetype}"),
             "outbox.event.sample"
         );
-        assert_eq!(sample_subject("a.{x}.{y}"), "a.sample.sample");
+        assert_eq!(
+            sample_subject("a.{aggregatetype}.{type}"),
+            "a.sample.sample"
+        );
         assert!(subject_matches("outbox.>", "outbox.event.sample"));
         assert!(subject_matches("outbox.*.sample", "outbox.event.sample"));
         assert!(subject_matches("outbox.dlq", "outbox.dlq"));
