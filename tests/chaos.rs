@@ -199,7 +199,7 @@ struct Verdict {
 fn verify(pg: &PgCluster, brokers: &str, topic: &str, rolled_back: &[String]) -> Verdict {
     // (id, aggregateid, seq, delivered)
     let table: Vec<(String, String, i64, bool)> = pg
-        .psql("SELECT id, aggregateid, seq, delivered_at IS NOT NULL FROM outbox")
+        .psql("SELECT id, aggregateid, seq, delivered_at IS NOT NULL FROM outbox_status")
         .lines()
         .map(|l| {
             let p: Vec<&str> = l.split('|').collect();
@@ -264,7 +264,7 @@ fn verify(pg: &PgCluster, brokers: &str, topic: &str, rolled_back: &[String]) ->
 fn wait_all_delivered(pg: &PgCluster) -> bool {
     let deadline = Instant::now() + WAIT;
     while Instant::now() < deadline {
-        if pg.psql("SELECT count(*) FROM outbox WHERE delivered_at IS NULL") == "0" {
+        if pg.psql("SELECT count(*) FROM outbox_status WHERE delivered_at IS NULL") == "0" {
             return true;
         }
         thread::sleep(Duration::from_millis(500));
@@ -290,7 +290,7 @@ fn undelivered_report(
         .take(40)
         .collect();
     let rows = pg.psql(
-        "SELECT id, aggregateid, seq, attempts, failed_at IS NOT NULL, last_error FROM outbox \
+        "SELECT id, aggregateid, seq, attempts, failed_at IS NOT NULL, last_error FROM outbox_status \
          WHERE delivered_at IS NULL ORDER BY seq LIMIT 10",
     );
     let slot = pg

@@ -7,7 +7,7 @@ use crate::support::*;
 const WAIT: Duration = Duration::from_secs(120);
 
 fn undelivered(pg: &PgCluster) -> i64 {
-    pg.psql("SELECT count(*) FROM outbox WHERE delivered_at IS NULL")
+    pg.psql("SELECT count(*) FROM outbox_status WHERE delivered_at IS NULL")
         .parse()
         .expect("count")
 }

@@ -310,7 +310,7 @@ async fn missing_topic_with_auto_create_off_is_a_readable_error() {
             && log.contains("RELAY_KAFKA__CREATE_TOPICS=true"),
         "{log}"
     );
-    let undelivered = pg.psql("SELECT count(*) FROM outbox WHERE delivered_at IS NULL");
+    let undelivered = pg.psql("SELECT count(*) FROM outbox_status WHERE delivered_at IS NULL");
     assert_eq!(undelivered, "1");
 }
 

@@ -8,6 +8,7 @@ mod e2e;
 mod exactly_once;
 mod examples;
 mod failover;
+mod ledger;
 mod lifecycle;
 mod nats;
 mod operations;

@@ -19,7 +19,7 @@ fn nats_relay(pg: &PgCluster, nats: &NatsServer, extra: &[(&str, &str)]) -> Rela
 async fn rows(db: &tokio_postgres::Client) -> HashMap<String, (String, i64, bool, bool)> {
     db.query(
         "SELECT id::text, aggregateid, (payload->>'seq')::bigint, delivered_at IS NOT NULL, \
-                failed_at IS NOT NULL FROM outbox",
+                failed_at IS NOT NULL FROM outbox_status",
         &[],
     )
     .await
@@ -196,7 +196,7 @@ async fn the_server_killed_and_restarted_during_the_run_loses_nothing() {
         // The relay that lived through the restart delivers what was written so far.
         let caught_up = eventually(Duration::from_secs(60), || async {
             db.query_one(
-                "SELECT count(*) FROM outbox WHERE delivered_at IS NULL \
+                "SELECT count(*) FROM outbox_status WHERE delivered_at IS NULL \
                  AND created_at < now() - interval '5 seconds'",
                 &[],
             )

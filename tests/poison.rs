@@ -12,7 +12,7 @@ const LINGER: Duration = Duration::from_secs(2);
 fn row_state(pg: &PgCluster, id: &str) -> (i32, String, bool, bool) {
     let out = pg.psql(&format!(
         "SELECT attempts, coalesce(last_error, ''), failed_at IS NOT NULL, delivered_at IS NOT NULL \
-         FROM outbox WHERE id = '{id}'"
+         FROM outbox_status WHERE id = '{id}'"
     ));
     let parts: Vec<&str> = out.split('|').collect();
     (

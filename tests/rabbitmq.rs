@@ -172,7 +172,7 @@ async fn the_broker_killed_and_restarted_during_the_run_loses_nothing() {
         let db = pg.client().await;
         let caught_up = eventually(Duration::from_secs(90), || async {
             db.query_one(
-                "SELECT count(*) FROM outbox WHERE delivered_at IS NULL \
+                "SELECT count(*) FROM outbox_status WHERE delivered_at IS NULL \
                  AND created_at < now() - interval '5 seconds'",
                 &[],
             )

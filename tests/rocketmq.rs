@@ -207,7 +207,7 @@ async fn visible_ids(broker: &Connection) -> Vec<String> {
 /// The ids of delivered rows, sorted.
 async fn delivered_ids(db: &tokio_postgres::Client) -> Vec<String> {
     db.query(
-        "SELECT id::text FROM outbox WHERE delivered_at IS NOT NULL ORDER BY 1",
+        "SELECT id::text FROM outbox_status WHERE delivered_at IS NOT NULL ORDER BY 1",
         &[],
     )
     .await
@@ -529,7 +529,7 @@ async fn the_sink_signs_its_requests_for_a_broker_that_checks_acls() {
     let (delivered, failed): (i64, i64) = {
         let r = db
             .query_one(
-                "SELECT count(delivered_at), count(failed_at) FROM outbox",
+                "SELECT count(delivered_at), count(failed_at) FROM outbox_status",
                 &[],
             )
             .await

@@ -117,7 +117,7 @@ async fn a_replication_message_above_the_cap_stops_the_relay_naming_the_key() {
         "{log}"
     );
     assert_eq!(
-        pg.psql("SELECT count(*) FROM outbox WHERE delivered_at IS NULL"),
+        pg.psql("SELECT count(*) FROM outbox_status WHERE delivered_at IS NULL"),
         "1",
         "the row waits for a relay allowed to read it"
     );

@@ -14,7 +14,7 @@ fn slot_active(pg: &PgCluster) -> bool {
 }
 
 fn undelivered(pg: &PgCluster) -> i64 {
-    pg.psql("SELECT count(*) FROM outbox WHERE delivered_at IS NULL")
+    pg.psql("SELECT count(*) FROM outbox_status WHERE delivered_at IS NULL")
         .parse()
         .expect("count")
 }
@@ -165,9 +165,10 @@ async fn postgres_restarted_during_the_first_start_snapshot() {
     assert!(!log.contains("outbox-relay stopped"), "{log}");
 }
 
-/// The relay's role loses its UPDATE grant while running: rows are published but not marked,
-/// `/readyz` turns 503 naming the grant, nothing is confirmed; granted again, the rows are marked
-/// and readiness returns. At start, a role without the grant is refused with the fix.
+/// The relay's role loses its grant to record deliveries (INSERT on the delivery ledger) while
+/// running: rows are published but not marked, `/readyz` turns 503 naming the grant, nothing is
+/// confirmed; granted again, the rows are marked and readiness returns. At start, a role without
+/// the grant (or without UPDATE on the outbox, for failed rows) is refused with the fix.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_revoked_update_grant_turns_readiness_red_until_granted() {
     let pg = PgCluster::start();
@@ -194,8 +195,19 @@ async fn a_revoked_update_grant_turns_readiness_red_until_granted() {
     let log = refused.log();
     assert!(!status.success(), "{log}");
     assert!(
-        log.contains("may not UPDATE column delivered_at")
-            && log.contains("GRANT SELECT, UPDATE ON"),
+        log.contains("may not UPDATE column failed_at") && log.contains("GRANT SELECT, UPDATE ON"),
+        "{log}"
+    );
+    pg.psql(
+        "GRANT UPDATE ON outbox TO relay_app; REVOKE INSERT ON outbox_delivered FROM relay_app",
+    );
+    let mut refused = Relay::start(&env);
+    let status = refused.wait_exit(WAIT).expect("refused at start");
+    let log = refused.log();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("cannot record deliveries")
+            && log.contains("GRANT SELECT, INSERT, DELETE ON \"public\".\"outbox_delivered\""),
         "{log}"
     );
     let mut check = Relay::spawn(&env, &["check"]);
@@ -206,7 +218,7 @@ async fn a_revoked_update_grant_turns_readiness_red_until_granted() {
         check.log()
     );
 
-    pg.psql("GRANT UPDATE ON outbox TO relay_app");
+    pg.psql("GRANT INSERT ON outbox_delivered TO relay_app");
     let relay = Relay::start(&env);
     let mut db = pg.client().await;
     wait_streaming(&db, WAIT).await;
@@ -216,13 +228,15 @@ async fn a_revoked_update_grant_turns_readiness_red_until_granted() {
     .await;
     assert!(ready, "{}", relay.log());
 
-    pg.psql("REVOKE UPDATE ON outbox FROM relay_app");
+    pg.psql("REVOKE INSERT ON outbox_delivered FROM relay_app");
     let ids = insert_rows(&mut db, "granted", 2, 10, true).await;
     let received = receive_all(&broker.brokers(), "outbox.event.granted", &ids, WAIT);
     assert_eq!(received.len(), ids.len(), "published while unmarked");
     let red = eventually(WAIT, || async {
         let (status, body) = http_get(&listen, "/readyz").await;
-        status == 503 && body.contains("cannot mark rows") && body.contains("GRANT SELECT, UPDATE")
+        status == 503
+            && body.contains("cannot mark rows")
+            && body.contains("GRANT SELECT, INSERT, DELETE ON")
     })
     .await;
     assert!(
@@ -240,7 +254,7 @@ async fn a_revoked_update_grant_turns_readiness_red_until_granted() {
         "nothing confirmed past unmarked rows"
     );
 
-    pg.psql("GRANT UPDATE ON outbox TO relay_app");
+    pg.psql("GRANT INSERT ON outbox_delivered TO relay_app");
     assert!(all_delivered(&db, WAIT).await, "{}", relay.log());
     let green = eventually(WAIT, || async {
         http_get(&listen, "/readyz").await.0 == 200

@@ -30,6 +30,7 @@
 //! | [`exactly_once`] | the source position and the Kafka transactions that carry it |
 //! | [`sink`] | the `Sink` contract; Kafka and RocketMQ |
 //! | [`marking`] | acknowledged rows marked delivered/failed; completions back to the pipeline |
+//! | [`delivered`] | what counts as delivered under `outbox.on_delivered` (the SQL the stages share), the ledger's watermark |
 //! | [`rocketmq`] | RocketMQ remoting codec, client and check-back responder |
 //! | [`oracle`] | what happened to a local transaction (check-backs, HTTP) |
 //! | [`ops`] | admin HTTP, the broker probe, slot gauges, retention, `outbox-relay check` |
@@ -42,6 +43,7 @@
 pub mod app;
 pub mod config;
 pub(crate) mod dead_letter;
+pub mod delivered;
 pub mod error;
 pub(crate) mod exactly_once;
 pub(crate) mod failpoint;

@@ -43,6 +43,9 @@ pub const SAFE_WAL_SIZE: &str = "outbox_relay_slot_safe_wal_size_bytes";
 pub const RETAINED_WAL_WARNING: &str = "outbox_relay_slot_retained_wal_warning";
 /// Gauge: age of the oldest row neither delivered nor failed (seconds; 0 when none).
 pub const OLDEST_UNDELIVERED: &str = "outbox_relay_oldest_undelivered_age_seconds";
+/// Gauge: the delivery ledger's low watermark (`outbox.on_delivered = "record"`): every row
+/// whose `seq` is below it is delivered or failed.
+pub const DELIVERED_BELOW: &str = "outbox_relay_delivered_below_seq";
 /// Counter: delivered rows deleted by the retention (`retention.delivered_hours`).
 pub const ROWS_DELETED: &str = "outbox_relay_rows_deleted_total";
 /// Counter: transaction checks answered, by `source` (`http`, `dtm`, `rocketmq`) and `status`
@@ -141,6 +144,10 @@ fn describe() {
         OLDEST_UNDELIVERED,
         Unit::Seconds,
         "Age of the oldest row neither delivered nor failed"
+    );
+    describe_gauge!(
+        DELIVERED_BELOW,
+        "Delivery ledger watermark: every row with a lower seq is delivered or failed"
     );
     describe_counter!(ROWS_DELETED, "Delivered rows deleted by the retention");
     describe_counter!(

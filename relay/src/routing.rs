@@ -23,6 +23,9 @@ pub struct RawRow {
     pub payload: Option<Bytes>,
     pub headers: Option<Bytes>,
     pub topic: Option<Bytes>,
+    /// The row's `outbox.columns.seq` (insertion order), when the table has the column: what
+    /// the delivery ledger records (`outbox.on_delivered = "record"`).
+    pub seq: Option<i64>,
 }
 
 impl RawRow {
@@ -233,6 +236,7 @@ pub struct ColumnMap {
     payload: Option<usize>,
     headers: Option<usize>,
     topic: Option<usize>,
+    seq: Option<usize>,
 }
 
 impl ColumnMap {
@@ -259,6 +263,7 @@ impl ColumnMap {
             payload: find(&names.payload),
             headers: find(&names.headers),
             topic: find(&names.topic),
+            seq: find(&names.seq),
         })
     }
 
@@ -280,6 +285,7 @@ impl ColumnMap {
             payload: take(self.payload),
             headers: take(self.headers),
             topic: take(self.topic),
+            seq: take(self.seq).and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok()),
         }
     }
 }
@@ -298,6 +304,7 @@ mod tests {
             payload: Some(Bytes::from_static(b"{\"total\": 5}")),
             headers: None,
             topic: None,
+            seq: None,
         }
     }
 
@@ -441,6 +448,7 @@ mod tests {
                 "aggregateid",
                 "type",
                 "payload",
+                "seq",
             ],
         ))
         .unwrap() else {
@@ -456,6 +464,7 @@ mod tests {
                 Some("o-9"),
                 Some("T"),
                 None,
+                Some("12345678901"),
             ],
         ))
         .unwrap() else {
@@ -464,6 +473,8 @@ mod tests {
         let raw = map.raw_row(new);
         assert_eq!(raw.aggregateid.as_deref(), Some(&b"o-9"[..]));
         assert!(raw.payload.is_none() && raw.topic.is_none() && raw.headers.is_none());
+        // The seq the delivery ledger records.
+        assert_eq!(raw.seq, Some(12_345_678_901));
 
         let PgOutput::Relation(rel) =
             PgOutput::decode(encode::relation(1, "public", "outbox", &["id"])).unwrap()

@@ -288,7 +288,8 @@ impl PgCluster {
         self.psql(&format!(
             "CREATE ROLE {name} LOGIN REPLICATION; \
              GRANT SELECT, UPDATE ON outbox TO {name}; \
-             GRANT SELECT, INSERT, UPDATE ON outbox_relay_state TO {name};"
+             GRANT SELECT, INSERT, UPDATE ON outbox_relay_state TO {name}; \
+             GRANT SELECT, INSERT, DELETE ON outbox_delivered TO {name};"
         ));
         format!("postgres://{name}@127.0.0.1:{}/postgres", self.port)
     }
@@ -1302,7 +1303,7 @@ pub async fn all_settled(client: &tokio_postgres::Client, timeout: Duration) -> 
     eventually(timeout, || async {
         client
             .query_one(
-                "SELECT count(*) FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL",
+                "SELECT count(*) FROM outbox_status WHERE delivered_at IS NULL AND failed_at IS NULL",
                 &[],
             )
             .await
@@ -1317,7 +1318,7 @@ pub async fn all_delivered(client: &tokio_postgres::Client, timeout: Duration) -
     eventually(timeout, || async {
         client
             .query_one(
-                "SELECT count(*) FROM outbox WHERE delivered_at IS NULL",
+                "SELECT count(*) FROM outbox_status WHERE delivered_at IS NULL",
                 &[],
             )
             .await

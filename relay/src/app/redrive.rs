@@ -6,8 +6,9 @@
 //! table, oldest first (by `seq`), so a fix made with an UPDATE takes effect: it sends the first
 //! one and waits for the broker; if that fails again the aggregate stays blocked, else the rest
 //! follow in order and, once none is left, the aggregate is unblocked. An operator skips a row
-//! for good by setting its `delivered_at`. Redrives run between transactions with nothing else in
-//! flight, so they never interleave with the live stream's rows of the same aggregate.
+//! for good by setting its `delivered_at` (or `SELECT outbox_skip('<id>')`). Redrives run
+//! between transactions with nothing else in flight, so they never interleave with the live
+//! stream's rows of the same aggregate.
 
 use std::time::Duration;
 
@@ -37,14 +38,14 @@ pub async fn load_blocked<S: Sink>(
     }
     let c = &config.outbox.columns;
     let sql = format!(
-        "SELECT DISTINCT ON ({at}, {aid}) {at}::text, {aid}::text, {id}::text FROM {table} \
-         WHERE {failed} IS NOT NULL AND {delivered} IS NULL ORDER BY {at}, {aid}, {seq}",
+        "SELECT DISTINCT ON ({at}, {aid}) {at}::text, {aid}::text, {id}::text FROM {table} o \
+         WHERE {failed} IS NOT NULL AND NOT {delivered} ORDER BY {at}, {aid}, {seq}",
         at = quote_ident(&c.aggregatetype),
         aid = quote_ident(&c.aggregateid),
         id = quote_ident(&c.id),
         table = config.outbox_table_sql(),
         failed = quote_ident(&c.failed_at),
-        delivered = quote_ident(&c.delivered_at),
+        delivered = crate::delivered::is_delivered(config, "o"),
         seq = quote_ident(&c.seq),
     );
     let rows = db.query(&sql, &[]).await?;

@@ -443,7 +443,30 @@ pub struct OutboxConfig {
     pub table: String,
     /// Table where the relay records whether its first-start snapshot completed.
     pub state_table: String,
+    /// What the relay writes once the broker confirmed a row: `record` (a range of `seq` in
+    /// the delivery ledger, the row untouched), `mark` (`UPDATE ... SET delivered_at`) or
+    /// `delete` (the row is deleted).
+    pub on_delivered: OnDelivered,
+    /// `record`: the delivery ledger (sql/005_delivery_ledger.sql), in `outbox.schema`.
+    pub ledger_table: String,
+    /// `record`: how often the ledger's low watermark (every seq below it delivered or failed)
+    /// is moved up. It moves past a seq only two intervals after the seq was drawn at the
+    /// earliest (see `delivered::Watermark`).
+    pub watermark_interval_ms: u64,
     pub columns: ColumnNames,
+}
+
+/// What marks a row delivered (`outbox.on_delivered`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDelivered {
+    /// One ledger row per marking batch holding the batch's `seq` values as ranges: the outbox
+    /// row is never updated (~1 us and ~0 B of WAL per row). Delivered state: `outbox_status`.
+    Record,
+    /// `UPDATE outbox SET delivered_at = now()` (the whole row rewritten into the WAL).
+    Mark,
+    /// `DELETE` the row (Debezium's pattern; failed rows stay, marked failed).
+    Delete,
 }
 
 impl Default for OutboxConfig {
@@ -452,6 +475,9 @@ impl Default for OutboxConfig {
             schema: "public".into(),
             table: "outbox".into(),
             state_table: "outbox_relay_state".into(),
+            on_delivered: OnDelivered::Record,
+            ledger_table: "outbox_delivered".into(),
+            watermark_interval_ms: 5_000,
             columns: ColumnNames::default(),
         }
     }
@@ -953,6 +979,7 @@ impl Config {
             ("outbox.schema", &self.outbox.schema),
             ("outbox.table", &self.outbox.table),
             ("outbox.state_table", &self.outbox.state_table),
+            ("outbox.ledger_table", &self.outbox.ledger_table),
             ("outbox.columns.id", &self.outbox.columns.id),
             (
                 "outbox.columns.aggregatetype",
@@ -1151,6 +1178,21 @@ impl Config {
                 "block_key",
                 "block_key needs the outbox.columns.seq column to replay held rows in commit order; \
                  add the seq column (sql/001_outbox.sql) or use dlq or halt",
+            ));
+        }
+        if self.outbox.watermark_interval_ms < 100 {
+            return Err(invalid(
+                "outbox.watermark_interval_ms",
+                self.outbox.watermark_interval_ms,
+                "must be at least 100 (5000 is usual)",
+            ));
+        }
+        if self.outbox.on_delivered == OnDelivered::Record && self.outbox.columns.seq.is_empty() {
+            return Err(invalid(
+                "outbox.on_delivered",
+                "record",
+                "record keeps the delivered rows' outbox.columns.seq values; add the seq column \
+                 (sql/001_outbox.sql) or set outbox.on_delivered = \"mark\"",
             ));
         }
         Ok(())
@@ -1546,6 +1588,15 @@ impl Config {
             "{}.{}",
             crate::quote::quote_ident(&self.outbox.schema),
             crate::quote::quote_ident(&self.outbox.table)
+        )
+    }
+
+    /// `schema.ledger_table`, quoted for SQL.
+    pub fn ledger_table_sql(&self) -> String {
+        format!(
+            "{}.{}",
+            crate::quote::quote_ident(&self.outbox.schema),
+            crate::quote::quote_ident(&self.outbox.ledger_table)
         )
     }
 

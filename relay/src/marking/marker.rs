@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::rocketmq::{Settled, execute_keyed};
 use super::statements::{Executed, Mark, MarkSql, already_delivered, unchanged, update};
-use crate::config::Config;
+use crate::config::{Config, OnDelivered};
 use crate::error::needs_operator;
 use crate::pipeline::Completion;
 use crate::postgres;
@@ -48,6 +48,8 @@ pub(super) const XACT_ENDED_SQL: &str = "SELECT x FROM unnest($1::bigint[]) AS x
 pub(super) struct Marker {
     pg: crate::pgtls::PgTarget,
     delivered_sql: String,
+    /// `outbox.on_delivered = "record"`: the ledger insert of the plain path.
+    record_sql: Option<String>,
     failed_sql: String,
     /// Which of the given rows are already delivered.
     already_sql: String,
@@ -62,22 +64,23 @@ impl Marker {
     pub(super) fn new(config: &Config) -> Marker {
         let c = &config.outbox.columns;
         let table = config.outbox_table_sql();
-        let d = quote_ident(&c.delivered_at);
         let id = quote_ident(&c.id);
         let schema = quote_ident(&config.outbox.schema);
+        let delivered = crate::delivered::is_delivered(config, "o");
         Marker {
             pg: config.pg_target(),
-            delivered_sql: format!(
-                "UPDATE {table} SET {d} = now() WHERE {id} = ANY($1) AND {d} IS NULL RETURNING {id}"
-            ),
+            delivered_sql: crate::delivered::mark_delivered_sql(config),
+            record_sql: (config.outbox.on_delivered == OnDelivered::Record)
+                .then(|| crate::delivered::record_sql(config)),
             failed_sql: format!(
-                "UPDATE {table} SET {f} = now(), {a} = {a} + $2, {e} = $3 WHERE {id} = ANY($1) AND {d} IS NULL RETURNING {id}",
+                "UPDATE {table} o SET {f} = now(), {a} = o.{a} + $2, {e} = $3 \
+                 WHERE o.{id} = ANY($1) AND NOT {delivered} RETURNING o.{id}",
                 f = quote_ident(&c.failed_at),
                 a = quote_ident(&c.attempts),
                 e = quote_ident(&c.last_error),
             ),
             already_sql: format!(
-                "SELECT {id} FROM {table} WHERE {id} = ANY($1) AND {d} IS NOT NULL"
+                "SELECT o.{id} FROM {table} o WHERE o.{id} = ANY($1) AND {delivered}"
             ),
             keys_sql: format!(
                 "SELECT tx_key, outcome FROM {schema}.outbox_tx WHERE tx_key = ANY($1)"
@@ -104,15 +107,18 @@ impl Marker {
 
     /// Marks `ids`. Rows with a half message in `halves` (RocketMQ sink) are marked in one
     /// transaction with `outbox_tx_begin` of their oracle keys (see [`Marker::execute_keyed`]).
+    /// `seqs`: the rows' `seq` where known (the ledger of `outbox.on_delivered = "record"`).
     pub(super) async fn execute(
         &mut self,
         mark: Mark<'_>,
         ids: &[Uuid],
         halves: &HashMap<Uuid, Box<HalfRef>>,
+        seqs: &HashMap<Uuid, i64>,
     ) -> Result<Executed, tokio_postgres::Error> {
         let Marker {
             pg,
             delivered_sql,
+            record_sql,
             failed_sql,
             already_sql,
             keys_sql,
@@ -128,7 +134,10 @@ impl Marker {
             begin: begin_sql,
         };
         let result = if halves.is_empty() {
-            execute_plain(client, &sql, mark, ids).await
+            match (mark, record_sql.as_deref()) {
+                (Mark::Delivered, Some(record)) => execute_record(client, record, ids, seqs).await,
+                _ => execute_plain(client, &sql, mark, ids).await,
+            }
         } else {
             execute_keyed(client, &sql, mark, ids, halves).await
         };
@@ -161,6 +170,7 @@ impl Marker {
     ) -> Option<Settled> {
         let &super::MarkWith {
             halves,
+            seqs,
             config,
             health,
             ..
@@ -175,7 +185,7 @@ impl Marker {
         let mut invisible_wait = Duration::from_millis(1);
         let mut settled = Settled::default();
         loop {
-            match self.execute(mark, &pending, halves).await {
+            match self.execute(mark, &pending, halves, seqs).await {
                 Ok(done) => {
                     health.set_marking(None);
                     let Executed {
@@ -312,16 +322,29 @@ async fn after_failure(
 /// What to do about a marking statement refused for a privilege or a column.
 pub(super) fn marking_advice(config: &Config, error: &str) -> String {
     let c = &config.outbox.columns;
-    format!(
-        "{error}; the relay's role needs SELECT and UPDATE on {table} (GRANT SELECT, UPDATE ON {table} \
+    let table = config.outbox_table_sql();
+    let rows = format!(
+        "the relay's role needs SELECT and UPDATE on {table} (GRANT SELECT, UPDATE ON {table} \
          TO <role>) and the columns {d}, {f}, {a}, {e} must exist (outbox.columns.*, apply \
          sql/001_outbox.sql)",
-        table = config.outbox_table_sql(),
         d = c.delivered_at,
         f = c.failed_at,
         a = c.attempts,
         e = c.last_error,
-    )
+    );
+    match config.outbox.on_delivered {
+        OnDelivered::Record => format!(
+            "{error}; deliveries are recorded in {ledger} (outbox.on_delivered = \"record\"): the \
+             relay's role needs GRANT SELECT, INSERT, DELETE ON {ledger} TO <role> (apply \
+             sql/005_delivery_ledger.sql); for failed rows {rows}",
+            ledger = config.ledger_table_sql(),
+        ),
+        OnDelivered::Delete => format!(
+            "{error}; delivered rows are deleted (outbox.on_delivered = \"delete\"): the relay's \
+             role needs GRANT DELETE ON {table} TO <role>; and {rows}"
+        ),
+        OnDelivered::Mark => format!("{error}; {rows}"),
+    }
 }
 
 /// Marks `ids` with one UPDATE (no half messages involved).
@@ -339,6 +362,37 @@ pub(super) async fn execute_plain(
             .into_iter()
             .filter(|id| !already.contains(id))
             .collect(),
+        ..Executed::default()
+    })
+}
+
+/// Records `ids` delivered in the ledger (`outbox.on_delivered = "record"`) with one insert: the
+/// rows whose `seq` came with them as they are, the others looked up by id. The row itself is
+/// not touched, so a row whose transaction is not visible yet is recorded all the same when its
+/// `seq` is known; one looked up by id and not found is reported missing (waited for, like an
+/// UPDATE that found nothing). Recording a row twice (sent again after a reconnect) is harmless.
+pub(super) async fn execute_record(
+    client: &Client,
+    sql: &str,
+    ids: &[Uuid],
+    seqs: &HashMap<Uuid, i64>,
+) -> Result<Executed, tokio_postgres::Error> {
+    let mut known: Vec<i64> = Vec::with_capacity(ids.len());
+    let mut unknown: Vec<Uuid> = Vec::new();
+    for id in ids {
+        match seqs.get(id) {
+            Some(seq) => known.push(*seq),
+            None => unknown.push(*id),
+        }
+    }
+    let found: Vec<Uuid> = client
+        .query(sql, &[&known, &unknown])
+        .await?
+        .iter()
+        .map(|r| r.get::<_, Uuid>(0))
+        .collect();
+    Ok(Executed {
+        missing: unchanged(&unknown, &found),
         ..Executed::default()
     })
 }

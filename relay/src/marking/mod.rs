@@ -1,7 +1,8 @@
 //! The marking stage: broker acknowledgements in, rows marked, completions out.
 //!
-//! Acks are gathered into batches and marked with one `UPDATE ... WHERE id = ANY($1)` on an
-//! ordinary connection. A batch is every ack that arrived while the previous UPDATE ran (up to
+//! Acks are gathered into batches and marked with one statement on an ordinary connection: by
+//! default (`outbox.on_delivered = "record"`) one insert of the batch's `seq` ranges into the
+//! delivery ledger, else an `UPDATE ... WHERE id = ANY($1)` or a `DELETE` (see [`crate::delivered`]). A batch is every ack that arrived while the previous UPDATE ran (up to
 //! `pipeline.mark_batch_size`), so a lone ack is marked at once and batches grow with load;
 //! `pipeline.mark_interval_ms` > 0 waits that much longer for more. A poison row's dead-letter record, once acknowledged, marks its row failed
 //! (`attempts`, `last_error`, `failed_at`) instead. Only after the UPDATE committed are the
@@ -29,7 +30,7 @@ use futures_util::stream::FuturesOrdered;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::config::Config;
+use crate::config::{Config, OnDelivered};
 use crate::health::Health;
 use crate::pipeline::Completion;
 use crate::pipeline::watermark::TxSeq;
@@ -61,6 +62,8 @@ struct BatchOutcome {
 struct Batch {
     /// (id, inserting transaction if known).
     delivered: Vec<(Uuid, Option<u32>)>,
+    /// The `seq` of delivered rows that came with one (the ledger records it).
+    seqs: HashMap<Uuid, i64>,
     failed: Vec<(Uuid, Option<u32>, Box<FailureNote>)>,
     done: Vec<(TxSeq, u64)>,
     rejected: Vec<Completion>,
@@ -82,7 +85,12 @@ impl Batch {
                 }
                 match token.failure {
                     Some(note) => self.failed.push((token.id, token.xid, note)),
-                    None if mark_delivered => self.delivered.push((token.id, token.xid)),
+                    None if mark_delivered => {
+                        if let Some(seq) = token.row_seq {
+                            self.seqs.insert(token.id, seq);
+                        }
+                        self.delivered.push((token.id, token.xid));
+                    }
                     None => {}
                 }
                 push_completion(&mut self.done, token.tx_seq);
@@ -112,6 +120,7 @@ impl Batch {
     ) -> BatchOutcome {
         let Batch {
             delivered,
+            seqs,
             failed,
             mut done,
             mut rejected,
@@ -123,6 +132,7 @@ impl Batch {
         }
         let how = MarkWith {
             halves: &halves,
+            seqs: &seqs,
             config: &config,
             completions: &completions,
             health: &health,
@@ -149,6 +159,7 @@ impl Batch {
 /// What marking a batch needs besides its rows.
 struct MarkWith<'a> {
     halves: &'a HashMap<Uuid, Box<HalfRef>>,
+    seqs: &'a HashMap<Uuid, i64>,
     config: &'a Config,
     completions: &'a mpsc::UnboundedSender<Completion>,
     health: &'a Health,
@@ -194,6 +205,15 @@ async fn mark_rows(
     Some(settled)
 }
 
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How long acknowledgements are gathered before they are passed on when nothing is marked:
 /// completions only move the slot's confirmed position (reported every 100 ms at most), so a
 /// few milliseconds cost nothing and spare a cross-thread wake-up per message.
@@ -224,6 +244,13 @@ pub async fn run(
     } else {
         1
     };
+    // The ledger's watermark moves while this stage runs (the leader's), and stops with it.
+    let _watermark =
+        (mark_delivered && config.outbox.on_delivered == OnDelivered::Record).then(|| {
+            AbortOnDrop(tokio::spawn(crate::delivered::keep_watermark(
+                config.clone(),
+            )))
+        });
     let config = Arc::new(config);
     let mut idle: Vec<Marker> = (0..connections).map(|_| Marker::new(&config)).collect();
     let mut marking = FuturesOrdered::new();

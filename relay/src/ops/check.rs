@@ -243,8 +243,19 @@ async fn marking_check(c: &tokio_postgres::Client, config: &Config) -> CheckResu
         Ok(()) => pass(
             "marking columns and grant",
             format!(
-                "the relay's role may update {}, {}, {} and {} of {}",
-                config.outbox.columns.delivered_at,
+                "{}; failed rows: the relay's role may update {}, {} and {} of {}",
+                match config.outbox.on_delivered {
+                    crate::config::OnDelivered::Record => format!(
+                        "deliveries recorded in the ledger {} (outbox.on_delivered = record)",
+                        config.ledger_table_sql()
+                    ),
+                    crate::config::OnDelivered::Mark => format!(
+                        "deliveries marked in {}",
+                        config.outbox.columns.delivered_at
+                    ),
+                    crate::config::OnDelivered::Delete =>
+                        "delivered rows deleted (outbox.on_delivered = delete)".to_owned(),
+                },
                 config.outbox.columns.failed_at,
                 config.outbox.columns.attempts,
                 config.outbox.columns.last_error,

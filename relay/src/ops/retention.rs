@@ -1,5 +1,6 @@
 //! Housekeeping: rows delivered more than `retention.delivered_hours` ago are deleted, oldest
-//! first, `retention.batch_size` rows per statement. Each DELETE is its own short transaction
+//! first, `retention.batch_size` rows per statement (with the delivery ledger, then the ledger
+//! rows that recorded only rows now deleted). Each DELETE is its own short transaction
 //! that locks only the rows it deletes and skips rows locked by others (`FOR UPDATE SKIP
 //! LOCKED`), so writers inserting rows and the relay marking them never wait on it. Rows not
 //! delivered (pending or failed) are never deleted. The publication does not publish DELETEs, so
@@ -12,24 +13,13 @@ use tokio::time::Instant;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, OnDelivered};
 use crate::metrics::ROWS_DELETED;
 use crate::postgres;
-use crate::quote::quote_ident;
 
 /// The DELETE of one batch: `$1` retention in seconds, `$2` batch size.
 pub fn delete_sql(config: &Config) -> String {
-    let c = &config.outbox.columns;
-    let table = config.outbox_table_sql();
-    let id = quote_ident(&c.id);
-    let d = quote_ident(&c.delivered_at);
-    format!(
-        "DELETE FROM {table} WHERE {id} IN (\
-           SELECT {id} FROM {table} \
-           WHERE created_at < now() - make_interval(secs => $1) \
-             AND {d} < now() - make_interval(secs => $1) \
-           ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
-    )
+    crate::delivered::expired_rows_sql(config)
 }
 
 /// Deletes every delivered row past the retention, in batches; returns how many went.
@@ -38,6 +28,8 @@ pub async fn delete_expired(
     config: &Config,
 ) -> Result<u64, tokio_postgres::Error> {
     let sql = delete_sql(config);
+    let ledger_sql = (config.outbox.on_delivered == OnDelivered::Record)
+        .then(|| crate::delivered::expired_ledger_sql(config));
     let secs = config.retention.delivered_hours * 3600.0;
     let batch = config.retention.batch_size;
     let started = Instant::now();
@@ -48,6 +40,10 @@ pub async fn delete_expired(
         total += n;
         metrics::counter!(ROWS_DELETED).increment(n);
         if n < batch as u64 {
+            if let Some(ledger) = &ledger_sql {
+                // Then the ledger rows that only recorded rows now gone.
+                while client.execute(ledger, &[&secs, &batch]).await? == batch as u64 {}
+            }
             return Ok(total);
         }
         if last_log.elapsed() >= Duration::from_secs(10) {

@@ -413,6 +413,7 @@ impl<S: Sink> Pipeline<S> {
             let mut token = AckToken::new(seq, msg.id);
             token.attempt = attempt;
             token.xid = origin.map(|o| o.xid);
+            token.row_seq = raw.seq;
             token.commit_time = origin.map(|o| o.commit_time);
             match self.sink.publish(&msg, token).await {
                 Ok(()) => {
@@ -482,6 +483,7 @@ impl<S: Sink> Pipeline<S> {
         };
         let mut token = AckToken::new(seq, id);
         token.xid = self.open_origin.map(|o| o.xid);
+        token.row_seq = raw.seq;
         self.track(seq);
         // The marking stage outlives the pipeline; a closed channel surfaces as MarkingStopped.
         let _ = self.parked.send(Delivery::Acked(token));

@@ -66,6 +66,8 @@ pub struct AckToken {
     /// The inserting transaction's id, for rows read from the WAL (the marking stage asks
     /// Postgres whether it is still in progress when the row is not visible yet).
     pub xid: Option<u32>,
+    /// The row's `seq` (insertion order) when known: what the delivery ledger records.
+    pub row_seq: Option<i64>,
     /// The inserting transaction's commit time (microseconds since 2000-01-01 UTC, Postgres'
     /// epoch), for rows read from the WAL: the commit → acknowledgement latency metric.
     pub commit_time: Option<i64>,
@@ -85,6 +87,7 @@ impl AckToken {
             id,
             attempt: 1,
             xid: None,
+            row_seq: None,
             commit_time: None,
             failure: None,
             half: None,

@@ -49,7 +49,7 @@ impl Columns {
     }
 
     /// The select list [`raw_row`] reads: id, aggregatetype, aggregateid, type, payload,
-    /// headers, topic.
+    /// headers, topic, seq.
     pub fn select_list(&self, config: &Config) -> String {
         let c = &config.outbox.columns;
         [
@@ -60,6 +60,7 @@ impl Columns {
             &c.payload,
             &c.headers,
             &c.topic,
+            &c.seq,
         ]
         .map(|n| self.text(n))
         .join(", ")
@@ -77,6 +78,7 @@ pub fn raw_row(r: &Row) -> RawRow {
         payload: text(4),
         headers: text(5),
         topic: text(6),
+        seq: r.get::<_, Option<String>>(7).and_then(|s| s.parse().ok()),
     }
 }
 
@@ -91,14 +93,14 @@ pub async fn parked_rows(
     let c = &config.outbox.columns;
     let columns = Columns::read(db, config).await?;
     let sql = format!(
-        "SELECT {select} FROM {table} WHERE {at}::text = $1 AND {aid}::text = $2 \
-         AND {failed} IS NOT NULL AND {delivered} IS NULL ORDER BY {seq} LIMIT {PARKED_PER_TRY}",
+        "SELECT {select} FROM {table} o WHERE {at}::text = $1 AND {aid}::text = $2 \
+         AND {failed} IS NOT NULL AND NOT {delivered} ORDER BY {seq} LIMIT {PARKED_PER_TRY}",
         select = columns.select_list(config),
         at = quote_ident(&c.aggregatetype),
         aid = quote_ident(&c.aggregateid),
         table = config.outbox_table_sql(),
         failed = quote_ident(&c.failed_at),
-        delivered = quote_ident(&c.delivered_at),
+        delivered = crate::delivered::is_delivered(config, "o"),
         seq = quote_ident(&c.seq),
     );
     let rows = db.query(&sql, &[&aggregatetype, &aggregateid]).await?;

@@ -5,7 +5,7 @@
 use tokio_postgres::Client;
 
 use super::SlotError;
-use crate::config::Config;
+use crate::config::{Config, OnDelivered};
 use crate::quote::quote_ident;
 
 /// Checks the database is set up for the relay; each failure names its fix.
@@ -77,7 +77,7 @@ pub async fn marking_preflight(db: &Client, config: &Config) -> Result<(), SlotE
         ("outbox.columns.attempts", c.attempts.as_str()),
         ("outbox.columns.last_error", c.last_error.as_str()),
     ];
-    if config.pipeline.mark_delivered {
+    if config.pipeline.mark_delivered && config.outbox.on_delivered == OnDelivered::Mark {
         columns.insert(0, ("outbox.columns.delivered_at", c.delivered_at.as_str()));
     }
     let names: Vec<&str> = columns.iter().map(|(_, n)| *n).collect();
@@ -121,6 +121,98 @@ pub async fn marking_preflight(db: &Client, config: &Config) -> Result<(), SlotE
                 quote_ident(&user)
             )));
         }
+    }
+    if config.pipeline.mark_delivered {
+        match config.outbox.on_delivered {
+            OnDelivered::Record => ledger_preflight(db, config).await?,
+            OnDelivered::Delete => {
+                let may: bool = db
+                    .query_one(
+                        "SELECT has_table_privilege($1::text::regclass, 'DELETE')",
+                        &[&table],
+                    )
+                    .await
+                    .map_err(|e| SlotError::query("checking the DELETE grant", e))?
+                    .get(0);
+                if !may {
+                    return Err(SlotError::Setup(format!(
+                        "outbox.on_delivered = \"delete\" deletes delivered rows, and the relay's \
+                         role may not DELETE from {table}; run: GRANT DELETE ON {table} TO <role>;"
+                    )));
+                }
+            }
+            OnDelivered::Mark => {}
+        }
+    }
+    Ok(())
+}
+
+/// `outbox.on_delivered = "record"`: the ledger table, the `seq` and `delivered_at` columns it
+/// works with, the watermark column, and the grants to use them.
+async fn ledger_preflight(db: &Client, config: &Config) -> Result<(), SlotError> {
+    let c = &config.outbox.columns;
+    let table = config.outbox_table_sql();
+    let ledger = config.ledger_table_sql();
+    let state = config.state_table_sql();
+    let row = db
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL, \
+                 EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $2::text::regclass \
+                         AND attname = $3 AND attnum > 0 AND NOT attisdropped), \
+                 EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $2::text::regclass \
+                         AND attname = $4 AND attnum > 0 AND NOT attisdropped), \
+                 EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $5::text::regclass \
+                         AND attname = 'delivered_below' AND NOT attisdropped), \
+                 current_user::text",
+            &[&ledger, &table, &c.seq, &c.delivered_at, &state],
+        )
+        .await
+        .map_err(|e| SlotError::query("checking the delivery ledger", e))?;
+    let user: String = row.get(4);
+    let apply =
+        "apply sql/005_delivery_ledger.sql (psql \"$DATABASE_URL\" -f sql/005_delivery_ledger.sql)";
+    if !row.get::<_, bool>(0) {
+        return Err(SlotError::Setup(format!(
+            "the delivery ledger {ledger} does not exist (outbox.on_delivered = \"record\", the \
+             default); {apply}, or set outbox.ledger_table, or outbox.on_delivered = \"mark\" \
+             (RELAY_OUTBOX__ON_DELIVERED) to mark rows with an UPDATE as before"
+        )));
+    }
+    for (ok, key, name) in [
+        (row.get::<_, bool>(1), "outbox.columns.seq", &c.seq),
+        (
+            row.get::<_, bool>(2),
+            "outbox.columns.delivered_at",
+            &c.delivered_at,
+        ),
+    ] {
+        if !ok {
+            return Err(SlotError::Setup(format!(
+                "column {name} of {table} does not exist, and the delivery ledger                  (outbox.on_delivered = \"record\") needs it; apply sql/001_outbox.sql, set {key}                  ({}) to the column's name, or set outbox.on_delivered = \"mark\"",
+                crate::config::env_name(key)
+            )));
+        }
+    }
+    if !row.get::<_, bool>(3) {
+        return Err(SlotError::Setup(format!(
+            "{state} has no delivered_below column (the delivery ledger's watermark); {apply}"
+        )));
+    }
+    let grants = db
+        .query_one(
+            "SELECT has_table_privilege($1::text::regclass, 'INSERT'), \
+                    has_table_privilege($1::text::regclass, 'SELECT'), \
+                    has_column_privilege($2::text::regclass, 'delivered_below', 'UPDATE')",
+            &[&ledger, &state],
+        )
+        .await
+        .map_err(|e| SlotError::query("checking the delivery ledger's grants", e))?;
+    if !(grants.get::<_, bool>(0) && grants.get::<_, bool>(1) && grants.get::<_, bool>(2)) {
+        return Err(SlotError::Setup(format!(
+            "role {user} cannot record deliveries in {ledger}; run: GRANT SELECT, INSERT, DELETE \
+             ON {ledger} TO {u}; GRANT UPDATE (delivered_below) ON {state} TO {u};",
+            u = quote_ident(&user)
+        )));
     }
     Ok(())
 }

@@ -6,7 +6,8 @@ use tokio_postgres::Client;
 
 use super::SlotError;
 use super::rows::{Columns, raw_row};
-use crate::config::Config;
+use crate::config::{Config, OnDelivered};
+use crate::delivered;
 use crate::pipeline::Pipeline;
 use crate::quote::{quote_ident, quote_literal};
 use crate::replication::client::CreatedSlot;
@@ -99,17 +100,26 @@ async fn publish_snapshot<S: Sink>(
     } else {
         "ctid".to_owned()
     };
+    let pending = match config.outbox.on_delivered {
+        // From the ledger's watermark up, rows neither delivered nor failed (seq is required).
+        OnDelivered::Record => format!(
+            "{} ORDER BY {order}",
+            delivered::pending_condition(config, "o")
+        ),
+        OnDelivered::Mark | OnDelivered::Delete => format!(
+            "o.{delivered} IS NULL{not_failed} ORDER BY {order}",
+            delivered = quote_ident(&c.delivered_at),
+            not_failed = if columns.has(&c.failed_at) {
+                format!(" AND o.{} IS NULL", quote_ident(&c.failed_at))
+            } else {
+                String::new()
+            },
+        ),
+    };
     let sql = format!(
-        "DECLARE outbox_snapshot NO SCROLL CURSOR FOR SELECT {select} FROM {table} \
-         WHERE {delivered} IS NULL{not_failed} ORDER BY {order}",
+        "DECLARE outbox_snapshot NO SCROLL CURSOR FOR SELECT {select} FROM {table} o WHERE {pending}",
         select = columns.select_list(config),
         table = config.outbox_table_sql(),
-        delivered = quote_ident(&c.delivered_at),
-        not_failed = if columns.has(&c.failed_at) {
-            format!(" AND {} IS NULL", quote_ident(&c.failed_at))
-        } else {
-            String::new()
-        },
     );
     tx.batch_execute(&sql)
         .await
