@@ -24,6 +24,10 @@
 #                 index; contiguous seqs collapse into one range
 #   ledger-mark   ledger-seq plus a one-row low watermark (every seq below it is delivered),
 #                 moved with each batch: "undelivered" reads only the rows from the watermark up
+#   record        what the relay runs by default (outbox.on_delivered = "record",
+#                 sql/005_delivery_ledger.sql): the ledger-seq insert in the relay's exact
+#                 statement (seqs known; an empty by-id lookup for rows without one). The relay
+#                 moves its watermark apart, every outbox.watermark_interval_ms, not per batch
 set -euo pipefail
 
 bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
@@ -77,7 +81,7 @@ run() {
              array_agg(seq ORDER BY seq) AS seqs FROM outbox GROUP BY 1"
   [ -n "${ledger:-}" ] && "${psql[@]}" -c "$ledger"
   "${psql[@]}" -c "CREATE OR REPLACE PROCEDURE mark_all() LANGUAGE plpgsql AS \$\$
-      DECLARE r record;
+      DECLARE r record; n bigint;
       BEGIN
         FOR r IN SELECT ids, seqs FROM batches ORDER BY b LOOP $stmt; COMMIT; END LOOP;
       END \$\$"
@@ -129,3 +133,6 @@ undelivered_sql='SELECT count(*) FROM outbox o WHERE o.seq >= (SELECT below FROM
 # The relay knows the lowest seq it has not confirmed; in this run batches arrive in seq order, so
 # the watermark is the batch's last seq + 1 (the best case: a hole keeps it back).
 run ledger-mark "$plain" 100 150 950 'INSERT INTO ledger (seqs) SELECT range_agg(int8range(s, s, '"'"'[]'"'"')) FROM unnest(r.seqs) s; UPDATE low SET below = r.seqs[array_upper(r.seqs, 1)] + 1'
+ledger='CREATE TABLE ledger (seqs int8multirange NOT NULL, delivered_at timestamptz NOT NULL DEFAULT now()); CREATE INDEX ON ledger USING gist (seqs)'
+undelivered_sql='SELECT count(*) FROM outbox o WHERE NOT o.seq <@ (SELECT coalesce(range_agg(seqs), '"'"'{}'"'"'::int8multirange) FROM ledger)'
+run record "$partial" 100 150 950 'WITH found AS (SELECT id, seq FROM outbox WHERE id = ANY('"'"'{}'"'"'::uuid[])), ins AS (INSERT INTO ledger (seqs) SELECT range_agg(int8range(s, s, '"'"'[]'"'"')) FROM (SELECT unnest(r.seqs) UNION ALL SELECT seq FROM found) AS x(s) HAVING count(*) > 0 RETURNING 1) SELECT count(*) INTO n FROM found'

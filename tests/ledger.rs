@@ -109,6 +109,10 @@ async fn the_watermark_waits_for_an_open_transaction_and_a_lost_slot_loses_nothi
     wait_streaming(&db, WAIT).await;
     let mut ids = insert_rows(&mut db, "held", 3, 10, true).await;
     assert!(all_delivered(&db, WAIT).await);
+    // The watermark passes the first rows before the transaction below opens: a candidate
+    // noted before a transaction began waits for it too (any transaction that was running then).
+    let first = eventually(WAIT, || async { watermark(&pg) == 11 }).await;
+    assert!(first, "watermark {}; {}", watermark(&pg), relay.log());
 
     let mut holder = pg.client().await;
     let tx = holder.transaction().await.unwrap();

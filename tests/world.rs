@@ -387,7 +387,8 @@ async fn a_row_that_becomes_visible_while_its_update_runs_is_marked() {
 
     let id = uuid::Uuid::new_v4();
     let (writer, xid) = insert_uncommitted(&pg, id, "race").await;
-    let mut stage = MarkingStage::start(&pg.url());
+    // The UPDATE of outbox.on_delivered = "mark" (the ledger's lookup by id has the same wait).
+    let mut stage = MarkingStage::start_with(&pg.url(), outbox_relay::config::OnDelivered::Mark);
     stage.ack(5, id, Some(xid));
     // The marking UPDATE has its snapshot and sleeps in the trigger: commit now.
     wait_for_psql(
@@ -416,8 +417,16 @@ struct MarkingStage {
 
 impl MarkingStage {
     fn start(postgres_url: &str) -> MarkingStage {
+        Self::start_with(postgres_url, outbox_relay::config::OnDelivered::Record)
+    }
+
+    fn start_with(
+        postgres_url: &str,
+        on_delivered: outbox_relay::config::OnDelivered,
+    ) -> MarkingStage {
         let mut config = outbox_relay::config::Config::default();
         config.postgres.url = postgres_url.to_owned();
+        config.outbox.on_delivered = on_delivered;
         let (deliveries, deliveries_rx) = tokio::sync::mpsc::unbounded_channel();
         let (completions_tx, completions) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(outbox_relay::marking::run(

@@ -32,8 +32,8 @@ use futures_util::TryStreamExt;
 use kafka::{LatencyConsumer, Msg};
 use procs::{NatsServer, NoidaDb, PgCluster, RabbitMq, RelayProc, Tansu};
 use report::{
-    Cores, DeliveryRun, Drain, Latency, Machine, MarkStats, OtherSink, Percentiles, Publisher,
-    Results, Single, SinkLimit, Source, SteadyMax, Unmarked,
+    Concurrent, Cores, DeliveryRun, Drain, Latency, Machine, MarkStats, OtherSink, Percentiles,
+    Publisher, Results, Single, SinkLimit, Source, SteadyMax, Unmarked,
 };
 use workload::Written;
 
@@ -93,6 +93,8 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 
 const SLOT: &str = "outbox_relay";
 const SOURCE_SLOT: &str = "bench_src";
+/// The slot `pg_recvlogical` drains while the plain producer sends (the concurrent limit).
+const CONCURRENT_SLOT: &str = "bench_both";
 const BACKLOG_AGG: &str = "bench";
 const BACKLOG_TOPIC: &str = "outbox.event.bench";
 const SINK_TOPIC: &str = "bench.sink";
@@ -251,6 +253,8 @@ struct Env {
     metrics_port: u16,
     /// pg_stat_statements is loaded.
     statements: bool,
+    /// `outbox.on_delivered` of the relay's next start (`record`, the default, or `mark`).
+    on_delivered: &'static str,
     /// Rows the relay confirmed without marking them delivered.
     unmarked: Vec<Unmarked>,
 }
@@ -412,6 +416,7 @@ async fn run(opts: Opts) -> Result<()> {
         relay_runs: 0,
         metrics_port: procs::free_port()?,
         statements,
+        on_delivered: "record",
         unmarked: Vec::new(),
     };
     let results = env.run_all(&repo, run_started).await;
@@ -449,6 +454,7 @@ async fn run(opts: Opts) -> Result<()> {
         bail!("--strict: the relay confirmed {unmarked} row(s) it never marked delivered");
     }
     println!("e2e_vs_limit={:.2}", results.e2e_vs_limit());
+    println!("e2e_vs_concurrent={:.2}", results.e2e_vs_concurrent());
     Ok(())
 }
 
@@ -480,7 +486,8 @@ impl Env {
                 .await?;
         }
         self.sql(&format!(
-            "SELECT pg_create_logical_replication_slot('{SOURCE_SLOT}', 'pgoutput')"
+            "SELECT pg_create_logical_replication_slot('{SOURCE_SLOT}', 'pgoutput'); \
+             SELECT pg_create_logical_replication_slot('{CONCURRENT_SLOT}', 'pgoutput')"
         ))
         .await?;
         println!(
@@ -492,6 +499,7 @@ impl Env {
         self.vacuum("after writing backlog 1").await?;
         let source = self.source_limit(&backlog1).await?;
         let sink = self.sink_limit(&backlog1).await?;
+        let concurrent = self.concurrent_limit(&backlog1).await?;
         let drain_on = self.drain(true, &backlog1).await?;
         // What marking leaves behind: a dead row version per row, for VACUUM to clean.
         let vacuum_after_marking = self.vacuum("after marking backlog 1 delivered").await?;
@@ -524,20 +532,19 @@ impl Env {
         let delivery = self.delivery_modes(steady_max.rate() * 0.5).await?;
         let other_sinks = self.other_sinks().await?;
 
-        // Last, so every phase above ran on the shipped layout: the optional layout that makes
-        // the marking UPDATE HOT (sql/optional/hot_marking.sql), and a third backlog on it.
+        // Last: the same drain with each row marked by an UPDATE (`outbox.on_delivered = mark`,
+        // the default before the delivery ledger), on a third backlog.
         self.skip_relay_wal().await?;
-        let layout_file = repo.join("sql/optional/hot_marking.sql");
-        let layout = std::fs::read_to_string(&layout_file)
-            .with_context(|| format!("reading {}", layout_file.display()))?;
-        self.sql(&layout).await?;
         println!(
-            "bench: writing backlog 3 ({} rows) after applying sql/optional/hot_marking.sql",
+            "bench: writing backlog 3 ({} rows) for a drain with outbox.on_delivered = mark",
             self.plan.rows
         );
         let backlog3 = self.write_backlog("backlog 3").await?;
         self.vacuum("after writing backlog 3").await?;
-        let drain_hot = self.drain(true, &backlog3).await?;
+        self.on_delivered = "mark";
+        let drain_mark = self.drain(true, &backlog3).await;
+        self.on_delivered = "record";
+        let drain_mark = drain_mark?;
 
         Ok(Results {
             quick: self.plan.quick,
@@ -548,9 +555,10 @@ impl Env {
             write_rate: (backlog1.rows + backlog2.rows) as f64 / (backlog1.secs + backlog2.secs),
             source,
             sink,
+            concurrent,
             drain_on,
             drain_off,
-            drain_hot,
+            drain_mark,
             vacuum_after_marking,
             steady_max,
             latency,
@@ -596,26 +604,28 @@ impl Env {
         Ok(())
     }
 
-    /// The relay's `UPDATE … SET delivered_at = now()` statements since the last reset.
-    async fn mark_statements(&self) -> Result<Option<MarkStats>> {
+    /// The relay's marking statements since the last reset (`UPDATE … SET delivered_at = now()`,
+    /// or the ledger insert); `rows`: the rows they marked.
+    async fn mark_statements(&self, rows: u64) -> Result<Option<MarkStats>> {
         if !self.statements {
             return Ok(None);
         }
         let row = self
             .db
             .query_one(
-                "SELECT coalesce(sum(calls), 0)::int8, coalesce(sum(rows), 0)::int8, \
-                        coalesce(sum(total_exec_time), 0)::float8 \
+                "SELECT coalesce(sum(calls), 0)::int8, coalesce(sum(total_exec_time), 0)::float8 \
                  FROM pg_stat_statements \
-                 WHERE query ILIKE 'UPDATE %' AND query ILIKE '%delivered_at% = now()%'",
+                 WHERE (query ILIKE 'UPDATE %' AND query ILIKE '%delivered_at% = now()%') \
+                    OR query ILIKE '%INSERT INTO %outbox_delivered%'",
                 &[],
             )
             .await
             .context("reading pg_stat_statements")?;
         Ok(Some(MarkStats {
             calls: row.get::<_, i64>(0) as u64,
-            rows: row.get::<_, i64>(1) as u64,
-            total_ms: row.get(2),
+            rows,
+            total_ms: row.get(1),
+            on_delivered: self.on_delivered,
         }))
     }
 
@@ -690,6 +700,7 @@ impl Env {
                 self.plan.partitions.to_string(),
             ),
             ("RELAY_PIPELINE__MARK_DELIVERED", mark.to_string()),
+            ("RELAY_OUTBOX__ON_DELIVERED", self.on_delivered.into()),
             ("RELAY_LOG__LEVEL", "info".into()),
             (
                 "RELAY_HTTP__ADDR",
@@ -810,11 +821,25 @@ impl Env {
             w.rows,
             fmt_lsn(w.end_lsn)
         );
+        let s = self.recvlogical(SOURCE_SLOT, w).await?;
+        println!(
+            "bench:   source limit: {:.0} rows/s ({} rows, {:.0} MB of WAL in {:.2} s; Postgres CPU {:.1} s)",
+            s.rate(),
+            s.rows,
+            s.wal_bytes as f64 / 1e6,
+            s.secs,
+            s.pg_cpu
+        );
+        Ok(s)
+    }
+
+    /// `pg_recvlogical` reads the backlog off `slot` (to `w.end_lsn`), then the slot is dropped.
+    async fn recvlogical(&self, slot: &str, w: &Written) -> Result<Source> {
         let start_lsn: i64 = self
             .db
             .query_one(
                 "SELECT (restart_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
-                &[&SOURCE_SLOT],
+                &[&slot],
             )
             .await
             .context("reading the source slot's position")?
@@ -830,7 +855,7 @@ impl Env {
         let out = tokio::process::Command::new(self.pg.client_tool("pg_recvlogical"))
             .arg("-d")
             .arg(self.pg.conninfo())
-            .args(["--slot", SOURCE_SLOT, "--start", "--no-loop", "-F", "0"])
+            .args(["--slot", slot, "--start", "--no-loop", "-F", "0"])
             .args([
                 "-o",
                 "proto_version=1",
@@ -862,7 +887,7 @@ impl Env {
         loop {
             match self
                 .db
-                .execute("SELECT pg_drop_replication_slot($1)", &[&SOURCE_SLOT])
+                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
                 .await
             {
                 Ok(_) => break,
@@ -872,22 +897,43 @@ impl Env {
                 Err(e) => return Err(e).context("dropping the source-limit slot"),
             }
         }
-        let s = Source {
+        Ok(Source {
             rows: w.rows,
             secs,
             wal_bytes: w.end_lsn.saturating_sub(start_lsn as u64),
             pg_cpu,
             client_cpu,
+        })
+    }
+
+    /// The concurrent limit: `pg_recvlogical` drains the backlog and the plain producer sends
+    /// the same rows at the same time, on the same cores — the most any relay can do here.
+    async fn concurrent_limit(&mut self, w: &Written) -> Result<Concurrent> {
+        let msgs = self.load_messages(w).await?;
+        println!(
+            "bench: concurrent limit: pg_recvlogical reads {} rows off slot {CONCURRENT_SLOT} while the plain producer sends them to {SINK_TOPIC}",
+            w.rows
+        );
+        let brokers = self.tansu.brokers();
+        let send =
+            tokio::task::spawn_blocking(move || kafka::sink_limit(&brokers, SINK_TOPIC, &msgs));
+        let read = self.recvlogical(CONCURRENT_SLOT, w).await;
+        let sent = send
+            .await
+            .map_err(|e| anyhow!("the concurrent sink task failed: {e}"))??;
+        let read = read?;
+        let c = Concurrent {
+            rows: w.rows,
+            source_secs: read.secs,
+            sink_secs: sent.secs,
         };
         println!(
-            "bench:   source limit: {:.0} rows/s ({} rows, {:.0} MB of WAL in {:.2} s; Postgres CPU {:.1} s)",
-            s.rate(),
-            s.rows,
-            s.wal_bytes as f64 / 1e6,
-            s.secs,
-            s.pg_cpu
+            "bench:   concurrent limit: {:.0} rows/s (pg_recvlogical {:.2} s, producer {:.2} s, at the same time)",
+            c.rate(),
+            c.source_secs,
+            c.sink_secs
         );
-        Ok(s)
+        Ok(c)
     }
 
     /// The backlog's rows as the relay would send them.
@@ -959,7 +1005,9 @@ impl Env {
         Ok(self
             .db
             .query_one(
-                "SELECT count(*) FROM outbox WHERE delivered_at IS NULL AND seq > $1 AND seq <= $2",
+                "SELECT count(*) FROM outbox o WHERE o.seq > $1 AND o.seq <= $2 AND o.delivered_at IS NULL \
+                 AND NOT o.seq <@ (SELECT coalesce(range_agg(seqs), '{}'::int8multirange) \
+                                   FROM outbox_delivered WHERE seqs && int8range($1 + 1, $2 + 1))",
                 &[&seq_after, &seq_last],
             )
             .await
@@ -972,7 +1020,10 @@ impl Env {
         let v: Option<f64> = self
             .db
             .query_one(
-                "SELECT extract(epoch FROM max(delivered_at))::float8 FROM outbox WHERE seq > $1 AND seq <= $2",
+                "SELECT extract(epoch FROM greatest( \
+                     (SELECT max(delivered_at) FROM outbox WHERE seq > $1 AND seq <= $2), \
+                     (SELECT max(delivered_at) FROM outbox_delivered \
+                      WHERE seqs && int8range($1 + 1, $2 + 1))))::float8",
                 &[&seq_after, &seq_last],
             )
             .await
@@ -1066,7 +1117,7 @@ impl Env {
                 let ids: Vec<String> = self
                     .db
                     .query(
-                        "SELECT id::text FROM outbox WHERE delivered_at IS NULL AND seq > $1 AND seq <= $2 \
+                        "SELECT id::text FROM outbox_status WHERE delivered_at IS NULL AND seq > $1 AND seq <= $2 \
                          ORDER BY seq LIMIT 5",
                         &[&seq_after, &seq_last],
                     )
@@ -1134,7 +1185,7 @@ impl Env {
         let other_cpu =
             cpu1.cores_since(&cpu0).other * cpu1.at.duration_since(cpu0.at).as_secs_f64();
         let walsender_cpu = walsender.and_then(procs::pid_cpu_seconds);
-        let marks = self.mark_statements().await?;
+        let marks = self.mark_statements(if mark { w.rows } else { 0 }).await?;
         let wal_written = workload::wal_insert_lsn(&self.db)
             .await?
             .saturating_sub(wal0);
@@ -1644,15 +1695,16 @@ impl Env {
         target_rate: f64,
         o: &Offered,
     ) -> Result<Latency> {
-        // The row's commit time from its inserting transaction (the xid is in its headers: the
-        // relay's UPDATE gave the row a new xmin).
+        // The row's commit time from its inserting transaction (the xid is in its headers: with
+        // on_delivered = mark the relay's UPDATE gives the row a new xmin); delivered_at from
+        // the view (the ledger's time of the row's batch).
         let db_rows = self
             .db
             .query(
                 "SELECT id::text, \
                    (extract(epoch FROM pg_xact_commit_timestamp((headers->>'bench_xid')::xid)) * 1e6)::int8, \
                    (extract(epoch FROM delivered_at) * 1e6)::int8 \
-                 FROM outbox WHERE seq > $1 AND seq <= $2",
+                 FROM outbox_status WHERE seq > $1 AND seq <= $2",
                 &[&o.seq_after, &o.seq_last],
             )
             .await

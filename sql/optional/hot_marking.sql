@@ -1,5 +1,7 @@
 -- outbox-relay, optional layout: cheaper "mark delivered" (HOT updates).
 -- Apply after 001_outbox.sql with: psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -f sql/optional/hot_marking.sql
+-- Only for outbox.on_delivered = "mark" (rows marked by an UPDATE); the default delivery ledger
+-- (sql/005_delivery_ledger.sql) never updates the outbox row.
 --
 -- Marking a row delivered is an UPDATE. With the shipped layout no such update is HOT: the partial
 -- index outbox_undelivered_idx names delivered_at in its predicate, so every update also inserts

@@ -240,6 +240,25 @@ async fn table_check(c: &tokio_postgres::Client, config: &Config) -> CheckResult
 
 async fn marking_check(c: &tokio_postgres::Client, config: &Config) -> CheckResult {
     match schema::marking_preflight(c, config).await {
+        Ok(())
+            if config.outbox.on_delivered == crate::config::OnDelivered::Record
+                && let Some(cache) = seq_cache(c, config).await
+                && cache > 1 =>
+        {
+            warn(
+                "marking columns and grant",
+                format!(
+                    "the sequence of {}.{} caches {cache} values per session: a session may insert \
+                     a row with a seq far below the ones other sessions commit meanwhile, after the \
+                     delivery ledger's watermark moved past it, and a relay that then loses its \
+                     slot would not find that row; run ALTER TABLE {} ALTER COLUMN {} SET CACHE 1",
+                    config.outbox_table_sql(),
+                    config.outbox.columns.seq,
+                    config.outbox_table_sql(),
+                    crate::quote::quote_ident(&config.outbox.columns.seq),
+                ),
+            )
+        }
         Ok(()) => pass(
             "marking columns and grant",
             format!(
@@ -264,6 +283,19 @@ async fn marking_check(c: &tokio_postgres::Client, config: &Config) -> CheckResu
         ),
         Err(e) => fail("marking columns and grant", e.to_string()),
     }
+}
+
+/// The cache size of the `seq` column's sequence, if it has one the relay's role can see.
+async fn seq_cache(c: &tokio_postgres::Client, config: &Config) -> Option<i64> {
+    c.query_opt(
+        "SELECT s.seqcache FROM pg_sequence s \
+         WHERE s.seqrelid = pg_get_serial_sequence($1, $2)::regclass",
+        &[&config.outbox_table_sql(), &config.outbox.columns.seq],
+    )
+    .await
+    .ok()
+    .flatten()
+    .map(|r| r.get(0))
 }
 
 async fn slot_check(c: &tokio_postgres::Client, config: &Config) -> CheckResult {

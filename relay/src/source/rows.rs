@@ -94,7 +94,7 @@ pub async fn parked_rows(
     let columns = Columns::read(db, config).await?;
     let sql = format!(
         "SELECT {select} FROM {table} o WHERE {at}::text = $1 AND {aid}::text = $2 \
-         AND {failed} IS NOT NULL AND NOT {delivered} ORDER BY {seq} LIMIT {PARKED_PER_TRY}",
+         AND {failed} IS NOT NULL AND NOT {delivered} ORDER BY o.{seq} LIMIT {PARKED_PER_TRY}",
         select = columns.select_list(config),
         at = quote_ident(&c.aggregatetype),
         aid = quote_ident(&c.aggregateid),

@@ -93,8 +93,10 @@ async fn publish_snapshot<S: Sink>(
     let c = &config.outbox.columns;
     // Commit order is what consumers need per aggregate. The optional sequence column gives
     // insertion order; without it, transaction start time and then physical order approximate it.
+    // Qualified: the select list has a column named like `seq` too (its text), and an unqualified
+    // ORDER BY name means the output column — text order (1333 before 134).
     let order = if columns.has(&c.seq) {
-        quote_ident(&c.seq)
+        format!("o.{}", quote_ident(&c.seq))
     } else if columns.has("created_at") {
         "created_at, ctid".to_owned()
     } else {
