@@ -18,5 +18,6 @@ mod replication_client;
 mod rocketmq;
 mod security;
 mod supervision;
+mod tableless;
 mod transactions;
 mod world;

@@ -123,7 +123,7 @@ async fn creates_a_slot_and_streams_pgoutput_with_keepalives() {
     assert!(slot.consistent_point > Lsn::ZERO);
     pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('a', 'b', 'c', '{}')");
     let mut stream = client
-        .start_replication("probe", Lsn::ZERO, "outbox_pub")
+        .start_replication("probe", Lsn::ZERO, "outbox_pub", false)
         .await
         .unwrap();
     let mut tags = Vec::new();
@@ -144,7 +144,7 @@ async fn creates_a_slot_and_streams_pgoutput_with_keepalives() {
     }
     let client = ReplicationClient::connect(&config).await.unwrap();
     let mut stream = client
-        .start_replication("probe", Lsn::ZERO, "no_such_pub")
+        .start_replication("probe", Lsn::ZERO, "no_such_pub", false)
         .await
         .unwrap();
     let err = loop {

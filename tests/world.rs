@@ -168,7 +168,7 @@ async fn waits_while_the_slot_is_active_elsewhere() {
     let config: tokio_postgres::Config = pg.url().parse().unwrap();
     let holder = ReplicationClient::connect(&config).await.unwrap();
     let holder = holder
-        .start_replication("outbox_relay", Lsn::ZERO, "outbox_pub")
+        .start_replication("outbox_relay", Lsn::ZERO, "outbox_pub", false)
         .await
         .unwrap();
     let relay = Relay::start(&env);

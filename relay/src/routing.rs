@@ -26,9 +26,59 @@ pub struct RawRow {
     /// The row's `outbox.columns.seq` (insertion order), when the table has the column: what
     /// the delivery ledger records (`outbox.on_delivered = "record"`).
     pub seq: Option<i64>,
+    /// A table-less outbox message (`pg_logical_emit_message`): there is no row to mark.
+    pub emitted: bool,
 }
 
 impl RawRow {
+    /// A table-less outbox message: the JSON object `outbox_emit()` writes (`id`,
+    /// `aggregatetype`, `aggregateid`, `type`, `payload`, `headers`, `topic`). Content that is
+    /// not such an object gives a row without those fields (dead-lettered by the routing, with
+    /// the reason), under an id derived from the message's WAL position so that a message read
+    /// again gets the same one.
+    pub fn from_message(content: &[u8], lsn: u64) -> RawRow {
+        let fallback_id = || {
+            let mut name = b"outbox-relay message at ".to_vec();
+            name.extend_from_slice(&lsn.to_be_bytes());
+            Some(Bytes::from(
+                uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &name).to_string(),
+            ))
+        };
+        // Raw values: payload and headers keep the text Postgres wrote (as for a row's jsonb).
+        let Ok(map) = serde_json::from_slice::<
+            std::collections::HashMap<String, &serde_json::value::RawValue>,
+        >(content) else {
+            return RawRow {
+                id: fallback_id(),
+                payload: Some(Bytes::copy_from_slice(content)),
+                emitted: true,
+                ..RawRow::default()
+            };
+        };
+        let json = |k: &str| match map.get(k).map(|v| v.get()) {
+            Some("null") | None => None,
+            Some(v) => Some(Bytes::copy_from_slice(v.as_bytes())),
+        };
+        let text = |k: &str| {
+            let raw = map.get(k)?;
+            match serde_json::from_str::<String>(raw.get()) {
+                Ok(s) => Some(Bytes::from(s)),
+                Err(_) => json(k),
+            }
+        };
+        RawRow {
+            id: text("id").or_else(fallback_id),
+            aggregatetype: text("aggregatetype"),
+            aggregateid: text("aggregateid"),
+            event_type: text("type"),
+            payload: json("payload"),
+            headers: json("headers"),
+            topic: text("topic"),
+            seq: None,
+            emitted: true,
+        }
+    }
+
     /// The row's id as a UUID, if it has a usable one.
     pub fn uuid(&self) -> Option<uuid::Uuid> {
         self.id
@@ -286,6 +336,7 @@ impl ColumnMap {
             headers: take(self.headers),
             topic: take(self.topic),
             seq: take(self.seq).and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok()),
+            emitted: false,
         }
     }
 }
@@ -305,6 +356,7 @@ mod tests {
             headers: None,
             topic: None,
             seq: None,
+            emitted: false,
         }
     }
 
@@ -485,5 +537,35 @@ mod tests {
         assert!(
             err.contains("aggregatetype") && err.contains("RELAY_OUTBOX__COLUMNS__AGGREGATETYPE")
         );
+    }
+
+    #[test]
+    fn an_emitted_message_becomes_a_row_and_bad_content_keeps_a_stable_id() {
+        let content = br#"{"id": "9b2f7b0e-54d3-4c5e-9d7e-1f0d6c0a7a11", "aggregatetype": "order", "aggregateid": "42", "type": "OrderPlaced", "payload": {"n": 1, "s": "x"}, "headers": {"tenant": "acme"}, "topic": null}"#;
+        let raw = RawRow::from_message(content, 7);
+        assert!(raw.emitted);
+        assert_eq!(
+            raw.id.as_deref(),
+            Some(&b"9b2f7b0e-54d3-4c5e-9d7e-1f0d6c0a7a11"[..])
+        );
+        assert_eq!(raw.aggregateid.as_deref(), Some(&b"42"[..]));
+        assert_eq!(raw.event_type.as_deref(), Some(&b"OrderPlaced"[..]));
+        // The payload keeps the text Postgres wrote.
+        assert_eq!(raw.payload.as_deref(), Some(&br#"{"n": 1, "s": "x"}"#[..]));
+        assert_eq!(raw.headers.as_deref(), Some(&br#"{"tenant": "acme"}"#[..]));
+        assert!(raw.topic.is_none() && raw.seq.is_none());
+        let msg = router().route(&raw).unwrap();
+        assert_eq!(msg.topic, "outbox.event.order");
+
+        let bad = RawRow::from_message(b"not json", 7);
+        assert_eq!(
+            bad.id,
+            RawRow::from_message(b"other", 7).id,
+            "id from the position"
+        );
+        assert_ne!(bad.id, RawRow::from_message(b"not json", 8).id);
+        assert!(bad.uuid().is_some());
+        let err = router().route(&bad).unwrap_err();
+        assert!(err.problem.contains("aggregatetype"), "{err}");
     }
 }

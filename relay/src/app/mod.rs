@@ -386,7 +386,12 @@ impl Supervisor {
                 source::prepare(&session.db, &mut repl, config, pipeline, (&here.0, here.1))
                     .await?;
             let stream = repl
-                .start_replication(&config.postgres.slot, start, &config.postgres.publication)
+                .start_replication(
+                    &config.postgres.slot,
+                    start,
+                    &config.postgres.publication,
+                    !config.outbox.message_prefix.is_empty(),
+                )
                 .await?;
             Ok::<_, RunError>((stream, here))
         };

@@ -453,6 +453,9 @@ pub struct OutboxConfig {
     /// is moved up. It moves past a seq only two intervals after the seq was drawn at the
     /// earliest (see `delivered::Watermark`).
     pub watermark_interval_ms: u64,
+    /// The prefix of table-less outbox messages (`pg_logical_emit_message(true, prefix, ...)`,
+    /// written by `outbox_emit()` of sql/006_emit.sql); empty: messages are not read.
+    pub message_prefix: String,
     pub columns: ColumnNames,
 }
 
@@ -478,6 +481,7 @@ impl Default for OutboxConfig {
             on_delivered: OnDelivered::Record,
             ledger_table: "outbox_delivered".into(),
             watermark_interval_ms: 5_000,
+            message_prefix: "outbox".into(),
             columns: ColumnNames::default(),
         }
     }

@@ -77,6 +77,10 @@ struct Batch {
 impl Batch {
     fn add(&mut self, d: Delivery, mark_delivered: bool) {
         match d {
+            Delivery::Acked(token) if token.emitted => {
+                // A table-less message: no row to mark; the slot is its delivery record.
+                push_completion(&mut self.done, token.tx_seq);
+            }
             Delivery::Acked(mut token) => {
                 if let Some(half) = token.half.take()
                     && let Some(earlier) = self.halves.insert(token.id, half)

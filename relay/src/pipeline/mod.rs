@@ -317,21 +317,28 @@ impl<S: Sink> Pipeline<S> {
                     return Ok(()); // another table in the publication
                 };
                 let raw = map.raw_row(new);
-                let seq = self
-                    .open_tx
-                    .ok_or_else(|| PipelineError::Order("Insert outside a transaction".into()))?;
-                if let Some(eo) = &mut self.exactly_once {
-                    eo.open_rows += 1;
-                    if eo.covered.covers(eo.open_final_lsn, eo.open_rows) {
-                        eo.handled_rows = eo.open_rows;
-                        self.mark_covered(seq, &raw);
-                        return Ok(());
-                    }
+                self.handle_row(raw).await?;
+            }
+            PgOutput::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } if !self.config.outbox.message_prefix.is_empty()
+                && prefix == self.config.outbox.message_prefix =>
+            {
+                if !transactional {
+                    tracing::warn!(
+                        %lsn,
+                        prefix,
+                        "a non-transactional outbox message is not published (it would be sent even \
+                         if its transaction rolled back): write it with pg_logical_emit_message(true, ...) \
+                         or outbox_emit() (sql/006_emit.sql)"
+                    );
+                    return Ok(());
                 }
-                self.publish_row_of(seq, raw, self.open_origin).await?;
-                if let Some(eo) = &mut self.exactly_once {
-                    eo.handled_rows = eo.open_rows;
-                }
+                self.handle_row(RawRow::from_message(&content, lsn.0))
+                    .await?;
             }
             PgOutput::Truncate { relation_ids, .. } => {
                 if relation_ids
@@ -353,6 +360,26 @@ impl<S: Sink> Pipeline<S> {
         Ok(())
     }
 
+    /// One row of the open transaction: an inserted outbox row or a table-less message.
+    async fn handle_row(&mut self, raw: RawRow) -> Result<(), PipelineError> {
+        let seq = self
+            .open_tx
+            .ok_or_else(|| PipelineError::Order("Insert outside a transaction".into()))?;
+        if let Some(eo) = &mut self.exactly_once {
+            eo.open_rows += 1;
+            if eo.covered.covers(eo.open_final_lsn, eo.open_rows) {
+                eo.handled_rows = eo.open_rows;
+                self.mark_covered(seq, &raw);
+                return Ok(());
+            }
+        }
+        self.publish_row_of(seq, raw, self.open_origin).await?;
+        if let Some(eo) = &mut self.exactly_once {
+            eo.handled_rows = eo.open_rows;
+        }
+        Ok(())
+    }
+
     /// Routes one row and hands it to the sink as part of transaction `seq`. A row that cannot
     /// become a message, or that the broker refuses `dead_letter.max_attempts` times, is poison.
     /// Under `block_key`, a row of a blocked aggregate is parked instead.
@@ -370,7 +397,8 @@ impl<S: Sink> Pipeline<S> {
     ) -> Result<(), PipelineError> {
         self.counters.rows += 1;
         self.meters.rows_read.increment(1);
-        if !self.blocked.is_empty() {
+        // Table-less messages have no row to park: block_key does not hold them back.
+        if !self.blocked.is_empty() && !raw.emitted {
             let aggregate = Aggregate::of_row(&raw);
             if let Some(blocker) = self.blocked.blocker(&aggregate)
                 && let Some(id) = raw.uuid()
@@ -404,7 +432,9 @@ impl<S: Sink> Pipeline<S> {
             Ok(msg) => msg,
             Err(e) => {
                 let record = record::for_row(&self.config, &self.router, &raw, &e.problem);
-                return self.poison(seq, e.id, record, e.problem, 0, false).await;
+                return self
+                    .poison(seq, e.id, record, e.problem, 0, false, raw.emitted)
+                    .await;
             }
         };
         let mut delays = crate::retry::backoff(&self.config.retry).build();
@@ -414,6 +444,7 @@ impl<S: Sink> Pipeline<S> {
             token.attempt = attempt;
             token.xid = origin.map(|o| o.xid);
             token.row_seq = raw.seq;
+            token.emitted = raw.emitted;
             token.commit_time = origin.map(|o| o.commit_time);
             match self.sink.publish(&msg, token).await {
                 Ok(()) => {
@@ -445,7 +476,7 @@ impl<S: Sink> Pipeline<S> {
                     let record = record::for_message(&self.config, &msg, &error, attempt);
                     let id = msg.id.to_string();
                     return self
-                        .poison(seq, id, Some(record), error, attempt, false)
+                        .poison(seq, id, Some(record), error, attempt, false, raw.emitted)
                         .await;
                 }
             }
@@ -484,6 +515,7 @@ impl<S: Sink> Pipeline<S> {
         let mut token = AckToken::new(seq, id);
         token.xid = self.open_origin.map(|o| o.xid);
         token.row_seq = raw.seq;
+        token.emitted = raw.emitted;
         self.track(seq);
         // The marking stage outlives the pipeline; a closed channel surfaces as MarkingStopped.
         let _ = self.parked.send(Delivery::Acked(token));
@@ -639,7 +671,9 @@ impl<S: Sink> Pipeline<S> {
     }
 
     /// Applies `dead_letter.policy` to a poison row. `counted`: the row's original message is
-    /// already in flight (its dead-letter record takes its place).
+    /// already in flight (its dead-letter record takes its place). `emitted`: a table-less
+    /// message, which has no row to park: `block_key` dead-letters it.
+    #[allow(clippy::too_many_arguments)]
     async fn poison(
         &mut self,
         seq: TxSeq,
@@ -648,8 +682,13 @@ impl<S: Sink> Pipeline<S> {
         error: String,
         attempts: u32,
         counted: bool,
+        emitted: bool,
     ) -> Result<(), PipelineError> {
-        let record = match (self.config.dead_letter.policy, record) {
+        let policy = match self.config.dead_letter.policy {
+            PoisonPolicy::BlockKey if emitted => PoisonPolicy::Dlq,
+            policy => policy,
+        };
+        let record = match (policy, record) {
             (PoisonPolicy::Halt, _) => {
                 return Err(PipelineError::Poison {
                     id,
@@ -702,6 +741,7 @@ impl<S: Sink> Pipeline<S> {
             (PoisonPolicy::Dlq, Some(record)) => record,
         };
         let mut token = AckToken::new(seq, record.id);
+        token.emitted = emitted;
         token.failure = Some(Box::new(FailureNote {
             error: error.clone(),
             attempts,
@@ -783,6 +823,7 @@ impl<S: Sink> Pipeline<S> {
                     error,
                     token.attempt,
                     true,
+                    token.emitted,
                 )
                 .await
             }

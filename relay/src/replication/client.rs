@@ -637,16 +637,19 @@ impl ReplicationClient {
 
     /// Starts streaming pgoutput (protocol version 1) for `publication` from `start` (0/0: from
     /// the slot's confirmed position). Consumes the client: the connection is now a stream.
+    /// `messages`: also stream logical decoding messages (`pg_logical_emit_message`).
     pub async fn start_replication(
         mut self,
         slot: &str,
         start: Lsn,
         publication: &str,
+        messages: bool,
     ) -> Result<ReplicationStream, ReplicationError> {
         let sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {})",
+            "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {}{})",
             quote_ident(slot),
             quote_literal(&quote_ident(publication)),
+            if messages { ", messages 'true'" } else { "" },
         );
         frontend::query(&sql, &mut self.wbuf)?;
         self.flush_writes().await?;

@@ -68,6 +68,9 @@ pub struct AckToken {
     pub xid: Option<u32>,
     /// The row's `seq` (insertion order) when known: what the delivery ledger records.
     pub row_seq: Option<i64>,
+    /// A table-less outbox message (`pg_logical_emit_message`): nothing to mark, delivered or
+    /// failed; the slot (and, exactly-once, the progress record) is its delivery record.
+    pub emitted: bool,
     /// The inserting transaction's commit time (microseconds since 2000-01-01 UTC, Postgres'
     /// epoch), for rows read from the WAL: the commit → acknowledgement latency metric.
     pub commit_time: Option<i64>,
@@ -88,6 +91,7 @@ impl AckToken {
             attempt: 1,
             xid: None,
             row_seq: None,
+            emitted: false,
             commit_time: None,
             failure: None,
             half: None,

@@ -79,6 +79,7 @@ pub fn raw_row(r: &Row) -> RawRow {
         headers: text(5),
         topic: text(6),
         seq: r.get::<_, Option<String>>(7).and_then(|s| s.parse().ok()),
+        emitted: false,
     }
 }
 
