@@ -255,6 +255,8 @@ struct Env {
     statements: bool,
     /// `outbox.on_delivered` of the relay's next start (`record`, the default, or `mark`).
     on_delivered: &'static str,
+    /// What the next drain reads, when not table rows (its label).
+    drain_note: Option<&'static str>,
     /// Rows the relay confirmed without marking them delivered.
     unmarked: Vec<Unmarked>,
 }
@@ -417,6 +419,7 @@ async fn run(opts: Opts) -> Result<()> {
         metrics_port: procs::free_port()?,
         statements,
         on_delivered: "record",
+        drain_note: None,
         unmarked: Vec::new(),
     };
     let results = env.run_all(&repo, run_started).await;
@@ -532,6 +535,35 @@ impl Env {
         let delivery = self.delivery_modes(steady_max.rate() * 0.5).await?;
         let other_sinks = self.other_sinks().await?;
 
+        // The table-less outbox: the same events written by outbox_emit (nothing in a table,
+        // nothing to mark), drained from WAL.
+        self.skip_relay_wal().await?;
+        println!(
+            "bench: writing {} events with outbox_emit (table-less outbox)",
+            self.plan.rows
+        );
+        let emitted = workload::write_emitted(
+            &self.db,
+            BACKLOG_AGG,
+            self.next_row,
+            self.plan.rows,
+            "table-less backlog",
+        )
+        .await?;
+        self.next_row += emitted.rows;
+        println!(
+            "bench:   table-less backlog: {} events in {} transactions, {:.1} s ({:.0} events/s), WAL up to {}",
+            emitted.rows,
+            emitted.transactions,
+            emitted.secs,
+            emitted.rows as f64 / emitted.secs,
+            fmt_lsn(emitted.end_lsn)
+        );
+        self.drain_note = Some("table-less messages (outbox_emit)");
+        let drain_tableless = self.drain(false, &emitted).await;
+        self.drain_note = None;
+        let drain_tableless = drain_tableless?;
+
         // Last: the same drain with each row marked by an UPDATE (`outbox.on_delivered = mark`,
         // the default before the delivery ledger), on a third backlog.
         self.skip_relay_wal().await?;
@@ -559,6 +591,7 @@ impl Env {
             drain_on,
             drain_off,
             drain_mark,
+            drain_tableless,
             vacuum_after_marking,
             steady_max,
             latency,
@@ -1147,7 +1180,11 @@ impl Env {
 
     /// The relay drains a backlog it reads from WAL (its slot predates the backlog).
     async fn drain(&mut self, mark: bool, w: &Written) -> Result<Drain> {
-        let marking = if mark { "marking on" } else { "marking off" };
+        let marking = match self.drain_note {
+            Some(note) => note,
+            None if mark => "marking on",
+            None => "marking off",
+        };
         let sink = self.sink.name();
         let label = match sink {
             None => format!("relay drain, {marking}"),
@@ -1162,9 +1199,14 @@ impl Env {
         let wal0 = workload::wal_insert_lsn(&self.db).await?;
         let cpu0 = self.cpu_snapshot();
         let log_label = format!(
-            "drain{}-marking-{}",
+            "drain{}-marking-{}{}",
             sink.map(|s| format!("-{s}")).unwrap_or_default(),
-            if mark { "on" } else { "off" }
+            if mark { "on" } else { "off" },
+            if self.drain_note.is_some() {
+                "-tableless"
+            } else {
+                ""
+            }
         );
         self.start_relay(mark, &log_label)?;
         let started = self.relay()?.started;

@@ -93,6 +93,23 @@ BEGIN
 END
 $$;
 
+-- The same as bench_insert through the table-less outbox: outbox_emit (sql/006_emit.sql) writes
+-- each event into the WAL; nothing goes to a table.
+CREATE OR REPLACE PROCEDURE bench_emit(agg_type text, ev_type text, first bigint, txs int, rows_per_tx int)
+LANGUAGE plpgsql AS $$
+DECLARE
+  t int;
+  i bigint;
+BEGIN
+  FOR t IN 0 .. txs - 1 LOOP
+    i := first + t::bigint * rows_per_tx;
+    PERFORM outbox_emit(agg_type, 'order-' || (g % @AGGREGATES@), ev_type, bench_payload(g))
+    FROM generate_series(i, i + rows_per_tx - 1) g;
+    COMMIT;
+  END LOOP;
+END
+$$;
+
 -- Single-row transactions at a fixed rate (rate 0: as fast as this session can) for `seconds`
 -- (open loop: a row due is written when due, however late the previous ones were), rows
 -- numbered from first. Returns how many it wrote.
@@ -267,6 +284,56 @@ pub async fn write_backlog(
         transactions,
         seq_after,
         seq_last,
+        start_lsn,
+        end_lsn,
+        secs,
+    })
+}
+
+/// Writes `rows` events through the table-less outbox (`outbox_emit`), numbered from `first`, in
+/// transactions of 100: the same payloads as a backlog, nothing in a table.
+pub async fn write_emitted(
+    client: &Client,
+    agg_type: &str,
+    first: u64,
+    rows: u64,
+    label: &str,
+) -> Result<Written> {
+    const PER_TX: u64 = 100;
+    ensure!(
+        rows > 0 && rows.is_multiple_of(PER_TX),
+        "emitted rows must be a positive multiple of {PER_TX}, got {rows}"
+    );
+    let seq = last_seq(client).await?;
+    let start_lsn = wal_insert_lsn(client).await?;
+    let started = Instant::now();
+    let txs = rows / PER_TX;
+    let chunk = 1_000u64.min(txs);
+    let mut done = 0;
+    while done < txs {
+        let n = chunk.min(txs - done);
+        client
+            .batch_execute(&format!(
+                "CALL bench_emit({}, {}, {}, {n}, {PER_TX})",
+                literal(agg_type),
+                literal(EVENT_TYPE),
+                first + done * PER_TX
+            ))
+            .await
+            .with_context(|| format!("{label}: emitting {n} transactions of {PER_TX} events"))?;
+        done += n;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let end_lsn = wal_insert_lsn(client).await?;
+    ensure!(
+        last_seq(client).await? == seq,
+        "{label}: outbox_emit wrote rows into the outbox table"
+    );
+    Ok(Written {
+        rows,
+        transactions: txs,
+        seq_after: seq,
+        seq_last: seq,
         start_lsn,
         end_lsn,
         secs,
