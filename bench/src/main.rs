@@ -1039,8 +1039,9 @@ impl Env {
             .db
             .query_one(
                 "SELECT count(*) FROM outbox o WHERE o.seq > $1 AND o.seq <= $2 AND o.delivered_at IS NULL \
-                 AND NOT o.seq <@ (SELECT coalesce(range_agg(seqs), '{}'::int8multirange) \
-                                   FROM outbox_delivered WHERE seqs && int8range($1 + 1, $2 + 1))",
+                 AND NOT o.seq <@ (SELECT coalesce(range_agg(r), '{}'::int8multirange) \
+                                   FROM outbox_delivered, unnest(seqs) AS r \
+                                   WHERE seqs && int8range($1 + 1, $2 + 1))",
                 &[&seq_after, &seq_last],
             )
             .await

@@ -46,15 +46,17 @@ fn watermark_sql(config: &Config) -> String {
 
 /// `record`: the condition for rows of `alias` that are neither delivered nor failed, found
 /// from the watermark up through the `seq` index; each candidate is tested against the ledger
-/// rows above the watermark merged into one multirange (computed once per statement).
+/// rows above the watermark merged into one multirange (computed once per statement; merged
+/// range by range: `range_agg` of multiranges is not in Postgres 14).
 pub fn pending_condition(config: &Config, alias: &str) -> String {
     let c = &config.outbox.columns;
     let seq = format!("{alias}.{}", quote_ident(&c.seq));
     let w = watermark_sql(config);
     format!(
         "{seq} >= {w} AND {alias}.{d} IS NULL AND {alias}.{f} IS NULL \
-         AND NOT {seq} <@ (SELECT coalesce(range_agg(l.seqs), '{{}}'::int8multirange) \
-                           FROM {ledger} l WHERE l.seqs && int8range({w}, NULL))",
+         AND NOT {seq} <@ (SELECT coalesce(range_agg(r), '{{}}'::int8multirange) \
+                           FROM {ledger} l, unnest(l.seqs) AS r \
+                           WHERE l.seqs && int8range({w}, NULL))",
         d = quote_ident(&c.delivered_at),
         f = quote_ident(&c.failed_at),
         ledger = config.ledger_table_sql(),
