@@ -2,21 +2,13 @@
 //! under transactions that hold a low `seq` while later ones are delivered, a table marked
 //! before migrating to the ledger, and the `mark` and `delete` modes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(120);
 const LINGER: Duration = Duration::from_secs(2);
-
-fn count_by_id(msgs: &[Received]) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for m in msgs {
-        *counts.entry(m.id().to_owned()).or_insert(0) += 1;
-    }
-    counts
-}
 
 fn watermark(pg: &PgCluster) -> i64 {
     pg.psql("SELECT delivered_below FROM outbox_relay_state WHERE slot_name = 'outbox_relay'")

@@ -1,20 +1,12 @@
 //! Starting, stopping and restarting the relay; memory bounds; idle WAL; setup diagnostics.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(180);
 const LINGER: Duration = Duration::from_secs(3);
-
-fn count_by_id(msgs: &[Received]) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for m in msgs {
-        *counts.entry(m.id().to_owned()).or_insert(0) += 1;
-    }
-    counts
-}
 
 /// A graceful restart mid-stream loses nothing and republishes nothing that was acknowledged.
 #[tokio::test(flavor = "multi_thread")]

@@ -44,21 +44,28 @@ fn watermark_sql(config: &Config) -> String {
     )
 }
 
-/// `record`: the condition for rows of `alias` that are neither delivered nor failed, found
-/// from the watermark up through the `seq` index; each candidate is tested against the ledger
-/// rows above the watermark merged into one multirange (computed once per statement; merged
-/// range by range: `range_agg` of multiranges is not in Postgres 14).
+/// The condition for rows of `alias` that are neither delivered nor failed. `mark` and
+/// `delete`: `delivered_at` and `failed_at` NULL (the partial index on `seq` holds them).
+/// `record`: the same, found from the watermark up through the `seq` index, each candidate
+/// tested against the ledger rows above the watermark merged into one multirange (computed once
+/// per statement; merged range by range: `range_agg` of multiranges is not in Postgres 14).
 pub fn pending_condition(config: &Config, alias: &str) -> String {
     let c = &config.outbox.columns;
+    let unmarked = format!(
+        "{alias}.{d} IS NULL AND {alias}.{f} IS NULL",
+        d = quote_ident(&c.delivered_at),
+        f = quote_ident(&c.failed_at),
+    );
+    if config.outbox.on_delivered != OnDelivered::Record {
+        return unmarked;
+    }
     let seq = format!("{alias}.{}", quote_ident(&c.seq));
     let w = watermark_sql(config);
     format!(
-        "{seq} >= {w} AND {alias}.{d} IS NULL AND {alias}.{f} IS NULL \
+        "{seq} >= {w} AND {unmarked} \
          AND NOT {seq} <@ (SELECT coalesce(range_agg(r), '{{}}'::int8multirange) \
                            FROM {ledger} l, unnest(l.seqs) AS r \
                            WHERE l.seqs && int8range({w}, NULL))",
-        d = quote_ident(&c.delivered_at),
-        f = quote_ident(&c.failed_at),
         ledger = config.ledger_table_sql(),
     )
 }

@@ -1015,6 +1015,15 @@ pub struct Received {
     pub headers: HashMap<String, String>,
 }
 
+/// How many times each message id was received.
+pub fn count_by_id(msgs: &[Received]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for m in msgs {
+        *counts.entry(m.id().to_owned()).or_insert(0) += 1;
+    }
+    counts
+}
+
 impl Received {
     pub fn id(&self) -> &str {
         self.headers.get("id").map(String::as_str).unwrap_or("")

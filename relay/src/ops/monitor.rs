@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, OnDelivered};
+use crate::config::Config;
 use crate::metrics::{
     OLDEST_UNDELIVERED, REPLICATION_LAG, RETAINED_WAL, RETAINED_WAL_WARNING, SAFE_WAL_SIZE,
 };
@@ -33,14 +33,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) {
     let pg = config.pg_target();
     let every = Duration::from_millis(config.metrics.poll_interval_ms);
     let c = &config.outbox.columns;
-    let pending = match config.outbox.on_delivered {
-        OnDelivered::Record => crate::delivered::pending_condition(&config, "o"),
-        OnDelivered::Mark | OnDelivered::Delete => format!(
-            "o.{d} IS NULL AND o.{f} IS NULL",
-            d = quote_ident(&c.delivered_at),
-            f = quote_ident(&c.failed_at),
-        ),
-    };
+    let pending = crate::delivered::pending_condition(&config, "o");
     let oldest_sql = format!(
         "SELECT COALESCE(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM \
          (SELECT o.created_at FROM {table} o WHERE {pending} ORDER BY o.{seq} LIMIT 1) t",

@@ -17,17 +17,12 @@ use crate::config::{Config, OnDelivered};
 use crate::metrics::ROWS_DELETED;
 use crate::postgres;
 
-/// The DELETE of one batch: `$1` retention in seconds, `$2` batch size.
-pub fn delete_sql(config: &Config) -> String {
-    crate::delivered::expired_rows_sql(config)
-}
-
 /// Deletes every delivered row past the retention, in batches; returns how many went.
 pub async fn delete_expired(
     client: &Client,
     config: &Config,
 ) -> Result<u64, tokio_postgres::Error> {
-    let sql = delete_sql(config);
+    let sql = crate::delivered::expired_rows_sql(config);
     let ledger_sql = (config.outbox.on_delivered == OnDelivered::Record)
         .then(|| crate::delivered::expired_ledger_sql(config));
     let secs = config.retention.delivered_hours * 3600.0;

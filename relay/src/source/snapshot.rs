@@ -102,24 +102,17 @@ async fn publish_snapshot<S: Sink>(
     } else {
         "ctid".to_owned()
     };
-    let pending = match config.outbox.on_delivered {
-        // From the ledger's watermark up, rows neither delivered nor failed (seq is required).
-        OnDelivered::Record => format!(
-            "{} ORDER BY {order}",
-            delivered::pending_condition(config, "o")
-        ),
-        OnDelivered::Mark | OnDelivered::Delete => format!(
-            "o.{delivered} IS NULL{not_failed} ORDER BY {order}",
-            delivered = quote_ident(&c.delivered_at),
-            not_failed = if columns.has(&c.failed_at) {
-                format!(" AND o.{} IS NULL", quote_ident(&c.failed_at))
-            } else {
-                String::new()
-            },
-        ),
+    let pending = if config.outbox.on_delivered != OnDelivered::Record && !columns.has(&c.failed_at)
+    {
+        // A table without failed_at (`mark`, `delete`): undelivered is all there is to ask.
+        format!("o.{} IS NULL", quote_ident(&c.delivered_at))
+    } else {
+        // `record`: from the ledger's watermark up (seq is required there).
+        delivered::pending_condition(config, "o")
     };
     let sql = format!(
-        "DECLARE outbox_snapshot NO SCROLL CURSOR FOR SELECT {select} FROM {table} o WHERE {pending}",
+        "DECLARE outbox_snapshot NO SCROLL CURSOR FOR SELECT {select} FROM {table} o \
+         WHERE {pending} ORDER BY {order}",
         select = columns.select_list(config),
         table = config.outbox_table_sql(),
     );
