@@ -16,10 +16,17 @@
 //! `transactionOpBatchInterval`), so a check may still be under way; answering it "commit" as
 //! well makes the broker commit the message twice (seen with the broker 1.0.0). If that
 //! END_TRANSACTION was lost, the next check after the grace gets "commit".
+//!
+//! The same race holds for the applications' own half messages: the broker may check a half
+//! message again before it has recorded the commit this relay answered a moment ago (seen with
+//! the broker 1.0.0: two checks 230 ms apart, both answered commit, the message shown twice).
+//! A repeat check on a message this process answered "commit" less than [`ANSWER_GRACE`] ago is
+//! answered "unknown" (see [`Answered`]); if the first answer was lost, the next check after the
+//! grace gets "commit".
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +43,35 @@ use crate::oracle::{Oracle, TxStatus};
 
 /// How long after a sink message's key was committed check-backs on it are answered "unknown".
 pub const SINK_COMMIT_GRACE: Duration = Duration::from_secs(10);
+
+/// How long after this process answered "commit" to a check on a half message a repeat check
+/// on the same message is answered "unknown".
+pub const ANSWER_GRACE: Duration = Duration::from_secs(10);
+
+/// The half messages this process answered "commit" for, and when: (producer group, the
+/// message's unique id, or its transaction key without one). Entries older than the grace are
+/// dropped as new ones come; check-backs are rare (crashed producers), so it stays small.
+#[derive(Debug, Default, Clone)]
+pub struct Answered {
+    inner: Arc<Mutex<HashMap<(String, String), Instant>>>,
+}
+
+impl Answered {
+    /// When this process answered "commit" for the message less than `grace` ago.
+    pub fn committed_within(&self, group: &str, id: &str, grace: Duration) -> Option<Duration> {
+        let map = self.inner.lock().ok()?;
+        let at = map.get(&(group.to_owned(), id.to_owned()))?;
+        Some(at.elapsed()).filter(|age| *age < grace)
+    }
+
+    /// Notes a "commit" answer, forgetting those older than `grace`.
+    pub fn note_commit(&self, group: &str, id: &str, grace: Duration) {
+        if let Ok(mut map) = self.inner.lock() {
+            map.retain(|_, at| at.elapsed() < grace);
+            map.insert((group.to_owned(), id.to_owned()), Instant::now());
+        }
+    }
+}
 
 /// The transaction key of a checked message: `OUTBOX_TX_KEY` when the relay's sink sent it,
 /// else `key_property` (`KEYS`: the first key; `TRANSACTION_ID`: RocketMQ's transaction id, the
@@ -70,6 +106,7 @@ pub async fn run(
     tracing::info!(name_server = %config.name_server, groups = ?groups, "answering RocketMQ check-backs");
     let (tx, mut incoming) = mpsc::channel::<(Connection, Command)>(1024);
     let answered: Arc<[String]> = groups.clone().into();
+    let commits = Answered::default();
     tokio::spawn(keep_registered(
         config.clone(),
         groups,
@@ -85,8 +122,9 @@ pub async fn run(
                     let key_property = config.key_property.clone();
                     let own = own.clone();
                     let groups = answered.clone();
+                    let commits = commits.clone();
                     tokio::spawn(async move {
-                        answer(conn, cmd, &oracle, &own, &key_property, &groups).await
+                        answer(conn, cmd, &oracle, &own, &commits, &key_property, &groups).await
                     });
                 }
                 Some((_, cmd)) => tracing::debug!(code = cmd.code, "ignoring a RocketMQ request"),
@@ -180,6 +218,7 @@ pub async fn answer(
     cmd: Command,
     oracle: &Oracle,
     own: &OwnHalves,
+    commits: &Answered,
     key_property: &str,
     groups: &[String],
 ) {
@@ -206,6 +245,12 @@ pub async fn answer(
         return;
     }
     let key = transaction_key(&check.message, key_property);
+    let group = &check.half.producer_group;
+    // The message across the broker's re-puts of it: its unique id, else its transaction key.
+    let message_id = Some(check.half.msg_id.as_str())
+        .filter(|id| !id.is_empty())
+        .or(key)
+        .unwrap_or("");
     let (resolution, status) = match key {
         None => (
             Resolution::Unknown,
@@ -219,6 +264,14 @@ pub async fn answer(
             TxStatus::Unknown(
                 "this relay sent the half message and settles it itself (END_TRANSACTION pending or just sent)".into(),
             ),
+        ),
+        Some(_) if let Some(age) = commits.committed_within(group, message_id, ANSWER_GRACE) => (
+            Resolution::Unknown,
+            TxStatus::Unknown(format!(
+                "this relay answered commit for this half message {} ms ago and the broker may \
+                 not have recorded it yet; answering commit again would show it twice",
+                age.as_millis()
+            )),
         ),
         Some(key) => {
             let mut status = oracle.check(key).await;
@@ -244,7 +297,9 @@ pub async fn answer(
         }
     };
     let key = key.unwrap_or("");
-    let group = &check.half.producer_group;
+    if resolution == Resolution::Commit && !message_id.is_empty() {
+        commits.note_commit(group, message_id, ANSWER_GRACE);
+    }
     metrics::counter!(TRANSACTION_CHECKS, "source" => "rocketmq", "status" => status.as_str())
         .increment(1);
     let remark = match &status {
@@ -284,5 +339,20 @@ mod tests {
         assert_eq!(transaction_key(&app, "bizKey"), None);
         let own = message(&[(prop::KEYS, "id-1"), (prop::OUTBOX_TX_KEY, "id-1:U2")]);
         assert_eq!(transaction_key(&own, "KEYS"), Some("id-1:U2"));
+    }
+
+    #[test]
+    fn a_commit_answer_is_remembered_per_group_and_message_for_the_grace_only() {
+        let commits = Answered::default();
+        let grace = Duration::from_millis(200);
+        assert_eq!(commits.committed_within("g", "U1", grace), None);
+        commits.note_commit("g", "U1", grace);
+        assert!(commits.committed_within("g", "U1", grace).is_some());
+        assert_eq!(commits.committed_within("g", "U2", grace), None);
+        assert_eq!(commits.committed_within("other", "U1", grace), None);
+        std::thread::sleep(grace);
+        assert_eq!(commits.committed_within("g", "U1", grace), None);
+        commits.note_commit("g", "U3", grace);
+        assert_eq!(commits.inner.lock().map(|m| m.len()).unwrap_or(0), 1);
     }
 }
