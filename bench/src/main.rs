@@ -9,20 +9,24 @@
 //! 5. peak RSS while one huge transaction streams;
 //! 6. other sinks: for NATS JetStream and RabbitMQ each (a private server started for the phase),
 //!    a plain publisher with the relay's client crate and guarantees, then the relay draining a
-//!    backlog of the same rows with that sink (marking on).
+//!    backlog of the same rows with that sink (marking on);
+//! 7. the table-less outbox and marking by UPDATE, each on a backlog of its own;
+//! 8. the peer, pg-transactional-outbox with kafkajs (`bench/peer/`), with its replication and
+//!    its polling listener: drain, Postgres CPU, commit → ack at half its drain rate.
 //!
 //! Prints a table and `e2e_vs_limit=…`, writes `BENCHMARKS.md` and `bench/chart.svg`.
 //! `scripts/bench [--quick]` builds and runs it.
 
 mod kafka;
 mod nats;
+mod peer;
 mod procs;
 mod rabbit;
 mod report;
 mod workload;
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -79,6 +83,10 @@ struct Opts {
     /// (repeatable; shown in the report).
     #[arg(long = "relay-env", value_name = "KEY=VALUE", value_parser = parse_env)]
     relay_env: Vec<(String, String)>,
+    /// Rows of each backlog the peer (pg-transactional-outbox) drains, a multiple of 4000.
+    /// Default 20000, quick 4000; 0 skips the peer.
+    #[arg(long)]
+    peer_rows: Option<u64>,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -223,6 +231,7 @@ struct Plan {
     latency_secs: f64,
     partitions: i32,
     relay_env: Vec<(String, String)>,
+    peer_rows: u64,
 }
 
 /// The processes and connections of a run. Fields drop in order: the relay first, the work
@@ -332,6 +341,7 @@ async fn run(opts: Opts) -> Result<()> {
             .unwrap_or(if quick { 8.0 } else { 30.0 }),
         partitions: opts.partitions,
         relay_env: opts.relay_env.clone(),
+        peer_rows: opts.peer_rows.unwrap_or(if quick { 4_000 } else { 20_000 }),
     };
     ensure!(
         plan.rows > 0 && plan.rows.is_multiple_of(workload::ROUND_ROWS),
@@ -578,6 +588,25 @@ impl Env {
         self.on_delivered = "record";
         let drain_mark = drain_mark?;
 
+        // The peer, alone, last: its own table, publication and slot.
+        self.skip_relay_wal().await?;
+        let peers = if self.plan.peer_rows > 0 {
+            self.peers(repo, self.plan.peer_rows).await?
+        } else {
+            Vec::new()
+        };
+        // The relay at the load the peer's replication listener was measured at.
+        let relay_at_peer_load = match peers.iter().find(|p| p.mode == "replication") {
+            Some(p) => Some(self.relay_at(p.load_rate).await?),
+            None => None,
+        };
+        let peers_node = Command::new("node")
+            .arg("--version")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .filter(|v| !v.is_empty() && !peers.is_empty());
+
         Ok(Results {
             quick: self.plan.quick,
             relay_env: self.plan.relay_env.clone(),
@@ -599,6 +628,9 @@ impl Env {
             single,
             delivery,
             other_sinks,
+            peers,
+            peers_node,
+            relay_at_peer_load,
             machine,
             unmarked: std::mem::take(&mut self.unmarked),
             other_cores: self.cpu_snapshot().cores_since(&cpu_start).other,

@@ -394,6 +394,8 @@ impl Drop for NoidaDb {
 /// The relay binary running as a child process, configured through `RELAY_*` variables.
 pub struct RelayProc {
     child: Option<Child>,
+    /// What the messages call it ("the relay", "the peer").
+    name: &'static str,
     pub log: PathBuf,
     pub started: Instant,
     pub started_wall: std::time::SystemTime,
@@ -401,26 +403,33 @@ pub struct RelayProc {
 
 impl RelayProc {
     pub fn spawn(bin: &Path, env: &[(String, String)], log: &Path) -> Result<RelayProc> {
-        let out = std::fs::File::create(log).context("creating the relay log")?;
-        let cwd = log.parent().unwrap_or(Path::new("/"));
         let mut cmd = Command::new(bin);
         cmd.arg("run")
-            .current_dir(cwd)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
+            .current_dir(log.parent().unwrap_or(Path::new("/")));
         for (k, _) in std::env::vars() {
             if k.starts_with("RELAY_") || k == "RUST_LOG" {
                 cmd.env_remove(k);
             }
         }
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        Self::spawn_command("the relay", cmd, log)
+    }
+
+    /// Any program stopped the same way (SIGTERM), its stdout and stderr going to `log`: the
+    /// relay, or the peer the bench compares it with.
+    pub fn spawn_command(name: &'static str, mut cmd: Command, log: &Path) -> Result<RelayProc> {
+        let out =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
         let started_wall = std::time::SystemTime::now();
         let started = Instant::now();
         let child = cmd
             .spawn()
-            .with_context(|| format!("starting the relay {}", bin.display()))?;
+            .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
         Ok(RelayProc {
+            name,
             child: Some(child),
             log: log.to_owned(),
             started,
@@ -439,7 +448,8 @@ impl RelayProc {
         {
             self.child = None;
             bail!(
-                "the relay exited unexpectedly ({status}); last lines of {}:\n{}",
+                "{} exited unexpectedly ({status}); last lines of {}:\n{}",
+                self.name,
                 self.log.display(),
                 tail(&self.log, 30)
             );
@@ -460,7 +470,7 @@ impl RelayProc {
     /// SIGTERM, then wait (up to `timeout`) for the exit; the relay confirms its position first.
     pub async fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let Some(mut child) = self.child.take() else {
-            bail!("the relay is not running");
+            bail!("{} is not running", self.name);
         };
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
@@ -474,7 +484,8 @@ impl RelayProc {
                 let _ = child.kill();
                 let _ = child.wait();
                 bail!(
-                    "the relay did not exit within {timeout:?} of SIGTERM; last lines of its log:\n{}",
+                    "{} did not exit within {timeout:?} of SIGTERM; last lines of its log:\n{}",
+                    self.name,
                     tail(&self.log, 30)
                 );
             }

@@ -258,6 +258,113 @@ fn other_sink_rows(r: &Results) -> Vec<[String; 5]> {
         .collect()
 }
 
+/// The peer's commit → broker ack, measured by the peer per message (ack − the row's
+/// `created_at`, `clock_timestamp()` of the single-row transaction's INSERT).
+pub struct PeerLatency {
+    pub n: u64,
+    pub p50: f64,
+    pub p99: f64,
+}
+
+/// pg-transactional-outbox with one of its listeners: a backlog drain, then half that rate.
+pub struct Peer {
+    /// `replication` or `polling`.
+    pub mode: &'static str,
+    pub rows: u64,
+    /// From its start to the last row's `processed_at`.
+    pub secs: f64,
+    pub peer_cpu: f64,
+    pub peak_rss_kib: u64,
+    pub pg_cpu: f64,
+    pub tansu_cpu: f64,
+    /// The single-row transactions offered after the drain, per second.
+    pub load_rate: f64,
+    pub latency: PeerLatency,
+    /// Rows it never processed (no progress for 15 s), backlog and load together.
+    pub unprocessed: u64,
+}
+
+impl Peer {
+    pub fn rate(&self) -> f64 {
+        self.rows as f64 / self.secs
+    }
+
+    pub fn pg_cpu_per_million(&self) -> f64 {
+        self.pg_cpu * 1e6 / self.rows as f64
+    }
+
+    pub fn cpu_per_million(&self) -> f64 {
+        self.peer_cpu * 1e6 / self.rows as f64
+    }
+}
+
+const PEERS_HEAD: [&str; 7] = [
+    "",
+    "drain rows/s",
+    "Postgres CPU s per 1M rows",
+    "own CPU s per 1M rows",
+    "peak RSS",
+    "commit → ack p50 / p99 at 50 % load",
+    "detail",
+];
+
+/// The relay (marking on) and the peer's listeners, side by side.
+fn peer_rows(r: &Results) -> Vec<[String; 7]> {
+    let mut rows = Vec::new();
+    let d = &r.drain_on;
+    let half = r.latency.iter().find(|l| l.pct == 50);
+    rows.push([
+        "outbox-relay (delivery ledger)".to_owned(),
+        format!("**{}**", thousands(d.rate())),
+        format!("{:.1}", d.pg_cpu * 1e6 / d.rows as f64),
+        format!("{:.1}", d.cpu_per_million()),
+        mb(d.peak_rss_kib),
+        half.map_or("?".to_owned(), |l| {
+            format!("{} / **{}** ms", ms(l.to_ack.p50), ms(l.to_ack.p99))
+        }),
+        format!(
+            "{}-row backlog; latency at {} rows/s (half its steady max)",
+            thousands(d.rows as f64),
+            half.map_or("?".to_owned(), |l| thousands(l.offered_rate()))
+        ),
+    ]);
+    if let Some(l) = &r.relay_at_peer_load {
+        rows.push([
+            "outbox-relay at the peer's load".to_owned(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            format!("{} / **{}** ms", ms(l.to_ack.p50), ms(l.to_ack.p99)),
+            format!(
+                "the rate the peer's replication listener was offered: {} rows/s, {} rows",
+                thousands(l.offered_rate()),
+                thousands(l.rows as f64)
+            ),
+        ]);
+    }
+    for p in &r.peers {
+        rows.push([
+            format!("pg-transactional-outbox, {} listener", p.mode),
+            format!("**{}**", thousands(p.rate())),
+            format!("{:.1}", p.pg_cpu_per_million()),
+            format!("{:.1}", p.cpu_per_million()),
+            mb(p.peak_rss_kib),
+            format!("{} / **{}** ms", ms(p.latency.p50), ms(p.latency.p99)),
+            format!(
+                "{}-row backlog in {:.1} s (incl. start-up), Tansu CPU {:.1} s; latency at {} rows/s (half its drain rate), {} acks; **{} row(s) never published**",
+                thousands(p.rows as f64),
+                p.secs,
+                p.tansu_cpu,
+                thousands(p.load_rate),
+                thousands(p.latency.n as f64),
+                p.unprocessed
+            ),
+        ]);
+    }
+    rows
+}
+
 /// The relay draining a backlog from WAL.
 pub struct Drain {
     pub rows: u64,
@@ -606,6 +713,12 @@ pub struct Results {
     pub delivery: Vec<DeliveryRun>,
     /// NATS JetStream and RabbitMQ: plain publisher and relay drain.
     pub other_sinks: Vec<OtherSink>,
+    /// pg-transactional-outbox's replication and polling listeners.
+    pub peers: Vec<Peer>,
+    /// `node --version` of the peer's runs.
+    pub peers_node: Option<String>,
+    /// The relay offered the load the peer's replication listener was measured at.
+    pub relay_at_peer_load: Option<Latency>,
     pub machine: Machine,
     pub unmarked: Vec<Unmarked>,
     /// Cores used on average by processes outside the benchmark during the run.
@@ -953,6 +1066,21 @@ pub fn print_table(r: &Results) {
             );
         }
     }
+    if !r.peers.is_empty() {
+        println!("  the peer (pg-transactional-outbox 0.5.7 + kafkajs 2.2.4), beside the relay:");
+        for p in peer_rows(r) {
+            let strip = |s: &str| s.replace("**", "").replace('`', "");
+            println!(
+                "  {:>45}  drain {:>8} rows/s  Postgres {:>6} CPU s/1M  own {:>6} CPU s/1M  RSS {:>7}  commit→ack p50/p99 {}",
+                p[0],
+                strip(&p[1]),
+                p[2],
+                p[3],
+                p[4],
+                strip(&p[5])
+            );
+        }
+    }
     let disturbed = r.disturbed();
     if !disturbed.is_empty() {
         println!(
@@ -1034,6 +1162,20 @@ fn goals(r: &Results) -> String {
             "| exactly-once costs ≤ 10 % of at-least-once's throughput (issue 6) | {:.1} % | {} |",
             cost * 100.0,
             verdict(cost <= 0.10)
+        );
+    }
+    if let Some(p) = r.peers.iter().find(|p| p.mode == "replication") {
+        let times = r.drain_on.rate() / p.rate();
+        // At the same load: the relay offered the rate the peer was measured at.
+        let relay_p99 = r.relay_at_peer_load.as_ref().map(|l| l.to_ack.p99);
+        let lower = relay_p99.is_some_and(|v| v < p.latency.p99);
+        let _ = writeln!(
+            s,
+            "| relay ≥ 5 × pg-transactional-outbox's replication-mode drain, at lower p99 (both at the load the peer was measured at, {} rows/s) | {times:.1} ×; p99 {} vs {} ms | {} |",
+            thousands(p.load_rate),
+            relay_p99.map_or("?".to_owned(), ms),
+            ms(p.latency.p99),
+            verdict(times >= 5.0 && lower)
         );
     }
     let rss = r.drain_on.peak_rss_kib.max(r.single.peak_rss_kib);
@@ -1305,6 +1447,43 @@ fn markdown(r: &Results) -> String {
             let _ = writeln!(s, "| {} |", o.join(" | "));
         }
     }
+    if !r.peers.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## A peer in the same run\n\n\
+             [pg-transactional-outbox](https://www.npmjs.com/package/pg-transactional-outbox) \
+             0.5.7 (Node.js {}) with a kafkajs 2.2.4 producer (`acks: -1`, `maxInFlightRequests: 1`; \
+             not idempotent: kafkajs asks for a producer id with InitProducerId v1, which Tansu \
+             0.6.0 answers with UNKNOWN_SERVER_ERROR, so the peer does less per message than the \
+             relay's idempotent producer) publishing each message to the same Tansu, as \
+             `bench/peer/peer.cjs` sets it up: its own table, publication and slot created by the \
+             library's `DatabaseSetup` SQL, the replication listener with its segment mutex \
+             concurrency controller (one message at a time per aggregate, the order the relay \
+             keeps), then the polling listener (its defaults: 5 rows per poll, 500 ms interval) on \
+             a backlog of its own; max-attempts and poison protection on (the library's \
+             defaults). Rows have this run's payloads and 10,000 aggregates, in the same \
+             transaction mix at a fifth of the round size (one 2,000-row transaction, 16 of 100 \
+             rows and 400 single-row ones per 4,000 rows). Each ran alone, after every relay \
+             phase. Its drain ends at the last row's `processed_at` (what the library marks once \
+             the handler returned, i.e. once the broker acked); its latency is the peer's own \
+             measure, ack time − the row's `created_at`, over single-row transactions offered at \
+             half its drain rate for {} s. The relay's row is this run's drain with marking on \
+             and its 50 % load level (commit → ack from its histogram). Rows the peer never \
+             published are counted after 15 s without progress: its replication listener drops \
+             a row it decodes before the inserting transaction is visible to its own \
+             `UPDATE … WHERE id IN (SELECT … FOR UPDATE NOWAIT)` (warning \
+             \"Could not increment the started attempts field … MESSAGE_NOT_FOUND\") and does \
+             not come back to it; the relay waits for such a row to become visible \
+             (`world::a_row_confirmed_before_it_is_visible_is_marked_once_it_is`).\n",
+            r.peers_node.as_deref().unwrap_or("?"),
+            r.latency_secs
+        );
+        let _ = writeln!(s, "| {} |", PEERS_HEAD.join(" | "));
+        let _ = writeln!(s, "|{}", "---|".repeat(PEERS_HEAD.len()));
+        for p in peer_rows(r) {
+            let _ = writeln!(s, "| {} |", p.join(" | "));
+        }
+    }
     s.push_str(&goals(r));
     let _ = writeln!(
         s,
@@ -1495,7 +1674,7 @@ pub fn chart_svg(r: &Results) -> String {
 }
 
 fn throughput_panel(s: &mut String, r: &Results, x0: f64, y0: f64, pw: f64, ph: f64) {
-    let bars = [
+    let mut bars = vec![
         ("source limit", "pg_recvlogical", r.source.rate(), "#7f8c8d"),
         ("sink limit", "rdkafka producer", r.sink.rate(), "#95a5a6"),
         ("concurrent", "both at once", r.concurrent.rate(), "#b2bec3"),
@@ -1504,6 +1683,14 @@ fn throughput_panel(s: &mut String, r: &Results, x0: f64, y0: f64, pw: f64, ph: 
         ("relay", "marking by UPDATE", r.drain_mark.rate(), "#10ac84"),
         ("relay", "table-less", r.drain_tableless.rate(), "#ee5253"),
     ];
+    for p in &r.peers {
+        let mode = if p.mode == "replication" {
+            "peer: replication"
+        } else {
+            "peer: polling"
+        };
+        bars.push(("pg-t-outbox", mode, p.rate(), "#f39c12"));
+    }
     let max = bars.iter().map(|b| b.2).fold(0.0, f64::max).max(1.0);
     let step = nice_step(max, 5.0);
     let top = (max / step).ceil() * step;
