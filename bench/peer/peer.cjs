@@ -11,7 +11,8 @@
 //
 // Environment: PGHOST, PGPORT, PGUSER, PGDATABASE (the `pg` defaults), PEER_BROKERS
 // (host:port,…), PEER_TOPIC, PEER_TABLE (peer_outbox), PEER_MODE, PEER_POLL_BATCH (polling batch
-// size; the library's default is 5), PEER_IDEMPOTENT (true unless `false`).
+// size; the library's default is 5), PEER_IDEMPOTENT (true unless `false`), PEER_CONTROLLER
+// (`mutex`, the default, or `segment`).
 'use strict';
 
 const { Client } = require('pg');
@@ -137,8 +138,16 @@ async function run() {
       },
       handler,
       logger,
-      // Order per aggregate, as the relay keeps it: one message at a time per segment.
-      { concurrencyStrategy: outbox.createReplicationSegmentMutexConcurrencyController() },
+      // One message at a time, in WAL order (the library README's example; the order the
+      // relay keeps per aggregate holds). PEER_CONTROLLER=segment runs one at a time per
+      // segment (= aggregate) instead: on a 10,000-row transaction that started 10,000 at
+      // once here, hit the 15 s processing timeout and stalled with rows left unprocessed.
+      {
+        concurrencyStrategy:
+          process.env.PEER_CONTROLLER === 'segment'
+            ? outbox.createReplicationSegmentMutexConcurrencyController()
+            : outbox.createReplicationMutexConcurrencyController(),
+      },
     );
   } else if (mode === 'polling') {
     [shutdown] = outbox.initializePollingMessageListener(

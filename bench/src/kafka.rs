@@ -351,3 +351,118 @@ impl Drop for LatencyConsumer {
 pub fn librdkafka_version() -> String {
     rdkafka::util::get_rdkafka_version().1
 }
+
+/// Send → ack times (ms) of a paced plain producer.
+struct PacedContext {
+    acks_ms: Mutex<Vec<f64>>,
+    /// Acks of messages sent before this (the warm-up) are not kept.
+    measure_from: Instant,
+    done: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl ClientContext for PacedContext {}
+
+impl ProducerContext for PacedContext {
+    type DeliveryOpaque = Box<Instant>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, sent: Box<Instant>) {
+        self.done.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(_) if *sent >= self.measure_from => {
+                let ms = sent.elapsed().as_secs_f64() * 1e3;
+                self.acks_ms
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(ms);
+            }
+            Ok(_) => {}
+            Err(_) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The sink's own latency at a given load: a plain producer with the relay's producer settings
+/// sends `msgs` (cycled) to `topic` at `rate` per second for one second of warm-up (connection,
+/// metadata, producer id: not kept) and then `secs`; returns each later message's send → ack
+/// time in milliseconds. What the broker and librdkafka add at that load, with no
+/// Postgres and no relay in the path.
+pub fn sink_latency(
+    brokers: &str,
+    topic: &str,
+    msgs: &[Msg],
+    rate: f64,
+    secs: f64,
+) -> Result<Vec<f64>> {
+    anyhow::ensure!(
+        !msgs.is_empty() && rate > 0.0,
+        "sink latency: nothing to send"
+    );
+    let kafka = KafkaConfig {
+        brokers: brokers.to_owned(),
+        ..Default::default()
+    };
+    let config =
+        outbox_relay::sink::kafka::producer_config(&kafka, PipelineConfig::default().max_in_flight);
+    let started = Instant::now();
+    let producer: ThreadedProducer<PacedContext> = config
+        .create_with_context(PacedContext {
+            acks_ms: Mutex::new(Vec::new()),
+            measure_from: started + Duration::from_secs(1),
+            done: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        })
+        .context("creating the paced producer from the relay's producer_config")?;
+    let total = (rate * (secs + 1.0)) as usize;
+    for n in 0..total {
+        // Open loop: each message goes when it is due.
+        let due = started + Duration::from_secs_f64(n as f64 / rate);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let m = &msgs[n % msgs.len()];
+        let headers = OwnedHeaders::new_with_capacity(2)
+            .insert(Header {
+                key: "id",
+                value: Some(m.id.as_bytes()),
+            })
+            .insert(Header {
+                key: "type",
+                value: Some(m.event_type.as_bytes()),
+            });
+        let record = BaseRecord::with_opaque_to(topic, Box::new(Instant::now()))
+            .key(m.key.as_bytes())
+            .payload(m.payload.as_bytes())
+            .headers(headers);
+        if let Err((e, _)) = producer.send(record) {
+            bail!("sink latency: producing message {n} failed: {e}");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ctx = producer.context();
+        let done = ctx.done.load(Ordering::Relaxed) as usize;
+        let failed = ctx.failed.load(Ordering::Relaxed) as usize;
+        if done >= total {
+            anyhow::ensure!(
+                failed == 0,
+                "sink latency: {failed} of {total} messages failed"
+            );
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("sink latency: {done}/{total} delivery reports a minute after the last send");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let acks = std::mem::take(
+        &mut *producer
+            .context()
+            .acks_ms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
+    Ok(acks)
+}

@@ -596,10 +596,14 @@ impl Env {
             Vec::new()
         };
         // The relay at the load the peer's replication listener was measured at.
-        let relay_at_peer_load = match peers.iter().find(|p| p.mode == "replication") {
-            Some(p) => Some(self.relay_at(p.load_rate).await?),
-            None => None,
-        };
+        let (relay_at_peer_load, sink_at_peer_load) =
+            match peers.iter().find(|p| p.mode == "replication") {
+                Some(p) => (
+                    Some(self.relay_at(p.load_rate).await?),
+                    Some(self.sink_at(p.load_rate).await?),
+                ),
+                None => (None, None),
+            };
         let peers_node = Command::new("node")
             .arg("--version")
             .output()
@@ -631,6 +635,7 @@ impl Env {
             peers,
             peers_node,
             relay_at_peer_load,
+            sink_at_peer_load,
             machine,
             unmarked: std::mem::take(&mut self.unmarked),
             other_cores: self.cpu_snapshot().cores_since(&cpu_start).other,

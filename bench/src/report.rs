@@ -279,7 +279,8 @@ pub struct Peer {
     pub tansu_cpu: f64,
     /// The single-row transactions offered after the drain, per second.
     pub load_rate: f64,
-    pub latency: PeerLatency,
+    /// None when it published none of the load's rows.
+    pub latency: Option<PeerLatency>,
     /// Rows it never processed (no progress for 15 s), backlog and load together.
     pub unprocessed: u64,
 }
@@ -343,6 +344,20 @@ fn peer_rows(r: &Results) -> Vec<[String; 7]> {
             ),
         ]);
     }
+    if let (Some(p), Some(l)) = (&r.sink_at_peer_load, &r.relay_at_peer_load) {
+        rows.push([
+            "(the sink alone at that load)".to_owned(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            format!("{} / **{}** ms", ms(p.p50), ms(p.p99)),
+            format!(
+                "a plain rdkafka producer with the relay's settings (idempotent, acks=all, linger.ms 5) sending at {} msgs/s: send → ack, no Postgres or relay in the path",
+                thousands(l.offered_rate())
+            ),
+        ]);
+    }
     for p in &r.peers {
         rows.push([
             format!("pg-transactional-outbox, {} listener", p.mode),
@@ -350,14 +365,16 @@ fn peer_rows(r: &Results) -> Vec<[String; 7]> {
             format!("{:.1}", p.pg_cpu_per_million()),
             format!("{:.1}", p.cpu_per_million()),
             mb(p.peak_rss_kib),
-            format!("{} / **{}** ms", ms(p.latency.p50), ms(p.latency.p99)),
+            p.latency.as_ref().map_or("none published".to_owned(), |l| {
+                format!("{} / **{}** ms", ms(l.p50), ms(l.p99))
+            }),
             format!(
                 "{}-row backlog in {:.1} s (incl. start-up), Tansu CPU {:.1} s; latency at {} rows/s (half its drain rate), {} acks; **{} row(s) never published**",
                 thousands(p.rows as f64),
                 p.secs,
                 p.tansu_cpu,
                 thousands(p.load_rate),
-                thousands(p.latency.n as f64),
+                thousands(p.latency.as_ref().map_or(0, |l| l.n) as f64),
                 p.unprocessed
             ),
         ]);
@@ -719,6 +736,8 @@ pub struct Results {
     pub peers_node: Option<String>,
     /// The relay offered the load the peer's replication listener was measured at.
     pub relay_at_peer_load: Option<Latency>,
+    /// A plain producer with the relay's settings at that load: send → ack, ms.
+    pub sink_at_peer_load: Option<Percentiles>,
     pub machine: Machine,
     pub unmarked: Vec<Unmarked>,
     /// Cores used on average by processes outside the benchmark during the run.
@@ -1168,13 +1187,16 @@ fn goals(r: &Results) -> String {
         let times = r.drain_on.rate() / p.rate();
         // At the same load: the relay offered the rate the peer was measured at.
         let relay_p99 = r.relay_at_peer_load.as_ref().map(|l| l.to_ack.p99);
-        let lower = relay_p99.is_some_and(|v| v < p.latency.p99);
+        let peer_p99 = p.latency.as_ref().map_or(f64::INFINITY, |l| l.p99);
+        let lower = relay_p99.is_some_and(|v| v < peer_p99);
         let _ = writeln!(
             s,
             "| relay ≥ 5 × pg-transactional-outbox's replication-mode drain, at lower p99 (both at the load the peer was measured at, {} rows/s) | {times:.1} ×; p99 {} vs {} ms | {} |",
             thousands(p.load_rate),
             relay_p99.map_or("?".to_owned(), ms),
-            ms(p.latency.p99),
+            p.latency
+                .as_ref()
+                .map_or("(none published)".to_owned(), |l| ms(l.p99)),
             verdict(times >= 5.0 && lower)
         );
     }
@@ -1457,9 +1479,11 @@ fn markdown(r: &Results) -> String {
              0.6.0 answers with UNKNOWN_SERVER_ERROR, so the peer does less per message than the \
              relay's idempotent producer) publishing each message to the same Tansu, as \
              `bench/peer/peer.cjs` sets it up: its own table, publication and slot created by the \
-             library's `DatabaseSetup` SQL, the replication listener with its segment mutex \
-             concurrency controller (one message at a time per aggregate, the order the relay \
-             keeps), then the polling listener (its defaults: 5 rows per poll, 500 ms interval) on \
+             library's `DatabaseSetup` SQL, the replication listener with its mutex concurrency \
+             controller (one message at a time, in WAL order, as its README's example; its \
+             segment mutex controller, one at a time per aggregate, started all 10,000 messages \
+             of a 10,000-row transaction at once in a first full run, hit its 15 s processing \
+             timeout and stalled with 5,385 rows unprocessed), then the polling listener (its defaults: 5 rows per poll, 500 ms interval) on \
              a backlog of its own; max-attempts and poison protection on (the library's \
              defaults). Rows have this run's payloads and 10,000 aggregates, in the same \
              transaction mix at a fifth of the round size (one 2,000-row transaction, 16 of 100 \
