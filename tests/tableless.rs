@@ -186,27 +186,14 @@ async fn emitted_messages_survive_kills_without_loss() {
         for t in 0..300 {
             let tx = w.transaction().await.unwrap();
             for i in 0..5 {
-                ids.push(
-                    tx.query_one(
-                        "SELECT outbox_emit('killed', $1, 'Emitted', jsonb_build_object('t', $2::int))::text",
-                        &[&format!("k-{}", (t + i) % 7), &t],
-                    )
-                    .await
-                    .unwrap()
-                    .get::<_, String>(0),
-                );
+                ids.push(emit(&tx, "killed", &format!("k-{}", (t + i) % 7), t).await);
             }
             tx.commit().await.unwrap();
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         ids
     });
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(900)).await;
-        relay.kill();
-        relay = Relay::start(&env);
-        wait_streaming(&db, WAIT).await;
-    }
+    kill_three_times(&mut relay, &env, &db, Duration::from_millis(900)).await;
     let ids = writer.await.unwrap();
     let got = consume(
         &broker.brokers(),
@@ -279,29 +266,14 @@ async fn emitted_messages_and_rows_go_out_exactly_once_across_kills() {
                 .get::<_, String>(0),
             );
             for _ in 0..2 {
-                ids.push(
-                    tx.query_one(
-                        "SELECT outbox_emit('mixed', $1, 'Emitted', jsonb_build_object('t', $2::int))::text",
-                        &[&key, &t],
-                    )
-                    .await
-                    .unwrap()
-                    .get::<_, String>(0),
-                );
+                ids.push(emit(&tx, "mixed", &key, t).await);
             }
             tx.commit().await.unwrap();
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         ids
     });
-    let mut logs = String::new();
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        relay.kill();
-        logs.push_str(&relay.log());
-        relay = Relay::start(&env);
-        wait_streaming(&db, WAIT).await;
-    }
+    let mut logs = kill_three_times(&mut relay, &env, &db, Duration::from_millis(800)).await;
     let ids = writer.await.unwrap();
     assert!(all_delivered(&db, WAIT).await, "{}", relay.log());
     let got = consume(&brokers, &["outbox.event.mixed"], ids.len(), WAIT, LINGER);
@@ -317,4 +289,39 @@ async fn emitted_messages_and_rows_go_out_exactly_once_across_kills() {
         panic!("lost {lost}, duplicates {duplicates}; relay logs:\n{logs}");
     }
     assert_eq!(got.len(), ids.len());
+}
+
+/// `outbox_emit(aggregatetype, key, 'Emitted', {"t": t})` in `tx`: the message's id.
+async fn emit(
+    tx: &tokio_postgres::Transaction<'_>,
+    aggregatetype: &str,
+    key: &str,
+    t: i32,
+) -> String {
+    tx.query_one(
+        "SELECT outbox_emit($1, $2, 'Emitted', jsonb_build_object('t', $3::int))::text",
+        &[&aggregatetype, &key, &t],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Kills the relay three times, `every` apart, starting it again and waiting until it streams;
+/// returns the killed processes' logs.
+async fn kill_three_times(
+    relay: &mut Relay,
+    env: &[(String, String)],
+    db: &tokio_postgres::Client,
+    every: Duration,
+) -> String {
+    let mut logs = String::new();
+    for _ in 0..3 {
+        tokio::time::sleep(every).await;
+        relay.kill();
+        logs.push_str(&relay.log());
+        *relay = Relay::start(env);
+        wait_streaming(db, WAIT).await;
+    }
+    logs
 }

@@ -73,6 +73,25 @@ pub struct Msg {
     pub payload: String,
 }
 
+impl Msg {
+    /// The headers the relay puts on a row's message: id, type, aggregatetype.
+    fn headers(&self) -> OwnedHeaders {
+        OwnedHeaders::new_with_capacity(3)
+            .insert(Header {
+                key: "id",
+                value: Some(self.id.as_bytes()),
+            })
+            .insert(Header {
+                key: "type",
+                value: Some(self.event_type.as_bytes()),
+            })
+            .insert(Header {
+                key: "aggregatetype",
+                value: Some(self.aggregatetype.as_bytes()),
+            })
+    }
+}
+
 struct CountingContext {
     acked: AtomicU64,
     failed: AtomicU64,
@@ -138,23 +157,10 @@ pub fn sink_limit(brokers: &str, topic: &str, msgs: &[Msg]) -> Result<SinkRun> {
     let started = producer.context().started;
     let mut last_print = Instant::now();
     for (n, m) in msgs.iter().enumerate() {
-        let headers = OwnedHeaders::new_with_capacity(3)
-            .insert(Header {
-                key: "id",
-                value: Some(m.id.as_bytes()),
-            })
-            .insert(Header {
-                key: "type",
-                value: Some(m.event_type.as_bytes()),
-            })
-            .insert(Header {
-                key: "aggregatetype",
-                value: Some(m.aggregatetype.as_bytes()),
-            });
         let mut record = BaseRecord::to(topic)
             .key(m.key.as_bytes())
             .payload(m.payload.as_bytes())
-            .headers(headers);
+            .headers(m.headers());
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -423,19 +429,10 @@ pub fn sink_latency(
             std::thread::sleep(wait);
         }
         let m = &msgs[n % msgs.len()];
-        let headers = OwnedHeaders::new_with_capacity(2)
-            .insert(Header {
-                key: "id",
-                value: Some(m.id.as_bytes()),
-            })
-            .insert(Header {
-                key: "type",
-                value: Some(m.event_type.as_bytes()),
-            });
         let record = BaseRecord::with_opaque_to(topic, Box::new(Instant::now()))
             .key(m.key.as_bytes())
             .payload(m.payload.as_bytes())
-            .headers(headers);
+            .headers(m.headers());
         if let Err((e, _)) = producer.send(record) {
             bail!("sink latency: producing message {n} failed: {e}");
         }

@@ -107,7 +107,7 @@ impl Env {
         println!(
             "bench: the peer: pg-transactional-outbox 0.5.7 + kafkajs 2.2.4 (acks=-1; not idempotent: Tansu refuses kafkajs' InitProducerId v1) to the same Tansu, its own table, publication and slot, one message at a time (its mutex controller); {rows}-row backlogs"
         );
-        let out = self.peer_command(&node, &dir, "setup", &[])?.output()?;
+        let out = self.peer_command(&node, &dir, "setup").output()?;
         ensure!(
             out.status.success(),
             "the peer's setup failed: {}{}",
@@ -139,13 +139,8 @@ impl Env {
         Ok(peers)
     }
 
-    fn peer_command(
-        &self,
-        node: &Path,
-        dir: &Path,
-        command: &str,
-        extra: &[(&str, String)],
-    ) -> Result<Command> {
+    /// `node peer.cjs <command>` pointed at this run's Postgres and Tansu.
+    fn peer_command(&self, node: &Path, dir: &Path, command: &str) -> Command {
         let mut cmd = Command::new(node);
         cmd.arg(dir.join("peer.cjs"))
             .arg(command)
@@ -158,10 +153,7 @@ impl Env {
             .env("PEER_TOPIC", PEER_TOPIC)
             // Tansu 0.6.0 refuses kafkajs' InitProducerId v1 (see peer.cjs): not idempotent.
             .env("PEER_IDEMPOTENT", "false");
-        for (k, v) in extra {
-            cmd.env(k, v);
-        }
-        Ok(cmd)
+        cmd
     }
 
     /// One listener: the backlog drain, then half its drain rate in single-row transactions.
@@ -199,7 +191,8 @@ impl Env {
         self.vacuum("after writing the peer's backlog").await?;
 
         let log = self.work.join(format!("peer-{mode}.log"));
-        let cmd = self.peer_command(node, dir, "run", &[("PEER_MODE", mode.to_owned())])?;
+        let mut cmd = self.peer_command(node, dir, "run");
+        cmd.env("PEER_MODE", mode);
         let cpu0 = self.cpu_snapshot();
         let mut proc = RelayProc::spawn_command("the peer", cmd, &log)?;
         let started_wall = secs_since_epoch(SystemTime::now());
