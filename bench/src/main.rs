@@ -1425,13 +1425,24 @@ impl Env {
     ) -> Result<Latency> {
         let secs = self.plan.latency_secs;
         println!("bench:   {ev_type}: offering {rate:.0} single-row transactions/s for {secs} s");
-        let acks_before = report::scrape_histogram(self.metrics_port, COMMIT_TO_ACK)?;
+        let before = report::scrape_metrics(self.metrics_port)?;
         let o = self.offer(writer, consumer, ev_type, rate, secs).await?;
-        let acks_after = report::scrape_histogram(self.metrics_port, COMMIT_TO_ACK)?;
+        let after = report::scrape_metrics(self.metrics_port)?;
         let mut l = self.latency_stats(consumer, ev_type, pct, rate, &o).await?;
-        l.to_ack = report::Histogram::delta(&acks_before, &acks_after)
-            .percentiles()
-            .ok_or_else(|| anyhow!("{ev_type}: the relay's commit→ack histogram did not move"))?;
+        l.to_ack = report::Histogram::delta(
+            &report::parse_histogram(&before, COMMIT_TO_ACK, ""),
+            &report::parse_histogram(&after, COMMIT_TO_ACK, ""),
+        )
+        .percentiles()
+        .ok_or_else(|| anyhow!("{ev_type}: the relay's commit→ack histogram did not move"))?;
+        l.stages = report::Stages::between(&before, &after);
+        if let Some(st) = &l.stages {
+            println!(
+                "bench:   {ev_type}: commit→ack by stage (walsender / relay / broker): p50 {} ms, p99 {} ms",
+                st.describe(|p| p.p50),
+                st.describe(|p| p.p99)
+            );
+        }
         Ok(l)
     }
 
@@ -1827,6 +1838,7 @@ impl Env {
             rows: o.rows,
             offer_secs: o.secs,
             to_ack: Percentiles::default(),
+            stages: None,
             to_consumer: Percentiles::of(to_consumer),
             to_marked: Percentiles::of(to_marked),
             cores: o.cores,

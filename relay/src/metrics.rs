@@ -4,7 +4,7 @@
 //! goes through the `metrics` facade: without an installed recorder (library use, tests) every
 //! record is a no-op.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -27,6 +27,13 @@ pub const MARK_BATCH_ROWS: &str = "outbox_relay_mark_batch_rows";
 /// Histogram: seconds from the source transaction's commit (Postgres' clock) to the broker's
 /// acknowledgement of the row's message (the relay's clock). Rows read from the WAL only.
 pub const COMMIT_TO_ACK: &str = "outbox_relay_commit_to_ack_seconds";
+/// Histogram: the same path split by `stage`, per message read from the WAL (first send only):
+/// `walsender` from the commit to Postgres sending the WAL message that carries the row (both
+/// Postgres' clock: WAL flush, the walsender waking up, decoding); `relay` from that send to
+/// the relay handing the message to the broker client (network, the relay's read and decode,
+/// waits in its stream loop); `broker` from that hand-over to the acknowledgement (the broker
+/// client's batching, the broker, retries). Where a slow commit → ack comes from.
+pub const STAGE_LATENCY: &str = "outbox_relay_stage_seconds";
 /// Gauge: rows the pipeline holds: handed to the broker (or parked, or already in a committed
 /// Kafka transaction) and not yet confirmed and marked.
 pub const IN_FLIGHT: &str = "outbox_relay_in_flight_messages";
@@ -116,6 +123,12 @@ fn describe() {
         Unit::Seconds,
         "Source transaction commit (Postgres clock) to broker acknowledgement (relay clock)"
     );
+    describe_histogram!(
+        STAGE_LATENCY,
+        Unit::Seconds,
+        "Commit to acknowledgement by stage: walsender (commit to Postgres sending the row), \
+         relay (that send to the hand-over to the broker client), broker (hand-over to ack)"
+    );
     describe_gauge!(
         IN_FLIGHT,
         "Rows in flight: handed over and not yet confirmed and marked"
@@ -169,6 +182,7 @@ fn describe() {
 pub struct AckMetrics {
     acked: metrics::Counter,
     commit_to_ack: metrics::Histogram,
+    broker_stage: metrics::Histogram,
 }
 
 impl AckMetrics {
@@ -176,17 +190,54 @@ impl AckMetrics {
         AckMetrics {
             acked: metrics::counter!(MESSAGES_ACKED),
             commit_to_ack: metrics::histogram!(COMMIT_TO_ACK),
+            broker_stage: metrics::histogram!(STAGE_LATENCY, "stage" => "broker"),
         }
     }
 
-    /// One acknowledged message; `commit_time` is its source commit in Postgres' epoch (µs).
-    pub fn acked(&self, commit_time: Option<i64>) {
+    /// One acknowledged message: its source commit (Postgres' epoch, µs) and when the pipeline
+    /// handed it to the broker client, where known.
+    pub fn acked(&self, commit_time: Option<i64>, handed_at: Option<Instant>) {
         self.acked.increment(1);
+        if let Some(handed) = handed_at {
+            self.broker_stage.record(handed.elapsed().as_secs_f64());
+        }
         if let Some(commit) = commit_time
             && let Some(secs) = seconds_since_pg_time(commit, SystemTime::now())
         {
             self.commit_to_ack.record(secs);
         }
+    }
+}
+
+/// Handles of the first two stages of [`STAGE_LATENCY`], recorded when a row read from the WAL
+/// is handed to the broker client.
+pub struct SendMetrics {
+    walsender: metrics::Histogram,
+    relay: metrics::Histogram,
+}
+
+impl SendMetrics {
+    pub fn new() -> SendMetrics {
+        SendMetrics {
+            walsender: metrics::histogram!(STAGE_LATENCY, "stage" => "walsender"),
+            relay: metrics::histogram!(STAGE_LATENCY, "stage" => "relay"),
+        }
+    }
+
+    /// A row committed at `commit_time` and sent by the walsender at `sent_time` (both
+    /// Postgres' epoch, µs) is being handed to the broker client now.
+    pub fn handing(&self, commit_time: i64, sent_time: i64) {
+        self.walsender
+            .record((sent_time - commit_time).max(0) as f64 / 1e6);
+        if let Some(secs) = seconds_since_pg_time(sent_time, SystemTime::now()) {
+            self.relay.record(secs);
+        }
+    }
+}
+
+impl Default for SendMetrics {
+    fn default() -> Self {
+        SendMetrics::new()
     }
 }
 

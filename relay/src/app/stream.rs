@@ -160,8 +160,9 @@ async fn read_until_stopped<S: Sink>(
             }
             msg = next_message(&mut queued, driver), if pipeline.has_capacity() => {
                 match msg? {
-                    ServerMessage::XLogData { data, .. } => {
+                    ServerMessage::XLogData { data, send_time, .. } => {
                         let event = PgOutput::decode(data).map_err(ReplicationError::from)?;
+                        pipeline.wal_sent_at(send_time);
                         step!(guarded(pipeline.handle(event), session, shutdown).await);
                     }
                     ServerMessage::Keepalive { wal_end, .. } => pipeline.observe_idle(wal_end),

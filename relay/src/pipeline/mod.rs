@@ -103,6 +103,7 @@ struct Meters {
     dead_lettered: metrics::Counter,
     refused_retries: metrics::Counter,
     in_flight: metrics::Gauge,
+    stages: crate::metrics::SendMetrics,
 }
 
 impl Meters {
@@ -114,6 +115,7 @@ impl Meters {
             dead_lettered: metrics::counter!(DEAD_LETTERED),
             refused_retries: metrics::counter!(RETRIES, "stage" => "refused"),
             in_flight: metrics::gauge!(IN_FLIGHT),
+            stages: SendMetrics::new(),
         }
     }
 }
@@ -152,6 +154,8 @@ pub struct Pipeline<S: Sink> {
     open_tx: Option<TxSeq>,
     /// The open transaction's id and commit time (from its Begin message).
     open_origin: Option<TxOrigin>,
+    /// When the walsender sent the WAL message being handled (Postgres' epoch, µs).
+    wal_sent_time: Option<i64>,
     in_flight: usize,
     completions: mpsc::UnboundedReceiver<Completion>,
     /// The marking stage's input, for rows parked under `block_key` (marked, never sent).
@@ -194,6 +198,7 @@ impl<S: Sink> Pipeline<S> {
             watermark: Watermark::new(Lsn::ZERO),
             open_tx: None,
             open_origin: None,
+            wal_sent_time: None,
             in_flight: 0,
             completions,
             parked: deliveries,
@@ -253,6 +258,12 @@ impl<S: Sink> Pipeline<S> {
         if self.open_tx.take().is_some() {
             self.watermark.abandon_open();
         }
+    }
+
+    /// The next message [`Pipeline::handle`] applies was sent by the walsender at `send_time`
+    /// (the XLogData header; Postgres' epoch, µs): the latency split by stage.
+    pub fn wal_sent_at(&mut self, send_time: i64) {
+        self.wal_sent_time = Some(send_time);
     }
 
     /// Applies one decoded WAL message.
@@ -439,6 +450,12 @@ impl<S: Sink> Pipeline<S> {
         };
         let mut delays = crate::retry::backoff(&self.config.retry).build();
         let mut attempt = 1;
+        let handed_at = origin.map(|o| {
+            if let Some(sent) = self.wal_sent_time {
+                self.meters.stages.handing(o.commit_time, sent);
+            }
+            std::time::Instant::now()
+        });
         loop {
             let mut token = AckToken::new(seq, msg.id);
             token.attempt = attempt;
@@ -446,6 +463,7 @@ impl<S: Sink> Pipeline<S> {
             token.row_seq = raw.seq;
             token.emitted = raw.emitted;
             token.commit_time = origin.map(|o| o.commit_time);
+            token.handed_at = handed_at;
             match self.sink.publish(&msg, token).await {
                 Ok(()) => {
                     self.track(seq);

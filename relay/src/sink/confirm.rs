@@ -108,7 +108,7 @@ async fn until_stored<F, Fut>(
     loop {
         match outcome {
             Attempt::Stored => {
-                policy.ack_metrics.acked(token.commit_time);
+                policy.ack_metrics.acked(token.commit_time, token.handed_at);
                 let _ = deliveries.send(Delivery::Acked(token));
                 return;
             }

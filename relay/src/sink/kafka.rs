@@ -238,7 +238,7 @@ impl ProducerContext for RelayContext {
         }
         let report = match result {
             Ok(_) => {
-                self.metrics.acked(token.commit_time);
+                self.metrics.acked(token.commit_time, token.handed_at);
                 Delivery::Acked(token)
             }
             Err((err, _)) if error_code(err) == Some(RDKafkaErrorCode::Fatal) => {
@@ -1249,7 +1249,7 @@ impl Sink for KafkaSink {
             if let Delivery::Acked(token) = report
                 && token.tx_seq != PROGRESS_RECORD
             {
-                t.metrics.acked(token.commit_time);
+                t.metrics.acked(token.commit_time, token.handed_at);
                 // The receiver is gone only while the relay shuts down.
                 let _ = self.deliveries.send(Delivery::Acked(token));
             }

@@ -74,6 +74,9 @@ pub struct AckToken {
     /// The inserting transaction's commit time (microseconds since 2000-01-01 UTC, Postgres'
     /// epoch), for rows read from the WAL: the commit → acknowledgement latency metric.
     pub commit_time: Option<i64>,
+    /// When the pipeline first handed the message to the broker client (rows read from the
+    /// WAL): the `broker` stage of the latency split.
+    pub handed_at: Option<std::time::Instant>,
     /// Set when the row is to be marked failed (not delivered) with this note once the report
     /// comes back: on a poison row's dead-letter record, after the broker confirms it, and on a
     /// row parked under the `block_key` policy, which is reported at once without a send.
@@ -93,6 +96,7 @@ impl AckToken {
             row_seq: None,
             emitted: false,
             commit_time: None,
+            handed_at: None,
             failure: None,
             half: None,
         }

@@ -462,7 +462,7 @@ async fn finish_send(
         match outcome {
             Ok(half) => {
                 crate::failpoint::crash_point("rocketmq-after-half-sent");
-                shared.ack_metrics.acked(token.commit_time);
+                shared.ack_metrics.acked(token.commit_time, token.handed_at);
                 token.half = Some(Box::new(half));
                 let _ = deliveries.send(Delivery::Acked(token));
                 return;
