@@ -1,4 +1,5 @@
-# Shell helpers shared by scripts/demo and scripts/bench: a private Postgres and a Tansu broker.
+# Shell helpers shared by scripts/demo, scripts/killtest and scripts/bench: a private Postgres,
+# a Tansu broker, a noida-db broker.
 # shellcheck shell=bash
 
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -42,6 +43,21 @@ start_tansu() {
     >"$log" 2>&1 &
   local pid=$!
   for _ in $(seq 1 100); do
+    (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.1
+  done
+  echo "$pid"
+}
+
+# start_noida PORT DIR LOGFILE: noida-db's Kafka service (a Kafka-protocol broker, `pip install
+# noida-db==0.2.3`, which scripts/setup does); prints its pid.
+start_noida() {
+  local port=$1 dir=$2 log=$3 bin
+  bin="${NOIDA_DB_BIN:-$(python3 -c 'import noida_db, os; print(os.path.join(os.path.dirname(noida_db.__file__), "noida-db"))')}"
+  mkdir -p "$dir"
+  "$bin" start --only kafka --host 127.0.0.1 --kafka-port "$port" --data-dir "$dir" >"$log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 1 300); do
     (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
     sleep 0.1
   done

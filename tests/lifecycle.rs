@@ -306,6 +306,48 @@ async fn missing_topic_with_auto_create_off_is_a_readable_error() {
     assert_eq!(undelivered, "1");
 }
 
+/// The first mistakes a newcomer makes, each named in the relay's log with its setting and the
+/// fix: no Postgres where postgres.url points, sql/ not applied, no broker where kafka.brokers
+/// points. (wal_level, a missing topic and a wrong password have their own tests above and below.)
+#[tokio::test(flavor = "multi_thread")]
+async fn first_start_mistakes_name_the_setting_and_the_fix() {
+    let says = |relay: &Relay, all: &[&str]| {
+        let log = relay.log();
+        all.iter().all(|s| log.contains(s))
+    };
+    // Nothing listens where postgres.url points: the relay waits for it, saying what to check.
+    let nobody = format!("postgres://postgres@127.0.0.1:{}/postgres", free_port());
+    let mut relay = Relay::start(&[
+        ("RELAY_POSTGRES__URL".to_owned(), nobody),
+        ("RELAY_HTTP__ADDR".to_owned(), "127.0.0.1:0".to_owned()),
+    ]);
+    let no_pg = ["is Postgres running", "RELAY_POSTGRES__URL"];
+    let named = eventually(WAIT, || async { says(&relay, &no_pg) }).await;
+    assert!(named, "{}", relay.log());
+    relay.terminate();
+
+    // A database without sql/ applied.
+    let pg = PgCluster::start();
+    let broker = Tansu::start();
+    let mut relay = Relay::start(&relay_env(&pg, &broker.brokers(), &[]));
+    let named = eventually(WAIT, || async { says(&relay, &["apply sql/"]) }).await;
+    assert!(named, "{}", relay.log());
+    relay.terminate();
+
+    // No broker where kafka.brokers points: said once, with the setting, while rows wait.
+    pg.apply_schema();
+    let closed = format!("127.0.0.1:{}", free_port());
+    let mut relay = Relay::start(&relay_env(&pg, &closed, &[]));
+    let no_broker = [
+        "the broker does not answer",
+        "RELAY_KAFKA__BROKERS",
+        &closed,
+    ];
+    let named = eventually(WAIT, || async { says(&relay, &no_broker) }).await;
+    assert!(named, "{}", relay.log());
+    relay.terminate();
+}
+
 /// Wrong password: the relay fails fast with a message naming the fix.
 #[tokio::test(flavor = "multi_thread")]
 async fn wrong_password_fails_fast_with_a_clear_message() {
@@ -379,6 +421,36 @@ async fn postgres_restart_is_survived_without_loss() {
     let lost = ids.iter().filter(|id| !counts.contains_key(*id)).count();
     assert_eq!(lost, 0, "lost {lost} of {} rows", ids.len());
     assert!(all_delivered(&db, WAIT).await);
+}
+
+/// A newcomer who types `outbox-relay` gets the commands and the two settings to give first,
+/// not a relay trying to connect to a Postgres it was never told about.
+#[test]
+fn no_arguments_show_the_commands_and_the_two_settings_that_matter() {
+    let out = std::process::Command::new(relay_bin())
+        .env_remove("RELAY_POSTGRES__URL")
+        .env_remove("RELAY_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "no command is a usage error");
+    let help = String::from_utf8_lossy(&out.stderr);
+    for needed in [
+        "run",
+        "check",
+        "postgres.url",
+        "RELAY_POSTGRES__URL",
+        "kafka.brokers",
+        "RELAY_KAFKA__BROKERS",
+    ] {
+        assert!(help.contains(needed), "{needed} missing from:\n{help}");
+    }
+    assert!(!help.contains("connect"), "it tried to connect:\n{help}");
+    let long = std::process::Command::new(relay_bin())
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert_eq!(long.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&long.stdout).contains("RELAY_KAFKA__BROKERS"));
 }
 
 /// An invalid setting stops the relay at start, naming the key, its environment variable and

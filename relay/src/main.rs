@@ -1,4 +1,4 @@
-//! The `outbox-relay` command line: `run` (default) and `check`.
+//! The `outbox-relay` command line: `run` and `check`; without a command, the help.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,23 +12,40 @@ use tracing_subscriber::EnvFilter;
 #[command(
     name = "outbox-relay",
     version,
-    about = "Transactional-outbox relay: Postgres logical replication to Kafka"
+    about = "Transactional-outbox relay: Postgres logical replication to Kafka, RocketMQ, RabbitMQ or NATS JetStream",
+    arg_required_else_help = true,
+    after_help = AFTER_HELP
 )]
 struct Cli {
     /// Configuration file (TOML). Default: config/relay.toml if it exists. RELAY_* variables override it.
     #[arg(long, global = true, env = "RELAY_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]
-    command: Option<Command>,
+    command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Stream the outbox to the broker (the default).
+    /// Stream the outbox to the broker.
     Run,
     /// Check Postgres, the outbox schema and the broker; print PASS/FAIL with fixes.
     Check,
 }
+
+/// What a newcomer needs after the command list: the two settings to give first, and where the
+/// rest are.
+const AFTER_HELP: &str = "\
+The two settings to give first (config file key, or environment variable):
+  postgres.url     RELAY_POSTGRES__URL    the database with the outbox table (sql/ applied),
+                                          e.g. postgres://relay@db:5432/app
+  kafka.brokers    RELAY_KAFKA__BROKERS   the Kafka bootstrap servers, e.g. kafka:9092
+                                          (other brokers: sink = rocketmq | rabbitmq | nats)
+
+Try:
+  outbox-relay check    checks Postgres, the outbox schema and the broker; names each fix
+  outbox-relay run      streams until SIGTERM; metrics at http://127.0.0.1:8080/metrics
+
+Every setting, its default and its RELAY_* name: config/relay.toml and the README.";
 
 fn init_logging(config: &Config) {
     let filter = EnvFilter::try_from_default_env()
@@ -75,7 +92,7 @@ fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(async {
-        match cli.command.unwrap_or(Command::Run) {
+        match cli.command {
             Command::Check => {
                 let results = outbox_relay::ops::check::run_checks(&config).await;
                 if outbox_relay::ops::check::print_report(&results) {

@@ -110,14 +110,23 @@ impl Classify for RunError {
     }
 }
 
+/// What to do about a failed connection: the server answered (a wrong user, password or
+/// database), or nothing did (not running, a wrong host or port, a firewall).
+fn connect_fix(e: &tokio_postgres::Error) -> &'static str {
+    if e.code().is_some() {
+        "check the user, password and database in postgres.url (RELAY_POSTGRES__URL) and the \
+         server's pg_hba.conf"
+    } else {
+        "is Postgres running and listening there? Check the host and port in postgres.url \
+         (RELAY_POSTGRES__URL) and the server's listen_addresses"
+    }
+}
+
 impl RunError {
     fn connect(url: String, e: &tokio_postgres::Error) -> RunError {
         RunError::Connect {
             url,
-            message: format!(
-                "{}; check the user, password and database in postgres.url (RELAY_POSTGRES__URL)",
-                crate::postgres::describe(e)
-            ),
+            message: format!("{}; {}", crate::postgres::describe(e), connect_fix(e)),
             sqlstate: e.code().map(|c| c.code().to_owned()),
         }
     }

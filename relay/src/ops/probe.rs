@@ -45,6 +45,8 @@ pub async fn probe_broker(
         },
         _ => None,
     };
+    // Whether the broker answered the last probe (`None` before the first).
+    let mut answered: Option<bool> = None;
     loop {
         let outcome = match &kafka {
             Some(producer) => {
@@ -86,10 +88,50 @@ pub async fn probe_broker(
                     .map(|_| ()),
             },
         };
+        // Said once per change, naming the setting: a newcomer whose broker is not there sees
+        // why nothing is delivered (messages wait and are sent once it answers).
+        match (&outcome, answered) {
+            (Err(e), Some(true) | None) => {
+                let (key, env, value) = broker_setting(&config);
+                tracing::warn!(
+                    "the broker does not answer ({key} = '{value}', {env}): {e}; is it running and \
+                     reachable from here? Rows wait and are sent once it answers"
+                );
+            }
+            (Ok(()), Some(false)) => tracing::info!("the broker answers again"),
+            _ => {}
+        }
+        answered = Some(outcome.is_ok());
         health.set_broker(outcome.err());
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
+    }
+}
+
+/// The setting that says where the sink's broker is: key, environment variable, value.
+fn broker_setting(config: &Config) -> (&'static str, &'static str, String) {
+    match config.sink {
+        SinkKind::Kafka => (
+            "kafka.brokers",
+            "RELAY_KAFKA__BROKERS",
+            config.kafka.brokers.clone(),
+        ),
+        SinkKind::Rocketmq => (
+            "rocketmq.name_server",
+            "RELAY_ROCKETMQ__NAME_SERVER",
+            config.rocketmq.name_server.clone(),
+        ),
+        SinkKind::Nats => (
+            "nats.url",
+            "RELAY_NATS__URL",
+            crate::config::redact_url(&config.nats.url),
+        ),
+        SinkKind::Rabbitmq => (
+            "rabbitmq.url",
+            "RELAY_RABBITMQ__URL",
+            crate::config::redact_url(&config.rabbitmq.url),
+        ),
     }
 }
