@@ -10,8 +10,10 @@ free_port() {
 }
 
 # as_pg CMD...: runs a Postgres server tool, as the postgres OS user when we are root.
+# From / so that a working directory the postgres user cannot enter (a clone under /root) draws
+# no warnings.
 as_pg() {
-  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+  if [ "$(id -u)" = 0 ]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
 # start_pg DIR PORT: a throwaway cluster with wal_level=logical, trust auth on loopback.
