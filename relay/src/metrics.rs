@@ -93,9 +93,12 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .install_recorder()
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
     let upkeep = handle.clone();
+    // Histogram samples are kept raw until upkeep folds them into the buckets: at 100k rows/s
+    // and four latency samples per row that is 3 MB a second, so fold every second (every 5 s
+    // added 12 MB to the relay's peak RSS in a 1M-row drain).
     tokio::spawn(async move {
         loop {
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
             upkeep.run_upkeep();
         }
     });
