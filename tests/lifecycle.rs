@@ -308,7 +308,7 @@ async fn missing_topic_with_auto_create_off_is_a_readable_error() {
 
 /// The first mistakes a newcomer makes, each named in the relay's log with its setting and the
 /// fix: no Postgres where postgres.url points, sql/ not applied, no broker where kafka.brokers
-/// points. (wal_level, a missing topic and a wrong password have their own tests above and below.)
+/// points, no publication. (wal_level, a missing topic and a wrong password have their own tests above and below.)
 #[tokio::test(flavor = "multi_thread")]
 async fn first_start_mistakes_name_the_setting_and_the_fix() {
     let says = |relay: &Relay, all: &[&str]| {
@@ -344,6 +344,17 @@ async fn first_start_mistakes_name_the_setting_and_the_fix() {
         &closed,
     ];
     let named = eventually(WAIT, || async { says(&relay, &no_broker) }).await;
+    assert!(named, "{}", relay.log());
+    relay.terminate();
+
+    // The table is there but its publication is not: the statement to run.
+    pg.psql("DROP PUBLICATION outbox_pub");
+    let mut relay = Relay::start(&relay_env(&pg, &broker.brokers(), &[]));
+    let no_pub = [
+        "publication 'outbox_pub' does not exist",
+        "CREATE PUBLICATION",
+    ];
+    let named = eventually(WAIT, || async { says(&relay, &no_pub) }).await;
     assert!(named, "{}", relay.log());
     relay.terminate();
 }
