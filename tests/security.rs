@@ -270,17 +270,14 @@ async fn postgres_tls_is_verified_as_sslmode_says_on_both_connections() {
     assert!(encrypted.parse::<i64>().is_ok(), "{encrypted}");
 
     // A root certificate file that is not there: a configuration error naming it, at start.
-    let mut relay = Relay::spawn(
-        &relay_env(
-            &pg,
-            &broker.brokers(),
-            &[(
-                "RELAY_POSTGRES__URL",
-                url("localhost", "verify-full", "/nonexistent/root.crt").as_str(),
-            )],
-        ),
-        &[],
-    );
+    let mut relay = Relay::start(&relay_env(
+        &pg,
+        &broker.brokers(),
+        &[(
+            "RELAY_POSTGRES__URL",
+            url("localhost", "verify-full", "/nonexistent/root.crt").as_str(),
+        )],
+    ));
     let status = relay.wait_exit(WAIT).expect("the relay stops");
     assert!(!status.success());
     assert!(
