@@ -37,6 +37,14 @@ stop_pg() {
   as_pg "$PG_BIN/pg_ctl" -D "$1/data" -m fast -w stop >/dev/null 2>&1 || true
 }
 
+# wait_port PORT TRIES: waits until 127.0.0.1:PORT accepts connections, TRIES x 0.1 s at most.
+wait_port() {
+  for _ in $(seq 1 "$2"); do
+    (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+}
+
 # start_tansu PORT LOGFILE: prints the broker's pid.
 start_tansu() {
   local port=$1 log=$2
@@ -44,10 +52,7 @@ start_tansu() {
     --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
     >"$log" 2>&1 &
   local pid=$!
-  for _ in $(seq 1 100); do
-    (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-    sleep 0.1
-  done
+  wait_port "$port" 100
   echo "$pid"
 }
 
@@ -59,9 +64,6 @@ start_noida() {
   mkdir -p "$dir"
   "$bin" start --only kafka --host 127.0.0.1 --kafka-port "$port" --data-dir "$dir" >"$log" 2>&1 &
   local pid=$!
-  for _ in $(seq 1 300); do
-    (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-    sleep 0.1
-  done
+  wait_port "$port" 300
   echo "$pid"
 }

@@ -92,7 +92,8 @@ pub async fn probe_broker(
         // why nothing is delivered (messages wait and are sent once it answers).
         match (&outcome, answered) {
             (Err(e), Some(true) | None) => {
-                let (key, env, value) = broker_setting(&config);
+                let (key, value) = broker_setting(&config);
+                let env = crate::config::env_name(key);
                 tracing::warn!(
                     "the broker does not answer ({key} = '{value}', {env}): {e}; is it running and \
                      reachable from here? Rows wait and are sent once it answers"
@@ -110,27 +111,14 @@ pub async fn probe_broker(
     }
 }
 
-/// The setting that says where the sink's broker is: key, environment variable, value.
-fn broker_setting(config: &Config) -> (&'static str, &'static str, String) {
+/// The setting that says where the sink's broker is: its key and value.
+fn broker_setting(config: &Config) -> (&'static str, String) {
     match config.sink {
-        SinkKind::Kafka => (
-            "kafka.brokers",
-            "RELAY_KAFKA__BROKERS",
-            config.kafka.brokers.clone(),
-        ),
-        SinkKind::Rocketmq => (
-            "rocketmq.name_server",
-            "RELAY_ROCKETMQ__NAME_SERVER",
-            config.rocketmq.name_server.clone(),
-        ),
-        SinkKind::Nats => (
-            "nats.url",
-            "RELAY_NATS__URL",
-            crate::config::redact_url(&config.nats.url),
-        ),
+        SinkKind::Kafka => ("kafka.brokers", config.kafka.brokers.clone()),
+        SinkKind::Rocketmq => ("rocketmq.name_server", config.rocketmq.name_server.clone()),
+        SinkKind::Nats => ("nats.url", crate::config::redact_url(&config.nats.url)),
         SinkKind::Rabbitmq => (
             "rabbitmq.url",
-            "RELAY_RABBITMQ__URL",
             crate::config::redact_url(&config.rabbitmq.url),
         ),
     }
