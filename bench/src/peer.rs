@@ -18,7 +18,7 @@ use crate::kafka::{LatencyConsumer, Msg};
 use crate::procs::{self, RelayProc};
 use crate::report::{Latency, Peer, PeerLatency, Percentiles};
 use crate::workload::{self, literal};
-use crate::{Env, LATENCY_TOPIC, kafka, secs_since_epoch};
+use crate::{Env, kafka, secs_since_epoch};
 
 /// The topic the peer publishes to.
 const PEER_TOPIC: &str = "peer.order";
@@ -328,23 +328,16 @@ impl Env {
     pub(crate) async fn relay_at(&mut self, rate: f64) -> Result<Latency> {
         println!("bench: the relay at the peer's load: {rate:.0} single-row transactions/s");
         self.skip_relay_wal().await?;
-        let consumer =
-            LatencyConsumer::start(&self.tansu.brokers(), LATENCY_TOPIC, self.plan.partitions)?;
         self.start_relay(true, "at-peer-load")?;
         self.wait_streaming(false).await?;
         let writer = self.pg.connect().await?;
-        self.offer(&writer, &consumer, "warmup-peer", 200.0, 1.0)
-            .await?;
-        let l = self
-            .measure_level(&writer, &consumer, "peerload", 0, rate)
-            .await?;
+        let l = self.measure_level(&writer, "peerload", 0, rate).await?;
         println!(
             "bench:   the relay at {:.0} rows/s: commit→ack p50 {:.1} ms, p99 {:.1} ms",
             l.offered_rate(),
             l.to_ack.p50,
             l.to_ack.p99
         );
-        drop(consumer);
         self.stop_relay().await?;
         Ok(l)
     }
@@ -367,11 +360,15 @@ impl Env {
             })
             .collect();
         let secs = self.plan.latency_secs;
+        // A consumer tails the topic meanwhile, as one tails the relay's: the broker serves the
+        // same fetches in both runs.
+        let consumer = LatencyConsumer::start(&brokers, SINK_LATENCY_TOPIC, self.plan.partitions)?;
         let acks = tokio::task::spawn_blocking(move || {
             kafka::sink_latency(&brokers, SINK_LATENCY_TOPIC, &msgs, rate, secs)
         })
         .await
         .context("the paced producer's thread")??;
+        drop(consumer);
         let p = Percentiles::of(acks);
         println!(
             "bench:   the sink alone at {rate:.0} msgs/s: send→ack p50 {:.1} ms, p99 {:.1} ms",
