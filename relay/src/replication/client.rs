@@ -196,8 +196,11 @@ pub struct ReplicationClient {
     stream: PgStream,
     rbuf: BytesMut,
     wbuf: BytesMut,
-    /// The last read from the socket brought less than `SMALL_READ` bytes.
-    last_read_small: bool,
+    /// Set by a read that brought less than `SMALL_READ` bytes: the next read waits until then.
+    /// A deadline, not a duration: a read cut short (the driver's `select!` serving a status
+    /// update) and started again waits only for what is left, and a read long after the last
+    /// one does not wait at all.
+    gather_until: Option<tokio::time::Instant>,
     /// `server_version` as the server reported it at startup (e.g. `17.10`, `15.19 (Debian …)`).
     server_version: Option<String>,
     /// The largest frame the relay accepts (`postgres.max_message_bytes`): a length the server
@@ -211,8 +214,9 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
 const READ_CHUNK: usize = 64 * 1024;
 /// A read smaller than this means the relay is keeping up with the walsender, message by
-/// message: the next read waits `READ_GATHER` first, so one wake-up and one system call carry
-/// many messages instead of one (at most that much latency, only while reads are small).
+/// message: the next read waits until `READ_GATHER` after it, so one wake-up and one system call
+/// carry many messages instead of one while they come densely (at most that much latency, and
+/// none for a message that comes later than that after the last read).
 const SMALL_READ: usize = 16 * 1024;
 const READ_GATHER: std::time::Duration = std::time::Duration::from_millis(1);
 
@@ -325,7 +329,7 @@ impl ReplicationClient {
             stream,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::with_capacity(1024),
-            last_read_small: false,
+            gather_until: None,
             server_version: None,
             max_frame: DEFAULT_MAX_MESSAGE_BYTES,
         };
@@ -699,8 +703,9 @@ impl ReplicationClient {
             } else {
                 self.rbuf.reserve(READ_CHUNK);
             }
-            if self.last_read_small {
-                tokio::time::sleep(READ_GATHER).await;
+            if let Some(until) = self.gather_until {
+                tokio::time::sleep_until(until).await;
+                self.gather_until = None;
             }
             let n = self.stream.read_buf(&mut self.rbuf).await?;
             if n == 0 {
@@ -710,7 +715,7 @@ impl ReplicationClient {
                 )
                 .into());
             }
-            self.last_read_small = n < SMALL_READ;
+            self.gather_until = (n < SMALL_READ).then(|| tokio::time::Instant::now() + READ_GATHER);
         }
     }
 
