@@ -159,13 +159,25 @@ async fn read_until_stopped<S: Sink>(
                 step!(guarded(redrive::redrive_due(&session.db, config, pipeline), session, shutdown).await);
             }
             msg = next_message(&mut queued, driver), if pipeline.has_capacity() => {
-                match msg? {
-                    ServerMessage::XLogData { data, send_time, .. } => {
-                        let event = PgOutput::decode(data).map_err(ReplicationError::from)?;
-                        pipeline.wal_sent_at(send_time);
-                        step!(guarded(pipeline.handle(event), session, shutdown).await);
+                let mut msg = msg?;
+                loop {
+                    match msg {
+                        ServerMessage::XLogData { data, send_time, .. } => {
+                            let event = PgOutput::decode(data).map_err(ReplicationError::from)?;
+                            pipeline.wal_sent_at(send_time);
+                            step!(guarded(pipeline.handle(event), session, shutdown).await);
+                        }
+                        ServerMessage::Keepalive { wal_end, .. } => pipeline.observe_idle(wal_end),
                     }
-                    ServerMessage::Keepalive { wal_end, .. } => pipeline.observe_idle(wal_end),
+                    // The rest of the socket read's batch (at most the driver's BATCH_MAX) goes
+                    // in now rather than once round this select! per message, which polls the
+                    // shutdown, interrupt and completion arms and reads the clock every time.
+                    // Stopping, or at the in-flight bound, the select! decides again.
+                    if stopping_since.is_some() || !pipeline.has_capacity() {
+                        break;
+                    }
+                    let Some(next) = queued.pop_front() else { break };
+                    msg = next;
                 }
             }
         }
