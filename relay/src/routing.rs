@@ -187,15 +187,18 @@ impl Router {
     }
 
     /// Builds the message for `row` (values are shared, not copied).
-    pub fn route(&self, row: &RawRow) -> Result<OutboxMessage, RowError> {
-        let row = row.clone();
-        let shown_id = row
-            .id
-            .as_ref()
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .unwrap_or_else(|| "(id NULL)".into());
+    pub fn route(&self, original: &RawRow) -> Result<OutboxMessage, RowError> {
+        let row = original.clone();
+        // Only for errors and warnings: not built for every row.
+        let shown_id = || {
+            original
+                .id
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_else(|| "(id NULL)".into())
+        };
         let fail = |problem: String| RowError {
-            id: shown_id.clone(),
+            id: shown_id(),
             problem,
         };
         let required = |v: Option<Bytes>, name: &str| {
@@ -241,7 +244,7 @@ impl Router {
                             .any(|own| k.eq_ignore_ascii_case(own))
                         {
                             tracing::warn!(
-                                row = %shown_id,
+                                row = %shown_id(),
                                 header = %k,
                                 "the row's headers column sets one of the relay's own headers \
                                  (id, type, aggregatetype); ignored"

@@ -556,14 +556,13 @@ impl KafkaSink {
             }
             return;
         }
-        let headers = build_headers(&msg.headers);
         let sent = enqueue(
             &self.producer,
             &msg.topic,
             None,
             Some(&msg.key[..]),
             msg.payload.as_deref(),
-            &headers,
+            build_headers(&msg.headers),
             token,
         )
         .await;
@@ -920,12 +919,13 @@ async fn enqueue(
     partition: Option<i32>,
     key: Option<&[u8]>,
     payload: Option<&[u8]>,
-    headers: &OwnedHeaders,
+    headers: OwnedHeaders,
     token: AckToken,
 ) -> Result<(), (KafkaError, AckToken)> {
     let mut token = Box::new(token);
+    let mut headers = headers;
     loop {
-        let mut record = BaseRecord::with_opaque_to(topic, token).headers(headers.clone());
+        let mut record = BaseRecord::with_opaque_to(topic, token).headers(headers);
         if let Some(p) = partition {
             record = record.partition(p);
         }
@@ -939,6 +939,7 @@ async fn enqueue(
             Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
                 token = record.delivery_opaque;
+                headers = record.headers.unwrap_or_default();
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             Err((e, record)) => return Err((e, *record.delivery_opaque)),
@@ -1059,7 +1060,7 @@ async fn send_item(producer: &RelayProducer, item: &mut RetryItem) -> Result<(),
         None,
         item.key.as_deref(),
         item.payload.as_deref(),
-        &headers,
+        headers.clone(),
         item.token.clone(),
     )
     .await;
@@ -1128,14 +1129,13 @@ impl Sink for KafkaSink {
                 t.open = true;
             }
         }
-        let headers = build_headers(&msg.headers);
         let result = enqueue(
             &self.producer,
             &msg.topic,
             None,
             Some(&msg.key[..]),
             msg.payload.as_deref(),
-            &headers,
+            build_headers(&msg.headers),
             token,
         )
         .await;
@@ -1193,7 +1193,7 @@ impl Sink for KafkaSink {
             Some(0),
             Some(key.as_bytes()),
             Some(&value),
-            &OwnedHeaders::new(),
+            OwnedHeaders::new(),
             token,
         )
         .await;
