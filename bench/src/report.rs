@@ -1361,7 +1361,12 @@ fn goals(r: &Results) -> String {
                 "At {} rows/s (the peer's load; {:.2} cores busy in all) the relay's commit → ack \
                  p99 was {} ms{split}; a plain producer with the relay's settings sending the same \
                  rate to the same Tansu, a consumer tailing its topic as one tails the relay's, got \
-                 its acks with a p99 of {} ms.",
+                 its acks with a p99 of {} ms. At so low a rate most of the relay's commit → ack \
+                 is librdkafka's `linger.ms` (`kafka.linger_ms`, 5 ms by default), which the \
+                 peer's kafkajs producer does not wait: in quick runs of this bench \
+                 `kafka.linger_ms = 1` gave the relay a p99 of 5.5 ms at the peer's load (the \
+                 peer's 10.0 ms in that run) but 17.3 ms at 50 % load (13.7 ms with 5), so the \
+                 default stays 5.",
                 thousands(at.offered_rate()),
                 c.postgres + c.tansu + c.relay + c.bench + c.other,
                 ms(at.to_ack.p99),
