@@ -1727,6 +1727,8 @@ impl Env {
         Ok((o, consumer))
     }
 
+    /// Runs `bench_paced` (rows of aggregate type `agg`, type `ev_type`), reporting what
+    /// `consumer` has seen every 3 s, then waits until every row was seen and marked.
     async fn write_paced(
         &mut self,
         writer: &tokio_postgres::Client,

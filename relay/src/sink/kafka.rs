@@ -919,11 +919,10 @@ async fn enqueue(
     partition: Option<i32>,
     key: Option<&[u8]>,
     payload: Option<&[u8]>,
-    headers: OwnedHeaders,
+    mut headers: OwnedHeaders,
     token: AckToken,
 ) -> Result<(), (KafkaError, AckToken)> {
     let mut token = Box::new(token);
-    let mut headers = headers;
     loop {
         let mut record = BaseRecord::with_opaque_to(topic, token).headers(headers);
         if let Some(p) = partition {
