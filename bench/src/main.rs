@@ -744,15 +744,18 @@ impl Env {
         Ok(w)
     }
 
+    /// The Kafka-protocol broker relays started now publish to: Tansu, or the broker with
+    /// transactions while the delivery modes run.
+    fn kafka_brokers(&self) -> String {
+        self.txn_broker
+            .as_ref()
+            .map_or_else(|| self.tansu.brokers(), NoidaDb::brokers)
+    }
+
     fn relay_env(&self, mark: bool) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = [
             ("RELAY_POSTGRES__URL", self.pg.url()),
-            (
-                "RELAY_KAFKA__BROKERS",
-                self.txn_broker
-                    .as_ref()
-                    .map_or_else(|| self.tansu.brokers(), NoidaDb::brokers),
-            ),
+            ("RELAY_KAFKA__BROKERS", self.kafka_brokers()),
             ("RELAY_DELIVERY", self.delivery.into()),
             (
                 "RELAY_EXACTLY_ONCE__TRANSACTIONAL_ID",
@@ -1684,8 +1687,6 @@ impl Env {
         })
     }
 
-    /// Offers single-row transactions with `type = ev_type` at `rate` per second (0: as fast as
-    /// one session can) for `secs`, then waits until the consumer saw them all and all are marked.
     /// Single-row transactions with `type = ev_type` offered at `rate` per second (0: as fast
     /// as one session can) for `secs`, into a topic of their own (aggregate type
     /// `latency-<ev_type>`) read by a consumer started for it; returns once every row was seen
@@ -1694,11 +1695,8 @@ impl Env {
     ///
     /// A topic per level, not one for all: Tansu's memory storage lists every stored batch of a
     /// partition on each fetch, under the lock its produce path needs, so a consumer tailing a
-    /// topic that holds the earlier levels' hundreds of thousands of single-row batches delays
-    /// every produce behind it (a plain producer at 225 msgs/s to a topic holding 100,000
-    /// messages sent one at a time, its p99 send → ack: 6.4 ms with no consumer, 78 ms with one
-    /// tailing the topic). That is the broker under test, not the relay; Kafka finds a fetch's
-    /// offset through its index.
+    /// topic holding the earlier levels' batches slows every produce (`bench/tansu-fetch-tail.py`
+    /// measures it; BENCHMARKS.md gives the figures).
     async fn offer(
         &mut self,
         writer: &tokio_postgres::Client,
@@ -1708,10 +1706,7 @@ impl Env {
     ) -> Result<(Offered, LatencyConsumer)> {
         let agg = format!("{LATENCY_AGG}-{ev_type}");
         let topic = format!("outbox.event.{agg}");
-        let brokers = self
-            .txn_broker
-            .as_ref()
-            .map_or_else(|| self.tansu.brokers(), NoidaDb::brokers);
+        let brokers = self.kafka_brokers();
         kafka::create_topics(&brokers, &[topic.as_str()], self.plan.partitions).await?;
         let consumer = LatencyConsumer::start(&brokers, &topic, self.plan.partitions)?;
         let warmup = format!("warmup-{ev_type}");
